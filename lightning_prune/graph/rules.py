@@ -1,0 +1,720 @@
+"""How each torch function moves channel labels from its inputs to its outputs.
+
+Rules are looked up by the function's name (``F.conv2d`` and ``torch.conv2d`` are both ``conv2d``;
+``x += y`` is ``add``). A function without a rule is treated conservatively: every channel that
+flows into it is frozen (never pruned) and its outputs are of unknown origin. That is how the
+engine stays correct on code it does not understand: it prunes less, never wrongly.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_prune.graph import labels as L
+from lightning_prune.graph.labels import FROZEN
+from lightning_prune.graph.tracer import TraceBuilder
+
+
+@dataclass
+class Call:
+    name: str
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    out: Any
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[index] if len(self.args) > index else default
+
+    @property
+    def inputs(self) -> list[Tensor]:
+        return [value for value in _leaves((self.args, self.kwargs)) if isinstance(value, Tensor)]
+
+    @property
+    def outputs(self) -> list[Tensor]:
+        return [value for value in _leaves(self.out) if isinstance(value, Tensor)]
+
+
+Rule = Callable[[TraceBuilder, Call], None]
+RULES: dict[str, Rule] = {}
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    if isinstance(value, tuple | list):
+        for item in value:
+            yield from _leaves(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    else:
+        yield value
+
+
+def _names(text: str) -> list[str]:
+    return text.split()
+
+
+def rule(*names: str) -> Callable[[Rule], Rule]:
+    def register(function: Rule) -> Rule:
+        for name in names:
+            RULES[name] = function
+        return function
+
+    return register
+
+
+_DUNDER = {
+    "iadd": "add", "radd": "add", "isub": "sub", "rsub": "rsub", "imul": "mul", "rmul": "mul",
+    "truediv": "div", "itruediv": "div", "rtruediv": "div", "floordiv": "div", "rfloordiv": "div",
+    "ifloordiv": "div", "mod": "remainder", "rmod": "remainder", "ipow": "pow", "rpow": "pow",
+    "and": "logical_and", "iand": "logical_and", "rand": "logical_and", "or": "logical_or",
+    "ior": "logical_or", "ror": "logical_or", "xor": "logical_xor", "ixor": "logical_xor",
+    "rxor": "logical_xor", "invert": "logical_not", "imatmul": "matmul",
+}  # fmt: skip
+
+
+def canonical_name(func: Callable[..., Any]) -> str:
+    name = getattr(func, "__name__", "") or ""
+    if name == "__get__":  # a property of Tensor, such as .T or .data
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    if name.startswith("__") and name.endswith("__"):
+        core = name[2:-2]
+        return _DUNDER.get(core, core)
+    if name.endswith("_") and not name.startswith("_"):
+        return name[:-1]
+    return name
+
+
+def apply_rule(builder: TraceBuilder, func: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> None:
+    if not any(isinstance(value, Tensor) for value in _leaves(out)):
+        return
+    call = Call(canonical_name(func), func, args, kwargs, out)
+    RULES.get(call.name, unknown)(builder, call)
+
+
+def unknown(b: TraceBuilder, call: Call) -> None:
+    b.freeze_tensors(call.inputs, f"unsupported op `{call.name}`")
+
+
+# --- combining labels under broadcasting ---------------------------------------------------------
+def _full(shape: Sequence[int], out_shape: Sequence[int]) -> frozenset[int]:
+    shape = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
+    return frozenset(d for d, (size, out) in enumerate(zip(shape, out_shape, strict=True)) if size == out)
+
+
+def combine(b: TraceBuilder, items: list[tuple[Tensor, Sequence[int]]], out_shape: Sequence[int], op: str) -> Tensor:
+    """Output labels of a broadcasting op over ``(labels, shape)`` items, unifying what must be cut together.
+
+    Two inputs are coupled only along dimensions where both have the output's size (co-indexed
+    dimensions): a residual sum couples its summands channel by channel; a ``(N, 1, H, W)`` spatial
+    gate does not couple with the channels it multiplies.
+    """
+    ndim = len(out_shape)
+    prepared = []
+    for labels, shape in items:
+        labels = L.align(labels, ndim)
+        full = _full(shape, out_shape)
+        prepared.append((labels, L.varying_dims(labels), full))
+    order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][1] & prepared[i][2]))
+    base, base_vary, base_full = prepared[order[0]]
+    representative = base
+    for index in order[1:]:
+        labels, vary, full = prepared[index]
+        co = base_full & full
+        if vary <= co and base_vary <= co:
+            if torch.equal(labels, L.constant(FROZEN, ndim)):
+                if base_vary or int(base.reshape(-1)[0]) != FROZEN:
+                    b.freeze(base, f"`{op}` with a tensor of unknown origin of the same size")
+                continue
+            b.unify(base, labels)
+            if len(vary) < len(base_vary) and base_vary <= full:
+                representative = labels
+            continue
+        shared = (vary | base_vary) & co
+        if not shared:
+            continue
+        if not (vary & full) <= base_vary:
+            b.freeze(torch.cat([base.reshape(-1), labels.reshape(-1)]), f"`{op}` mixes channel dimensions")
+            continue
+        dims = sorted(shared)
+        sizes = [out_shape[d] for d in dims]
+        rows = []
+        for part in (base, labels):
+            expanded = part.expand(*[out_shape[d] if d in dims else part.shape[d] for d in range(ndim)])
+            rows.append(expanded.permute(*dims, *[d for d in range(ndim) if d not in dims]).reshape(*sizes, -1))
+        b.unify_rows(torch.cat(rows, dim=-1).reshape(-1, rows[0].shape[-1] + rows[1].shape[-1]))
+    return representative
+
+
+def _set_all(b: TraceBuilder, call: Call, labels: Tensor) -> None:
+    for output in call.outputs:
+        b.set(output, L.align(labels, output.ndim) if labels.ndim != output.ndim else labels)
+
+
+# --- elementwise ---------------------------------------------------------------------------------
+_ELEMENTWISE = _names(
+    """
+add sub rsub mul div true_divide floor_divide remainder fmod pow float_power maximum minimum fmax fmin atan2
+arctan2 hypot where lerp addcmul addcdiv masked_fill copy eq ne lt le gt ge greater greater_equal less
+less_equal not_equal equal logical_and logical_or logical_xor bitwise_and bitwise_or bitwise_xor clamp clip
+clamp_min clamp_max heaviside xlogy copysign nextafter relu relu6 leaky_relu elu selu celu gelu silu mish
+sigmoid hardsigmoid hardswish hardtanh tanh softplus softsign tanhshrink hardshrink softshrink threshold
+logsigmoid rrelu dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout abs absolute neg
+negative exp exp2 expm1 log log2 log10 log1p sqrt rsqrt square reciprocal sin cos tan sinh cosh asin acos atan
+arcsin arccos arctan erf erfc erfinv sign sgn signbit floor ceil round trunc fix frac nan_to_num pos positive
+logit isnan isinf isfinite isposinf isneginf logical_not bitwise_not deg2rad rad2deg i0 sinc lgamma digamma
+"""
+)
+
+
+@rule(*_ELEMENTWISE)
+def elementwise(b: TraceBuilder, call: Call) -> None:
+    out = call.outputs[0]
+    items = [(b.label(t), tuple(t.shape)) for t in call.inputs]
+    _set_all(b, call, combine(b, items, tuple(out.shape), call.name))
+
+
+_LIKE = _names(
+    """
+to type type_as contiguous clone detach float double half bfloat16 int long short bool cpu cuda requires_grad
+zero fill bernoulli uniform normal exponential random cauchy log_normal geometric zeros_like ones_like
+empty_like full_like rand_like randn_like randint_like data pin_memory share_memory_ coalesce
+"""
+)
+
+
+@rule(*_LIKE)
+def like(b: TraceBuilder, call: Call) -> None:
+    """Same positions as the first argument (dtype or device changes, fills, ``*_like`` factories)."""
+    source = call.inputs[0]
+    for output in call.outputs:
+        if output.shape == source.shape:
+            b.set(output, b.label(source))
+
+
+@rule("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "detach_copy")
+def factory(b: TraceBuilder, call: Call) -> None:
+    """New tensors of explicit sizes: of unknown origin, and they read nothing of their template."""
+
+
+# --- moving data around --------------------------------------------------------------------------
+def _replay(b: TraceBuilder, call: Call, data: list[Tensor]) -> list[Tensor] | None:
+    """Run the op again with label tensors in place of ``data``; None if it cannot run on integers."""
+    substitutes = {id(t): b.expanded(t) for t in data}
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, Tensor) and id(value) in substitutes:
+            return substitutes[id(value)]
+        if isinstance(value, list | tuple) and any(isinstance(v, Tensor) for v in value):
+            return type(value)(swap(v) for v in value)
+        return value
+
+    try:
+        result = call.func(*[swap(a) for a in call.args], **{k: swap(v) for k, v in call.kwargs.items()})
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    produced = [value for value in _leaves(result) if isinstance(value, Tensor)]
+    return produced if len(produced) == len(call.outputs) else None
+
+
+def _moved(b: TraceBuilder, call: Call, data: list[Tensor], selecting: bool = False) -> None:
+    """Set output labels by replaying the op on labels; freeze what a pruned model could not redo.
+
+    A view that splits a channel dimension into several (channel shuffle, attention heads) or a
+    selection of a subset of channels (slicing, ``select``) depends on sizes in ways a smaller model
+    would not reproduce, so the channels involved are frozen.
+    """
+    replayed = _replay(b, call, data)
+    if replayed is None:
+        b.freeze_tensors(data, f"`{call.name}` could not be replayed on channel labels")
+        return
+    before = max(len(L.varying_dims(b.label(t))) for t in data)
+    for output, labels in zip(call.outputs, replayed, strict=True):
+        labels = L.compress(labels)
+        if len(L.varying_dims(labels)) > before:
+            b.freeze(labels, f"`{call.name}` splits a channel dimension")
+        b.set(output, labels)
+    if selecting:
+        inside = torch.unique(torch.cat([b.label(t).reshape(-1) for t in data]))
+        kept = torch.unique(torch.cat([labels.reshape(-1) for labels in replayed]))
+        if kept.numel() < inside.numel():
+            b.freeze(inside, f"`{call.name}` selects part of a channel dimension")
+
+
+_MOVEMENT = _names(
+    """
+view reshape flatten unflatten permute transpose swapaxes swapdims movedim moveaxis t T mT H mH adjoint
+squeeze unsqueeze expand broadcast_to flip fliplr flipud repeat tile repeat_interleave pixel_shuffle
+pixel_unshuffle channel_shuffle native_channel_shuffle diagonal unfold atleast_1d atleast_2d atleast_3d
+"""
+)
+
+
+@rule(*_MOVEMENT)
+def movement(b: TraceBuilder, call: Call) -> None:
+    _moved(b, call, [call.inputs[0]])
+
+
+@rule("view_as", "reshape_as", "expand_as")
+def movement_as(b: TraceBuilder, call: Call) -> None:
+    _moved(b, call, [call.args[0]])
+
+
+@rule("roll")
+def roll(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    dims = call.arg(2, "dims", None)
+    dims = range(source.ndim) if dims is None else ([dims] if isinstance(dims, int) else dims)
+    if {d % source.ndim for d in dims} & L.varying_dims(b.label(source)):
+        b.freeze(b.label(source), "`roll` along a channel dimension")
+        return
+    _moved(b, call, [source])
+
+
+@rule("narrow", "select", "masked_select", "take")
+def selecting(b: TraceBuilder, call: Call) -> None:
+    _moved(b, call, [call.args[0]], selecting=True)
+
+
+@rule("index_select", "gather", "take_along_dim")
+def indexed(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    dim = call.arg(2 if call.name == "take_along_dim" else 1, "dim", None)
+    if dim is None or dim % max(source.ndim, 1) in L.varying_dims(b.label(source)):
+        b.freeze(b.label(source), f"`{call.name}` reorders a channel dimension")
+        return
+    _moved(b, call, [source], selecting=True)
+
+
+def _indexed_dims(index: Any, ndim: int) -> tuple[list[int], bool]:
+    """Source dimensions consumed by tensor (advanced) indices, and whether the index parsed."""
+    entries = list(index) if isinstance(index, tuple) else [index]
+    consumed = []
+    for entry in entries:
+        if entry is None or entry is Ellipsis:
+            continue
+        consumed.append(entry)
+    if sum(1 for e in entries if e is Ellipsis) > 1:
+        return [], False
+    tensor_dims, position = [], 0
+    for entry in entries:
+        if entry is None:
+            continue
+        if entry is Ellipsis:
+            used = sum(e.ndim if isinstance(e, Tensor) and e.dtype == torch.bool else 1 for e in consumed)
+            position += ndim - used
+            continue
+        width = entry.ndim if isinstance(entry, Tensor) and entry.dtype == torch.bool else 1
+        if isinstance(entry, Tensor | list):
+            tensor_dims.extend(range(position, position + width))
+        elif not isinstance(entry, int | slice):
+            return [], False
+        position += width
+    return tensor_dims, True
+
+
+@rule("getitem")
+def getitem(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    tensor_dims, parsed = _indexed_dims(call.args[1], source.ndim)
+    if not parsed or set(tensor_dims) & L.varying_dims(b.label(source)):
+        b.freeze(b.label(source), "indexing a channel dimension with a tensor")
+        return
+    _moved(b, call, [source], selecting=True)
+
+
+@rule("setitem")
+def setitem(b: TraceBuilder, call: Call) -> None:
+    b.freeze_tensors([call.args[0], call.args[2]], "in-place assignment into a tensor")
+
+
+@rule("cat", "concat", "concatenate", "stack")
+def join(b: TraceBuilder, call: Call) -> None:
+    tensors = [t for t in call.args[0] if isinstance(t, Tensor) and not (t.ndim == 1 and t.numel() == 0)]
+    out = call.outputs[0]
+    dim = call.arg(1, "dim", 0) % out.ndim
+    parts = [b.label(t).unsqueeze(dim) if call.name == "stack" else b.label(t) for t in tensors]
+    if any(dim in L.varying_dims(p) for p in parts):
+        if any(L.varying_dims(p) - {dim} for p in parts):
+            b.freeze(torch.cat([p.reshape(-1) for p in parts]), f"`{call.name}` of multi-dimensional channel labels")
+            return
+        widths = [t.shape[dim] if call.name != "stack" else 1 for t in tensors]
+        pieces = [
+            p.expand(*[w if d == dim else 1 for d in range(out.ndim)]) for p, w in zip(parts, widths, strict=True)
+        ]
+        b.set(out, torch.cat(pieces, dim=dim))
+        return
+    shapes = []
+    for t in tensors:
+        shape = list(t.shape)
+        shape.insert(dim, 1) if call.name == "stack" else shape.__setitem__(dim, 1)
+        shapes.append(shape)
+    out_shape = list(out.shape)
+    out_shape[dim] = 1
+    b.set(out, combine(b, list(zip(parts, shapes, strict=True)), out_shape, call.name))
+
+
+@rule("split", "chunk", "tensor_split", "unbind", "split_with_sizes", "hsplit", "vsplit")
+def partition(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    default = {"unbind": 0, "hsplit": 1 if source.ndim > 1 else 0, "vsplit": 0}.get(call.name, 0)
+    dim = call.arg(1 if call.name == "unbind" else 2, "dim", default) % source.ndim
+    if call.name in ("hsplit", "vsplit"):
+        dim = default
+    if dim not in L.varying_dims(b.label(source)):
+        _moved(b, call, [source])
+        return
+    sizes = {output.shape[dim] if call.name != "unbind" else 1 for output in call.outputs}
+    if call.name == "unbind" or len(sizes) != 1 or len(call.outputs) < 2:
+        b.freeze(b.label(source), f"`{call.name}` into unequal parts of a channel dimension")
+        return
+    _moved(b, call, [source])
+    blocks = [b.along(output, dim) for output in call.outputs]
+    b.partitions.append((blocks, f"`{call.name}` in `{b.where}`"))
+
+
+# --- ops over some dimensions --------------------------------------------------------------------
+def _dims(value: Any, ndim: int) -> set[int] | None:
+    if value is None or (isinstance(value, tuple | list) and len(value) == 0):
+        return None
+    if isinstance(value, int):
+        return {value % max(ndim, 1)}
+    if isinstance(value, tuple | list) and all(isinstance(v, int) for v in value):
+        return {v % max(ndim, 1) for v in value}
+    return set()
+
+
+@rule("sum", "mean", "nansum", "nanmean", "amax", "amin", "max", "min", "std", "var", "norm", "prod",
+      "logsumexp", "all", "any", "argmax", "argmin", "count_nonzero", "median", "nanmedian", "mode",
+      "std_mean", "var_mean", "aminmax")  # fmt: skip
+def reduction(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    if call.name in ("max", "min") and len(call.args) > 1 and isinstance(call.args[1], Tensor):
+        elementwise(b, call)
+        return
+    dim = call.arg(2, "dim") if call.name == "norm" else call.arg(1, "dim", call.kwargs.get("axis"))
+    if isinstance(dim, bool):
+        dim = None
+    reduced = _dims(dim, source.ndim)
+    reduced = set(range(source.ndim)) if reduced is None else reduced
+    labels = b.label(source)
+    if reduced & L.varying_dims(labels):
+        b.freeze(labels, f"`{call.name}` over a channel dimension")
+        return
+    for output in call.outputs:
+        kept = labels
+        if output.ndim != source.ndim:
+            kept = kept.reshape([s for d, s in enumerate(kept.shape) if d not in reduced])
+        b.set(output, kept)
+
+
+_MIXING = {
+    "softmax": 1, "log_softmax": 1, "softmin": 1, "cumsum": 1, "cumprod": 1, "logcumsumexp": 1,
+    "cummax": 1, "cummin": 1, "normalize": 2, "sort": 1, "argsort": 1, "topk": 2, "kthvalue": 2, "glu": 1,
+}  # fmt: skip
+_MIXING_DEFAULT = {"normalize": 1, "sort": -1, "argsort": -1, "topk": -1, "kthvalue": -1, "glu": -1}
+
+
+@rule(*_MIXING)
+def mixing(b: TraceBuilder, call: Call) -> None:
+    """Ops that mix values along one dimension: fine unless that dimension holds channels."""
+    source = call.args[0]
+    labels = b.label(source)
+    dim = call.arg(_MIXING[call.name], "dim", _MIXING_DEFAULT.get(call.name))
+    vary = L.varying_dims(labels)
+    if (dim is None and vary) or (dim is not None and dim % source.ndim in vary):
+        b.freeze(labels, f"`{call.name}` across a channel dimension")
+        return
+    for output in call.outputs:
+        if output.ndim == source.ndim:
+            b.set(output, labels)
+
+
+_SPATIAL = re.compile(r"^(adaptive_)?(avg|max|lp|fractional_max)_pool([123])d(_with_indices)?$|^max_unpool([123])d$")
+
+
+def _spatial(b: TraceBuilder, call: Call, affected: set[int]) -> None:
+    source = call.args[0]
+    labels = b.label(source)
+    if affected & L.varying_dims(labels):
+        b.freeze(labels, f"`{call.name}` over a channel dimension")
+        return
+    for output in call.outputs:
+        if output.ndim == source.ndim:
+            b.set(output, labels)
+
+
+@rule("interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "grid_sample", "affine_grid")
+def resample(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    _spatial(b, call, set(range(2, source.ndim)))
+
+
+def pooling(b: TraceBuilder, call: Call) -> None:
+    match = _SPATIAL.match(call.name)
+    spatial = int(match.group(3) or match.group(5))
+    source = call.args[0]
+    _spatial(b, call, set(range(source.ndim - spatial, source.ndim)))
+
+
+for _kind in ("avg", "max", "lp", "fractional_max"):
+    for _rank in "123":
+        for _prefix in ("", "adaptive_"):
+            for _suffix in ("", "_with_indices"):
+                RULES[f"{_prefix}{_kind}_pool{_rank}d{_suffix}"] = pooling
+    RULES.update({f"max_unpool{r}d": pooling for r in "123"})
+
+
+@rule("pad")
+def pad(b: TraceBuilder, call: Call) -> None:
+    source, amounts = call.args[0], list(call.arg(1, "pad"))
+    affected = {source.ndim - 1 - i // 2 for i, amount in enumerate(amounts) if amount}
+    _spatial(b, call, affected)
+
+
+# --- contractions --------------------------------------------------------------------------------
+def _contract(b: TraceBuilder, call: Call, operands: list[tuple[Tensor, str]], output: str) -> None:
+    """Einsum-style contraction: channels along summed indices are frozen, the rest broadcast."""
+    out = call.outputs[0]
+    items = []
+    for tensor, letters in operands:
+        labels = b.label(tensor)
+        vary = L.varying_dims(labels)
+        if len(set(letters)) != len(letters) or any(letters[d] not in output for d in vary):
+            b.freeze_tensors([t for t, _ in operands], f"`{call.name}` sums over a channel dimension")
+            return
+        for d, letter in enumerate(letters):
+            if letter not in output:
+                labels = labels.narrow(d, 0, 1)
+        present = [letter for letter in output if letter in letters]
+        order = [letters.index(letter) for letter in present]
+        labels = labels.permute(*order, *[d for d in range(len(letters)) if d not in order])
+        labels = labels.reshape(labels.shape[: len(order)])
+        shape = [tensor.shape[letters.index(letter)] if letter in letters else 1 for letter in output]
+        index = 0
+        full_labels = []
+        for letter in output:
+            if letter in letters:
+                full_labels.append(labels.shape[index])
+                index += 1
+            else:
+                full_labels.append(1)
+        items.append((labels.reshape(full_labels), shape))
+    _set_all(b, call, combine(b, items, tuple(out.shape), call.name))
+
+
+def _batch_letters(count: int) -> str:
+    return string.ascii_uppercase[:count]
+
+
+@rule("matmul", "mm", "bmm", "rmatmul", "baddbmm", "addmm", "addbmm", "mv", "addmv", "dot", "vdot", "inner")
+def matmul(b: TraceBuilder, call: Call) -> None:
+    tensors = call.inputs
+    bias = None
+    if call.name in ("baddbmm", "addmm", "addbmm", "addmv"):
+        bias, tensors = tensors[0], tensors[1:]
+    if call.name == "rmatmul":
+        tensors = tensors[::-1]
+    left, right = tensors[:2]
+    if left.ndim < 2 or right.ndim < 2 or call.name == "addbmm":
+        unknown(b, call)
+        return
+    batch = max(left.ndim, right.ndim) - 2
+    letters = _batch_letters(batch)
+    operands = [(left, letters[batch - (left.ndim - 2) :] + "ik"), (right, letters[batch - (right.ndim - 2) :] + "kj")]
+    _contract(b, call, operands, letters + "ij")
+    if bias is not None:
+        out = call.outputs[0]
+        items = [(b.label(out), tuple(out.shape)), (b.label(bias), tuple(bias.shape))]
+        b.set(out, combine(b, items, tuple(out.shape), call.name))
+
+
+@rule("einsum")
+def einsum(b: TraceBuilder, call: Call) -> None:
+    equation = call.args[0].replace(" ", "")
+    tensors = call.inputs
+    if "->" not in equation:
+        inputs = equation
+        letters = [c for c in inputs if c.isalpha()]
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+        equation = f"{inputs}->{output}"
+    inputs, output = equation.split("->")
+    terms = inputs.split(",")
+    if len(terms) != len(tensors):
+        unknown(b, call)
+        return
+    ellipsis = max(
+        (t.ndim - len(term.replace("...", "")) for t, term in zip(tensors, terms, strict=True) if "..." in term),
+        default=0,
+    )
+    batch = _batch_letters(ellipsis)
+    expanded = []
+    for tensor, term in zip(tensors, terms, strict=True):
+        width = tensor.ndim - len(term.replace("...", ""))
+        expanded.append((tensor, term.replace("...", batch[ellipsis - width :])))
+    _contract(b, call, expanded, output.replace("...", batch))
+
+
+@rule("scaled_dot_product_attention")
+def attention(b: TraceBuilder, call: Call) -> None:
+    query, key, value = call.args[:3]
+    batch = _batch_letters(max(query.ndim, key.ndim, value.ndim) - 2)
+
+    def letters(t: Tensor, tail: str) -> str:
+        return batch[len(batch) - (t.ndim - 2) :] + tail
+
+    operands = [(query, letters(query, "le")), (key, letters(key, "se")), (value, letters(value, "sv"))]
+    mask = call.arg(3, "attn_mask")
+    if isinstance(mask, Tensor):
+        operands.append((mask, (batch + "ls")[len(batch) + 2 - mask.ndim :]))
+    _contract(b, call, operands, batch + "lv")
+
+
+# --- layers used through their functional form ---------------------------------------------------
+def _named(b: TraceBuilder, tensor: Any) -> bool:
+    return isinstance(tensor, Tensor) and b.name_of(tensor) is not None
+
+
+@rule("conv1d", "conv2d", "conv3d")
+def convolution(b: TraceBuilder, call: Call) -> None:
+    source, weight, bias = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
+    groups = call.arg(6, "groups", 1)
+    if not _named(b, weight):
+        unknown(b, call)
+        return
+    channel_dim = 1 if source.ndim == weight.ndim else 0
+    inputs = b.along(source, channel_dim)
+    produced = b.space(b.name_of(weight), 0, weight.shape[0])
+    b.slot(weight, 0, "out", produced)
+    if _named(b, bias):
+        b.slot(bias, 0, "follow", produced)
+    if groups == 1:
+        b.slot(weight, 1, "in", inputs)
+    elif weight.shape[1] == 1:  # depthwise: output channel o reads input channel o // multiplier
+        b.unify(produced.view(groups, -1), inputs.view(groups, 1))
+    else:
+        b.slot(weight, 1, "in", inputs, groups=groups)
+        reason = f"grouped convolution `{b.where}` (groups={groups})"
+        b.partitions.append((list(inputs.view(groups, -1)), reason))
+        b.partitions.append((list(produced.view(groups, -1)), reason))
+    out = call.outputs[0]
+    shape = [1] * out.ndim
+    shape[channel_dim] = weight.shape[0]
+    b.set(out, produced.view(shape))
+
+
+@rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def transposed_convolution(b: TraceBuilder, call: Call) -> None:
+    source, weight, bias = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
+    groups = call.arg(6, "groups", 1)
+    if not _named(b, weight) or groups != 1:
+        unknown(b, call)
+        return
+    channel_dim = 1 if source.ndim == weight.ndim else 0
+    b.slot(weight, 0, "in", b.along(source, channel_dim))
+    produced = b.space(b.name_of(weight), 1, weight.shape[1])
+    b.slot(weight, 1, "out", produced)
+    if _named(b, bias):
+        b.slot(bias, 0, "follow", produced)
+    out = call.outputs[0]
+    shape = [1] * out.ndim
+    shape[channel_dim] = weight.shape[1]
+    b.set(out, produced.view(shape))
+
+
+@rule("linear")
+def linear(b: TraceBuilder, call: Call) -> None:
+    source, weight, bias = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
+    if not _named(b, weight):
+        unknown(b, call)
+        return
+    b.slot(weight, 1, "in", b.along(source, -1))
+    produced = b.space(b.name_of(weight), 0, weight.shape[0])
+    b.slot(weight, 0, "out", produced)
+    if _named(b, bias):
+        b.slot(bias, 0, "follow", produced)
+    out = call.outputs[0]
+    b.set(out, produced.view([1] * (out.ndim - 1) + [-1]))
+
+
+@rule("embedding")
+def embedding(b: TraceBuilder, call: Call) -> None:
+    weight = call.arg(1, "weight")
+    if not _named(b, weight):
+        unknown(b, call)
+        return
+    produced = b.space(b.name_of(weight), 1, weight.shape[1])
+    b.slot(weight, 1, "out", produced)
+    out = call.outputs[0]
+    b.set(out, produced.view([1] * (out.ndim - 1) + [-1]))
+
+
+def _per_channel(b: TraceBuilder, call: Call, tensors: list[Any], channel_dim: int) -> Tensor | None:
+    source = call.args[0]
+    if set(L.varying_dims(b.label(source))) - {channel_dim}:
+        b.freeze(b.label(source), f"`{call.name}` over multi-dimensional channel labels")
+        return None
+    channels = b.along(source, channel_dim)
+    for tensor in tensors:
+        if _named(b, tensor):
+            b.slot(tensor, 0, "follow", channels)
+        elif isinstance(tensor, Tensor):
+            b.freeze(channels, f"`{call.name}` with a computed per-channel tensor")
+    _set_all(b, call, b.label(source))
+    return channels
+
+
+@rule("batch_norm", "instance_norm")
+def batch_norm(b: TraceBuilder, call: Call) -> None:
+    tensors = [call.arg(i, n) for i, n in enumerate(("running_mean", "running_var", "weight", "bias"), 1)]
+    _per_channel(b, call, tensors, 1)
+
+
+@rule("prelu")
+def prelu(b: TraceBuilder, call: Call) -> None:
+    weight, source = call.arg(1, "weight"), call.args[0]
+    if weight.numel() == 1:
+        _set_all(b, call, b.label(source))
+        return
+    _per_channel(b, call, [weight], 1 if source.ndim > 1 else 0)
+
+
+@rule("group_norm")
+def group_norm(b: TraceBuilder, call: Call) -> None:
+    groups = call.arg(1, "num_groups")
+    channels = _per_channel(b, call, [call.arg(2, "weight"), call.arg(3, "bias")], 1)
+    if channels is not None:
+        b.normalized.append(channels)
+        if groups > 1:
+            b.partitions.append((list(channels.view(groups, -1)), f"GroupNorm `{b.where}` (num_groups={groups})"))
+
+
+@rule("layer_norm", "rms_norm")
+def layer_norm(b: TraceBuilder, call: Call) -> None:
+    source, shape = call.args[0], call.arg(1, "normalized_shape")
+    weight = call.arg(2, "weight")
+    bias = call.arg(3, "bias") if call.name == "layer_norm" else None
+    labels = b.label(source)
+    first = source.ndim - len(shape)
+    for offset in range(len(shape)):
+        dim = first + offset
+        if dim not in L.varying_dims(labels):
+            continue
+        if not _named(b, weight):
+            b.freeze(labels, f"`{call.name}` without affine parameters")
+            return
+        channels = b.along(source, dim)
+        b.normalized.append(channels)
+        for tensor in (weight, bias):
+            if _named(b, tensor):
+                b.slot(tensor, offset, "follow", channels)
+    _set_all(b, call, labels)

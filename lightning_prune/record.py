@@ -1,0 +1,75 @@
+"""Pruning records: what was removed, as plain data that survives ``torch.load(weights_only=True)``.
+
+A record is ``{"format": "lightning-prune/record", "version": 1, "steps": [{"cuts": [...]}, ...]}``;
+each step lists the cuts of one pruning call, in order, relative to the model as it was then.
+:func:`restore` replays a record on a freshly built dense model so that the pruned ``state_dict``
+loads into it. Records are validated completely before the first tensor changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from lightning_prune.errors import RecordError
+from lightning_prune.surgery import Cut, apply_cuts, check_cuts, cuts_to_step
+
+FORMAT = "lightning-prune/record"
+VERSION = 1
+MAX_STEPS = 10_000
+
+
+def new_record(steps: Sequence[Sequence[Cut]] = ()) -> dict[str, Any]:
+    return {"format": FORMAT, "version": VERSION, "steps": [cuts_to_step(cuts) for cuts in steps]}
+
+
+def merge_records(*records: Mapping[str, Any]) -> dict[str, Any]:
+    """One record holding the steps of ``records`` in order."""
+    steps: list = []
+    for record in records:
+        steps.extend(step for step in parse_record(record))
+    return new_record(steps)
+
+
+def parse_record(record: Any, where: str = "record") -> list[list[Cut]]:
+    """The record's steps as cuts; raises :class:`RecordError` on anything malformed."""
+    if not isinstance(record, Mapping):
+        raise RecordError(f"{where}: expected a dict with keys format, version, steps; got {type(record).__name__}.")
+    if record.get("format") != FORMAT:
+        raise RecordError(f"{where}: `format` is {record.get('format')!r:.100}, expected {FORMAT!r}.")
+    version = record.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RecordError(f"{where}: `version` must be an integer, got {version!r:.100}.")
+    if version > VERSION:
+        raise RecordError(
+            f"{where}: record format version {version} is newer than this lightning-prune understands ({VERSION}); "
+            "upgrade lightning-prune to load it."
+        )
+    steps = record.get("steps")
+    if not isinstance(steps, list) or len(steps) > MAX_STEPS:
+        raise RecordError(f"{where}: `steps` must be a list of at most {MAX_STEPS} steps.")
+    parsed = []
+    for number, step in enumerate(steps):
+        if not isinstance(step, Mapping) or not isinstance(step.get("cuts"), list):
+            raise RecordError(f"{where}: step {number} must be a dict with a list of `cuts`.")
+        parsed.append([Cut.from_dict(cut, f"{where} step {number}") for cut in step["cuts"]])
+    return parsed
+
+
+def check_record(model: nn.Module, record: Any, where: str = "record") -> list[list[Cut]]:
+    """Validate ``record`` against ``model`` (names, dimensions, sizes, indices) without changing it."""
+    steps = parse_record(record, where)
+    check_cuts(model, steps, where)
+    return steps
+
+
+def restore(model: nn.Module, record: Mapping[str, Any]) -> None:
+    """Apply ``record`` to a freshly built dense ``model`` so that the pruned ``state_dict`` loads into it.
+
+    Raises:
+        RecordError: if the record is malformed or does not fit the model; the model is unchanged.
+    """
+    for cuts in check_record(model, record):
+        apply_cuts(model, cuts)

@@ -1,0 +1,159 @@
+"""Which group elements go: global or per-group ranking under the structural constraints.
+
+Constraints honoured for every group: at most ``max_fraction`` of its elements go, what remains is a
+multiple of ``round_to``, equal counts leave every block of a blocked group (grouped convolutions,
+GroupNorm, ``chunk``), and no producer layer is ever emptied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_prune.errors import PruningError
+from lightning_prune.graph.groups import Group
+
+SCOPES = ("global", "local")
+NORMALIZERS = ("mean", "max", "sum", "none")
+
+
+@dataclass
+class Plan:
+    """Local element indices to remove, per group index (plain data)."""
+
+    removed: dict[int, list[int]]
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+
+def normalize_scores(scores: Tensor, how: str) -> Tensor:
+    """Make scores of different groups comparable for global ranking (+inf stays +inf)."""
+    if how == "none":
+        return scores
+    finite = scores[torch.isfinite(scores)]
+    if finite.numel() == 0:
+        return scores
+    scale = {"mean": finite.mean(), "max": finite.abs().max(), "sum": finite.abs().sum()}[how]
+    return scores / scale if scale > 0 else scores
+
+
+def allowed_count(group: Group, wanted: int, round_to: int, max_fraction: float) -> int:
+    """Largest number of elements ≤ ``wanted`` that may leave ``group``."""
+    blocks = int(group.blocks.max()) + 1 if group.blocks is not None else 1
+    smallest_block = int(torch.bincount(group.blocks).min()) if group.blocks is not None else group.width
+    cap = min(
+        wanted,
+        math.floor(max_fraction * group.width + 1e-9),
+        group.width - 1 if group.frozen_channels == 0 else group.width,
+    )
+    for count in range(max(cap, 0), 0, -1):
+        kept = group.width - count
+        if kept % round_to and kept != 0:
+            continue
+        if count % blocks or count // blocks >= smallest_block:
+            continue
+        return count
+    return 0
+
+
+def lowest(group: Group, scores: Tensor, count: int) -> list[int]:
+    """The ``count`` lowest-scoring elements, taken evenly from the blocks if the group has blocks."""
+    if count == 0:
+        return []
+    if group.blocks is None:
+        return sorted(torch.argsort(scores, stable=True)[:count].tolist())
+    blocks = int(group.blocks.max()) + 1
+    chosen: list[int] = []
+    for block in range(blocks):
+        members = torch.nonzero(group.blocks == block).reshape(-1)
+        order = torch.argsort(scores[members], stable=True)[: count // blocks]
+        chosen.extend(members[order].tolist())
+    return sorted(chosen)
+
+
+def _protect_spaces(group: Group, removed: list[int]) -> list[int]:
+    """Never empty a producer: give back the best element of any space that would lose everything."""
+    if not removed:
+        return removed
+    gone = torch.zeros(group.width, dtype=torch.bool)
+    gone[removed] = True
+    local = {int(c): i for i, c in enumerate(group.classes.tolist())}
+    for _, _, classes in group.spaces:
+        elements = [local.get(int(c)) for c in classes.tolist()]
+        if all(e is not None and bool(gone[e]) for e in elements):
+            return []
+    return removed
+
+
+def select(
+    groups: Sequence[Group],
+    scores: Sequence[Tensor | None],
+    amount: float,
+    *,
+    scope: str = "global",
+    round_to: int = 1,
+    max_fraction: float = 0.9,
+    normalize: str = "mean",
+) -> Plan:
+    """Choose ``amount`` (a fraction) of the scored elements to remove.
+
+    ``scope="local"`` removes the same fraction from every group; ``"global"`` ranks all elements
+    together after ``normalize`` made each group's scores comparable.
+    """
+    check_selection_arguments(amount, scope, round_to, max_fraction, normalize)
+    scored = [(g, s) for g, s in zip(groups, scores, strict=True) if s is not None]
+    removed: dict[int, list[int]] = {}
+    if scope == "local":
+        for group, values in scored:
+            count = allowed_count(group, math.floor(amount * group.width + 1e-9), round_to, max_fraction)
+            removed[group.index] = lowest(group, values, count)
+    elif scored:
+        normalized = [normalize_scores(s, normalize) for _, s in scored]
+        target = round(amount * sum(g.width for g, _ in scored))
+        candidates = torch.unique(torch.cat(normalized))
+        candidates = candidates[torch.isfinite(candidates)]
+
+        def counts(threshold: float) -> list[int]:
+            return [
+                allowed_count(g, int((s <= threshold).sum()), round_to, max_fraction)
+                for (g, _), s in zip(scored, normalized, strict=True)
+            ]
+
+        low, high = 0, candidates.numel() - 1
+        best = [0] * len(scored)
+        while low <= high and target > 0:
+            middle = (low + high) // 2
+            trial = counts(float(candidates[middle]))
+            if sum(trial) >= target:
+                best, high = trial, middle - 1
+            else:
+                low = middle + 1
+        if target > 0 and sum(best) == 0 and candidates.numel():
+            best = counts(float(candidates[-1]))
+        for (group, values), count in zip(scored, best, strict=True):
+            removed[group.index] = lowest(group, values, count)
+    removed = {index: _protect_spaces(groups_by_index(groups)[index], r) for index, r in removed.items()}
+    return Plan({index: r for index, r in removed.items() if r})
+
+
+def groups_by_index(groups: Sequence[Group]) -> dict[int, Group]:
+    return {g.index: g for g in groups}
+
+
+def check_selection_arguments(amount: float, scope: str, round_to: int, max_fraction: float, normalize: str) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0.0 <= amount < 1.0:
+        raise PruningError(f"`amount` must be a fraction in [0, 1), got {amount!r}.")
+    if scope not in SCOPES:
+        raise PruningError(f"`scope` must be one of {', '.join(SCOPES)}; got {scope!r}.")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise PruningError(f"`round_to` must be a positive integer, got {round_to!r}.")
+    if isinstance(max_fraction, bool) or not isinstance(max_fraction, int | float) or not 0.0 < max_fraction <= 1.0:
+        raise PruningError(f"`max_fraction` must be in (0, 1], got {max_fraction!r}.")
+    if normalize not in NORMALIZERS:
+        raise PruningError(f"`normalize` must be one of {', '.join(NORMALIZERS)}; got {normalize!r}.")

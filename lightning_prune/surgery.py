@@ -1,0 +1,303 @@
+"""In-place surgery: shrink tensors along dimensions, then let each layer type update its attributes.
+
+Slicing is generic: a :class:`Cut` keeps some indices of one dimension of one parameter or buffer,
+and the same function slices the parameter, its gradient and every optimizer state tensor shaped
+like it (momentum, Adam moments), so an optimizer keeps working and keeps its state. Parameters stay
+the same ``nn.Parameter`` objects (only ``.data`` changes). Layer attributes (``in_channels``,
+``num_features``, ``normalized_shape`` ...) are then derived from the new shapes by a registry keyed by
+module type, which users extend with :func:`register_layer`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.errors import RecordError
+from lightning_prune.graph.groups import DependencyGraph, tensor_owners
+from lightning_prune.selection import Plan, groups_by_index
+
+
+@dataclass
+class Cut:
+    """Keep indices ``keep`` (sorted) of dimension ``dim`` of tensor ``tensor``, which had ``size`` entries.
+
+    For the inputs of a grouped convolution (``groups`` > 1) ``size`` and ``keep`` refer to the
+    layer's input channels; every convolution group keeps the same number of them.
+    """
+
+    tensor: str
+    dim: int
+    size: int
+    keep: list[int]
+    groups: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "record") -> Cut:
+        if not isinstance(data, dict) or set(data) - {"tensor", "dim", "size", "keep", "groups"}:
+            raise RecordError(
+                f"{where}: a cut must be a dict with keys tensor, dim, size, keep[, groups]; got {data!r:.200}"
+            )
+        tensor, dim, size, keep, groups = (data.get(k) for k in ("tensor", "dim", "size", "keep", "groups"))
+        groups = 1 if groups is None else groups
+        if not isinstance(tensor, str):
+            raise RecordError(f"{where}: `tensor` must be a string, got {tensor!r:.100}")
+        for key, value in (("dim", dim), ("size", size), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "dim" else 1):
+                raise RecordError(
+                    f"{where}: `{key}` of cut on `{tensor}` must be a non-negative integer, got {value!r:.100}"
+                )
+        if not isinstance(keep, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in keep):
+            raise RecordError(f"{where}: `keep` of cut on `{tensor}` must be a list of integers.")
+        return cls(tensor, dim, size, keep, groups)
+
+
+def _validate_cut(cut: Cut, shape: Sequence[int], where: str) -> None:
+    if cut.dim >= len(shape):
+        raise RecordError(f"{where}: `{cut.tensor}` has {len(shape)} dimensions, the record cuts dimension {cut.dim}.")
+    actual = shape[cut.dim] * cut.groups
+    if actual != cut.size:
+        raise RecordError(
+            f"{where}: `{cut.tensor}` has {actual} entries along dimension {cut.dim}, the record expects {cut.size}. "
+            "The record was made for another architecture or width; apply it to a freshly built dense model."
+        )
+    if not cut.keep or len(cut.keep) > cut.size:
+        raise RecordError(
+            f"{where}: cut on `{cut.tensor}` keeps {len(cut.keep)} of {cut.size} entries; must keep 1..size."
+        )
+    keep = torch.tensor(cut.keep)
+    if keep[0] < 0 or keep[-1] >= cut.size or (keep.numel() > 1 and bool((keep[1:] <= keep[:-1]).any())):
+        raise RecordError(
+            f"{where}: `keep` of cut on `{cut.tensor}` must be strictly increasing indices in [0, {cut.size})."
+        )
+    if cut.groups > 1:
+        if cut.size % cut.groups:
+            raise RecordError(
+                f"{where}: {cut.size} input channels of `{cut.tensor}` do not split into {cut.groups} groups."
+            )
+        per_group = torch.bincount(keep // (cut.size // cut.groups), minlength=cut.groups)
+        if per_group.unique().numel() != 1:
+            raise RecordError(f"{where}: grouped cut on `{cut.tensor}` keeps unequal channel counts per group.")
+
+
+def slice_tensor(tensor: Tensor, cuts: Sequence[Cut]) -> Tensor:
+    """``tensor`` with the cuts applied (grouped-input cuts first, on the original row layout)."""
+    for cut in sorted(cuts, key=lambda c: c.groups == 1):
+        keep = torch.tensor(cut.keep, device=tensor.device)
+        if cut.groups == 1:
+            tensor = tensor.index_select(cut.dim, keep)
+            continue
+        per_group = cut.size // cut.groups
+        local = (keep % per_group).view(cut.groups, -1)
+        rows = torch.arange(tensor.shape[0], device=tensor.device) // (tensor.shape[0] // cut.groups)
+        index = local[rows].view(tensor.shape[0], -1, *([1] * (tensor.ndim - 2)))
+        tensor = tensor.gather(1, index.expand(-1, -1, *tensor.shape[2:]))
+    return tensor.contiguous()
+
+
+# --- layer attribute updates ---------------------------------------------------------------------
+LayerFixup = Callable[[nn.Module], None]
+LAYERS: dict[type, LayerFixup] = {}
+
+
+def register_layer(module_type: type, fixup: LayerFixup, *, replace: bool = False) -> None:
+    """Tell the engine how ``module_type`` updates its attributes after its tensors were sliced.
+
+    ``fixup(module)`` is called once after surgery with the module's tensors already resized; it
+    sets attributes such as ``in_features`` from the new shapes. Subclasses use their closest
+    registered base type.
+    """
+    if module_type in LAYERS and not replace:
+        raise ValueError(f"layer type {module_type.__name__} is already registered; pass replace=True to override.")
+    LAYERS[module_type] = fixup
+
+
+def _fix_conv(module: nn.modules.conv._ConvNd) -> None:
+    weight = module.weight
+    if module.transposed:
+        module.in_channels = weight.shape[0]
+        module.out_channels = weight.shape[1] * module.groups
+        return
+    if module.groups > 1 and module.in_channels == module.groups:  # depthwise: groups follow channels
+        multiplier = module.out_channels // module.groups
+        module.groups = weight.shape[0] // multiplier
+        module.in_channels = module.groups
+    else:
+        module.in_channels = weight.shape[1] * module.groups
+    module.out_channels = weight.shape[0]
+
+
+def _fix_linear(module: nn.Linear) -> None:
+    module.out_features, module.in_features = module.weight.shape
+
+
+def _fix_norm(module: nn.modules.batchnorm._NormBase) -> None:
+    reference = module.weight if module.weight is not None else module.running_mean
+    module.num_features = reference.shape[0]
+
+
+def _fix_group_norm(module: nn.GroupNorm) -> None:
+    module.num_channels = module.weight.shape[0]
+
+
+def _fix_layer_norm(module: nn.LayerNorm) -> None:
+    module.normalized_shape = tuple(module.weight.shape)
+
+
+def _fix_embedding(module: nn.Embedding) -> None:
+    module.embedding_dim = module.weight.shape[1]
+
+
+def _fix_prelu(module: nn.PReLU) -> None:
+    module.num_parameters = module.weight.numel()
+
+
+for _type, _fixup in (
+    (nn.modules.conv._ConvNd, _fix_conv),
+    (nn.Linear, _fix_linear),
+    (nn.modules.batchnorm._NormBase, _fix_norm),
+    (nn.GroupNorm, _fix_group_norm),
+    (nn.LayerNorm, _fix_layer_norm),
+    (nn.RMSNorm, _fix_layer_norm),
+    (nn.Embedding, _fix_embedding),
+    (nn.PReLU, _fix_prelu),
+):
+    register_layer(_type, _fixup)
+
+
+def _fixup_for(module: nn.Module) -> LayerFixup | None:
+    for klass in type(module).__mro__:
+        if klass in LAYERS:
+            return LAYERS[klass]
+    return None
+
+
+# --- planning and applying -----------------------------------------------------------------------
+def plan_cuts(graph: DependencyGraph, plan: Plan) -> list[Cut]:
+    """Translate removed group elements into cuts of every slot they touch."""
+    by_index = groups_by_index(graph.groups)
+    dropped: dict[tuple[str, int], set[int]] = defaultdict(set)
+    slots = {}
+    for index, elements in plan.removed.items():
+        group = by_index[index]
+        gone = torch.zeros(group.width, dtype=torch.bool)
+        gone[elements] = True
+        for member in group.members:
+            key = (member.slot.tensor, member.slot.dim)
+            slots[key] = member.slot
+            dropped[key].update(member.positions[gone[member.elements]].tolist())
+    cuts = []
+    for key, positions in dropped.items():
+        if not positions:
+            continue
+        slot = slots[key]
+        size = slot.classes.numel()
+        keep = sorted(set(range(size)) - positions)
+        cuts.append(Cut(slot.tensor, slot.dim, size, keep, slot.groups if slot.role == "in" else 1))
+    return sorted(cuts, key=lambda c: (c.tensor, c.dim))
+
+
+def named_tensors(model: nn.Module) -> dict[str, Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def check_cuts(model: nn.Module, steps: Iterable[Sequence[Cut]], where: str = "record") -> None:
+    """Validate cuts (possibly several steps, in order) against the model's current shapes; no changes."""
+    tensors = named_tensors(model)
+    shapes = {name: list(t.shape) for name, t in tensors.items()}
+    for number, cuts in enumerate(steps):
+        seen = set()
+        for cut in cuts:
+            if cut.tensor not in shapes:
+                close = [n for n in shapes if n.rsplit(".", 1)[-1] == cut.tensor.rsplit(".", 1)[-1]][:5]
+                raise RecordError(
+                    f"{where} step {number}: the model has no parameter or buffer `{cut.tensor}` "
+                    f"(similar names: {', '.join(close) or 'none'}). Was the record made for another model class?"
+                )
+            if (cut.tensor, cut.dim) in seen:
+                raise RecordError(f"{where} step {number}: `{cut.tensor}` dimension {cut.dim} is cut twice.")
+            seen.add((cut.tensor, cut.dim))
+            _validate_cut(cut, shapes[cut.tensor], f"{where} step {number}")
+        for cut in cuts:
+            shapes[cut.tensor][cut.dim] = len(cut.keep) // cut.groups
+
+
+@dataclass
+class Undo:
+    """Everything needed to put a model (and its optimizers) back as they were before surgery."""
+
+    tensors: list[tuple[Tensor, Tensor, Tensor | None]] = field(default_factory=list)
+    states: list[tuple[dict, str, Tensor]] = field(default_factory=list)
+    attributes: list[tuple[nn.Module, dict]] = field(default_factory=list)
+
+    def __call__(self) -> None:
+        for tensor, data, grad in self.tensors:
+            tensor.data = data
+            if isinstance(tensor, nn.Parameter) or tensor.grad is not None or grad is not None:
+                tensor.grad = grad
+        for state, key, value in self.states:
+            state[key] = value
+        for module, attributes in self.attributes:
+            module.__dict__.update(attributes)
+
+
+def apply_cuts(
+    model: nn.Module,
+    cuts: Sequence[Cut],
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    *,
+    undoable: bool = False,
+) -> Undo | None:
+    """Slice the model's tensors (and optimizer state, gradients) in place; update layer attributes.
+
+    All cuts are validated before anything changes. With ``undoable`` the previous tensors are kept
+    and an :class:`Undo` is returned.
+    """
+    check_cuts(model, [cuts], "cuts")
+    tensors = named_tensors(model)
+    optimizers = list(optimizers)
+    undo = Undo() if undoable else None
+    by_tensor: dict[str, list[Cut]] = defaultdict(list)
+    for cut in cuts:
+        by_tensor[cut.tensor].append(cut)
+    owners = tensor_owners(model)
+    modules = {}
+    for name in by_tensor:
+        for path in owners.get(name, []):
+            module = model.get_submodule(path)
+            modules[id(module)] = module
+    if undo is not None:
+        undo.attributes = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in modules.values()]
+    with torch.no_grad():
+        for name, tensor_cuts in by_tensor.items():
+            tensor = tensors[name]
+            old_shape = tensor.shape
+            for optimizer in optimizers:
+                state = optimizer.state.get(tensor)
+                for key, value in (state or {}).items():
+                    if isinstance(value, Tensor) and value.shape == old_shape and value.ndim > 0:
+                        if undo is not None:
+                            undo.states.append((state, key, value))
+                        state[key] = slice_tensor(value, tensor_cuts)
+            grad = tensor.grad
+            if undo is not None:
+                undo.tensors.append((tensor, tensor.data, grad))
+            tensor.data = slice_tensor(tensor.data, tensor_cuts)
+            if grad is not None:
+                tensor.grad = slice_tensor(grad, tensor_cuts)
+    for module in modules.values():
+        fixup = _fixup_for(module)
+        if fixup is not None:
+            fixup(module)
+    return undo
+
+
+def cuts_to_step(cuts: Sequence[Cut]) -> dict:
+    return {"cuts": [cut.to_dict() for cut in cuts]}
