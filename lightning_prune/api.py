@@ -68,11 +68,13 @@ class PruningResult:
 def _layer_changes(model: nn.Module, cuts: Iterable[Cut], graph: DependencyGraph) -> list[LayerChange]:
     outputs = {(s.tensor, s.dim) for s in graph.slots if s.role == "out"}
     owners = tensor_owners(model)
-    return [
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    changes = [
         LayerChange((owners.get(c.tensor) or [c.tensor])[0], c.tensor, c.size, len(c.keep))
         for c in cuts
         if (c.tensor, c.dim) in outputs
     ]
+    return sorted(changes, key=lambda change: order.get(change.module, len(order)))
 
 
 def _measure(model: nn.Module, cuts: list[Cut], example_inputs: ExampleInputs, target: str) -> int:

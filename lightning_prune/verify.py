@@ -51,6 +51,10 @@ def verify_pruned(
         space_init[name] = slice_tensor(ids, tensor_cuts) if tensor_cuts else ids
     retrace = record(model, example_inputs, modes, space_init, num_elements=trace.num_elements)
 
+    for reason, module in retrace.freeze_sites:
+        if (reason, module) not in trace.freeze_sites:
+            raise VerificationError(f"after pruning, {reason} in `{module}`, which it did not before.", module=module)
+
     for a, b in retrace.edges:
         known = (a < trace.num_elements) & (b < trace.num_elements)
         a, b = a[known], b[known]

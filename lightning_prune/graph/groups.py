@@ -246,6 +246,8 @@ def _apply_partitions(trace: Trace, root: Tensor, groups: list[Group], group_of:
             continue
         for g in involved:
             group = groups[g]
+            if group.width == 0:
+                continue
             block_of = torch.full((group.width,), -1, dtype=torch.long)
             counts = []
             consistent = True

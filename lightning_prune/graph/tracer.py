@@ -52,6 +52,7 @@ class Trace:
     slots: dict[tuple[str, int], SlotRecord]
     edges: list[tuple[Tensor, Tensor]]
     frozen: list[tuple[Tensor, str]]
+    freeze_sites: dict[tuple[str, str], None]
     partitions: list[tuple[list[Tensor], str]]
     normalized: list[Tensor]
 
@@ -83,6 +84,7 @@ class TraceBuilder:
         self.slots: dict[tuple[str, int], SlotRecord] = {}
         self.edges: list[tuple[Tensor, Tensor]] = []
         self.frozen: list[tuple[Tensor, str]] = []
+        self.freeze_sites: dict[tuple[str, str], None] = {}  # (reason, module), in order
         self.partitions: list[tuple[list[Tensor], str]] = []
         self.normalized: list[Tensor] = []
         self.space_init = dict(space_init or {})
@@ -162,6 +164,7 @@ class TraceBuilder:
         ids = ids[ids != FROZEN]
         if ids.numel():
             self.frozen.append((ids, f"{reason} in `{self.where}`"))
+            self.freeze_sites[(reason, self.where)] = None
 
     def freeze_tensors(self, tensors: Iterable[Any], reason: str) -> None:
         for tensor in tensors:
@@ -196,6 +199,7 @@ class TraceBuilder:
             self.slots,
             self.edges,
             self.frozen,
+            self.freeze_sites,
             self.partitions,
             self.normalized,
         )

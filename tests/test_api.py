@@ -1,0 +1,208 @@
+"""``prune`` end to end: scopes, rounding, compute targets, inputs, verification and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from nets import SMALL_NETS, PlainCNN, ResidualNet, small_input
+from torch import nn
+
+import lightning_prune as lp
+from lightning_prune.errors import PruningError, TraceError, VerificationError
+
+
+def widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def unchanged(model: nn.Module, before: dict) -> bool:
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and len(before) == len(
+        model.state_dict()
+    )
+
+
+def test_local_scope_removes_the_same_fraction_of_every_group() -> None:
+    model = PlainCNN()
+    lp.prune(model, small_input(), 0.5, scope="local")
+    assert widths(model) == {"features.0": 8, "features.3": 12, "features.7": 16}
+    assert model.classifier[1].out_features == 20 and model.classifier[1].in_features == 16 * 16
+
+
+def test_global_scope_removes_the_requested_fraction_overall() -> None:
+    torch.manual_seed(0)
+    model = PlainCNN()
+    result = lp.prune(model, small_input(), 0.5)
+    removed = sum(change.before - change.after for change in result.layers)
+    assert removed == 56  # half of 16 + 24 + 32 + 40 prunable channels
+    assert len(set(widths(model).values())) > 1  # global ranking: not uniform
+
+
+def test_round_to_and_max_fraction_bound_every_layer() -> None:
+    torch.manual_seed(0)
+    model = ResidualNet()
+    lp.prune(model, small_input(), 0.6, round_to=4, max_fraction=0.5)
+    for name, width in widths(model).items():
+        assert width % 4 == 0, name
+    assert widths(model)["block1.0"] >= 6 and widths(model)["block2.0"] >= 10
+
+
+@pytest.mark.parametrize("target", ["macs", "params"])
+def test_compute_targets_are_met(target: str) -> None:
+    torch.manual_seed(0)
+    model = PlainCNN()
+    result = lp.prune(model, small_input(), 0.5, target=target)
+    before, after = (
+        (result.macs_before, result.macs_after) if target == "macs" else (result.params_before, result.params_after)
+    )
+    assert 0.40 * before < after <= 0.5 * before
+    assert lp.count_params(model) == result.params_after
+    assert lp.count_macs(model, small_input()) == result.macs_after
+
+
+def test_example_inputs_as_tuple_and_dict() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3)
+            self.b = nn.Conv2d(8, 4, 3)
+
+        def forward(self, image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.b(F.relu(self.a(image))) * scale
+
+    x, scale = small_input(), torch.tensor(2.0)
+    for inputs in [(x, scale), {"image": x, "scale": scale}]:
+        model = TwoInputs()
+        lp.prune(model, inputs, 0.5)
+        assert model.a.out_channels == 4
+
+
+def test_result_reports_a_table_and_totals() -> None:
+    result = lp.prune(PlainCNN(), small_input(), 0.5, scope="local")
+    table = result.table().splitlines()
+    assert table[0].split() == ["layer", "width"]
+    assert "features.0  " in table[1] and table[1].endswith("16 -> 8")
+    assert "params" in str(result) and 0 < result.macs_ratio < 1
+
+
+def test_verification_rolls_back_code_that_does_not_follow_a_width() -> None:
+    class Stale(nn.Module):
+        """Reshapes with a channel count fixed at construction: wrong, silently, once pruned."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.head(y.reshape(y.shape[0], 16, -1).mean(-1))
+
+    model = Stale()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(VerificationError, match="the pruned model deviates from the plan and was restored"):
+        lp.prune(model, small_input(), 0.5)
+    assert unchanged(model, before) and model.conv.out_channels == 16
+
+
+def test_modules_whose_code_does_not_follow_are_left_alone_and_the_rest_is_pruned() -> None:
+    class Heads(nn.Module):
+        """Attention-like code deriving its head size from the input width (like torchvision's swin)."""
+
+        def __init__(self, dim: int = 16) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, c).unbind(2)
+            return x + self.proj(q * k.sigmoid() + v)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.block = Heads()
+            self.hidden = nn.Linear(16, 32)
+            self.head = nn.Linear(32, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(F.relu(self.hidden(self.block(self.embed(x)))))
+
+    model = Net()
+    result = lp.prune(model, torch.randn(2, 5, 8), 0.5)
+    assert "does not follow a pruned width" in result.unprunable["embed"]
+    assert model.embed.out_features == 16 and model.hidden.out_features < 32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"amount": -0.1}, r"`amount` must be a fraction in \[0, 1\), got -0.1"),
+        ({"amount": 1.0}, r"`amount` must be a fraction in \[0, 1\), got 1.0"),
+        ({"amount": "half"}, "`amount` must be a fraction"),
+        ({"importance": "taylorr"}, "`importance` 'taylorr' is not a known criterion. Known: bn_scale, l1"),
+        ({"scope": "everywhere"}, "`scope` must be one of global, local"),
+        ({"round_to": 0}, "`round_to` must be a positive integer"),
+        ({"target": "flops"}, "`target` must be one of channels, macs, params"),
+        ({"ignore": ["layer4"]}, "`ignore` entry 'layer4' matches no module of the model"),
+        ({"aggregate": "median"}, "`aggregate` must be one of sum, mean, max"),
+    ],
+)
+def test_bad_arguments_are_named_and_leave_the_model_unchanged(kwargs: dict, message: str) -> None:
+    model = PlainCNN()
+    before = copy.deepcopy(model.state_dict())
+    arguments = {"amount": 0.3, **kwargs}
+    with pytest.raises(PruningError, match=message):
+        lp.prune(model, small_input(), **arguments)
+    assert unchanged(model, before)
+
+
+def test_wrong_example_inputs_name_the_argument_and_the_module() -> None:
+    model = PlainCNN()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TraceError, match=r"`example_inputs` in train mode failed in module `features.0`"):
+        lp.prune(model, torch.randn(2, 5, 16, 16), 0.3)
+    with pytest.raises(TraceError, match=r"failed in module `classifier\.1`"):
+        lp.prune(model, torch.randn(2, 3, 20, 20), 0.3)
+    assert unchanged(model, before)
+
+
+def test_model_that_cannot_run_is_reported() -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("this model only runs on a GPU")
+
+    with pytest.raises(TraceError, match="failed in module `<model>`: RuntimeError: this model only runs on a GPU"):
+        lp.prune(Broken(), small_input(), 0.3)
+
+
+def test_batch_of_one_with_batch_norm_gets_a_hint() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 16), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(TraceError, match="batch of at least 2 examples"):
+        lp.prune(model, torch.randn(1, 3, 16, 16), 0.3)
+
+
+def test_non_finite_scores_name_the_layer() -> None:
+    model = PlainCNN()
+    with torch.no_grad():
+        model.features[3].weight[0, 0, 0, 0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError, match=r"NaN or -inf scores for group `features\.3`"):
+        lp.prune(model, small_input(), 0.3)
+    assert all(torch.equal(before[k], v) or k == "features.3.weight" for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_NETS))
+def test_amount_zero_changes_nothing(name: str) -> None:
+    model = SMALL_NETS[name]()
+    before = copy.deepcopy(model.state_dict())
+    result = lp.prune(model, small_input(), 0.0)
+    assert result.layers == [] and unchanged(model, before)

@@ -1,0 +1,163 @@
+"""Surgery mechanics: parameter identity, gradients, optimizer state, layer registry, records."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from nets import GroupedNet, MobileNet, PlainCNN, ResidualNet, small_input
+from torch import nn
+
+import lightning_prune as lp
+from lightning_prune.errors import RecordError
+from lightning_prune.record import parse_record
+from lightning_prune.surgery import Cut, slice_tensor
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 2) -> None:
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(small_input()).square().mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        lambda p: torch.optim.AdamW(p, lr=1e-3),
+        lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True),
+    ],
+    ids=["sgd_momentum", "adamw", "adam_amsgrad"],
+)
+def test_optimizer_state_is_sliced_bit_identically(make_optimizer) -> None:
+    torch.manual_seed(0)
+    model = ResidualNet()
+    optimizer = make_optimizer(model.parameters())
+    train_steps(model, optimizer)
+    model(small_input()).sum().backward()  # a pending gradient must be sliced too
+    params = dict(model.named_parameters())
+    before_state = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in params.items()}
+    before_grad = {name: p.grad.clone() for name, p in params.items()}
+    identities = {name: id(p) for name, p in params.items()}
+
+    result = lp.prune(model, small_input(), 0.4, optimizers=[optimizer])
+
+    cuts = parse_record(result.record)[0]
+    assert cuts
+    by_tensor: dict[str, list[Cut]] = {}
+    for cut in cuts:
+        by_tensor.setdefault(cut.tensor, []).append(cut)
+    assert {name: id(p) for name, p in model.named_parameters()} == identities
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == list(identities.values())
+    for name, param in model.named_parameters():
+        tensor_cuts = by_tensor.get(name, [])
+        for key, value in optimizer.state[param].items():
+            if value.ndim == 0:
+                assert torch.equal(value, before_state[name][key])
+                continue
+            assert value.shape == param.shape
+            assert torch.equal(value, slice_tensor(before_state[name][key], tensor_cuts))
+        assert torch.equal(param.grad, slice_tensor(before_grad[name], tensor_cuts))
+    train_steps(model, optimizer)  # the optimizer keeps working on the smaller parameters
+
+
+def test_grouped_slicing_keeps_each_groups_own_columns() -> None:
+    weight = torch.arange(4 * 3 * 1 * 1, dtype=torch.float32).view(4, 3, 1, 1)  # 2 groups of 3 inputs
+    cut = Cut("w", 1, 6, [0, 2, 4, 5], groups=2)
+    sliced = slice_tensor(weight, [cut])
+    assert torch.equal(sliced[:2, :, 0, 0], weight[:2, [0, 2], 0, 0])  # group 0 keeps inputs 0, 2
+    assert torch.equal(sliced[2:, :, 0, 0], weight[2:, [1, 2], 0, 0])  # group 1 keeps inputs 4, 5
+
+
+@pytest.mark.parametrize("make", [GroupedNet, MobileNet], ids=["grouped", "depthwise"])
+def test_group_attributes_follow_the_surgery(make) -> None:
+    torch.manual_seed(0)
+    model, x = make(), small_input()
+    lp.prune(model, x, 0.5, scope="local")
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            assert module.weight.shape[0] == module.out_channels
+            assert module.weight.shape[1] * module.groups == module.in_channels
+        if isinstance(module, nn.GroupNorm):
+            assert module.num_channels % module.num_groups == 0
+    model(x)
+
+
+def test_registered_layer_updates_its_attributes() -> None:
+    class Scale(nn.Module):
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.channels = channels
+            self.weight = nn.Parameter(torch.ones(channels, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight
+
+    def fixup(module: Scale) -> None:
+        module.channels = module.weight.shape[0]
+
+    lp.register_layer(Scale, fixup)
+    with pytest.raises(ValueError, match="already registered"):
+        lp.register_layer(Scale, fixup)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Scale(8), nn.Conv2d(8, 4, 3))
+    lp.prune(model, small_input(), 0.5, scope="local")
+    assert model[1].channels == model[1].weight.shape[0] == model[0].out_channels == 4
+
+
+def test_record_is_plain_data_and_restores_after_several_steps(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = PlainCNN(), small_input()
+    dense = copy.deepcopy(model.state_dict())
+    first = lp.prune(model, x, 0.3)
+    second = lp.prune(model, x, 0.3, "l2")
+    record = lp.merge_records(first.record, second.record)
+    assert json.loads(json.dumps(record)) == record
+    torch.save({"record": record}, tmp_path / "r.pt")
+    loaded = torch.load(tmp_path / "r.pt", weights_only=True)["record"]
+    fresh = PlainCNN()
+    fresh.load_state_dict(dense)
+    lp.restore(fresh, loaded)
+    fresh.load_state_dict(model.state_dict())
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x), fresh(x))
+
+
+def corrupt(record: dict, **change) -> dict:
+    record = copy.deepcopy(record)
+    record["steps"][0]["cuts"][0].update(change)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tensor": "nope.weight"}, "no parameter or buffer `nope.weight`"),
+        ({"size": 999}, "expects 999"),
+        ({"dim": 7}, "dimensions, the record cuts dimension 7"),
+        ({"keep": [3, 1]}, "strictly increasing"),
+        ({"keep": [0, 10_000]}, "strictly increasing"),
+        ({"keep": []}, "must keep 1..size"),
+        ({"keep": "all"}, "list of integers"),
+    ],
+)
+def test_bad_record_is_rejected_before_any_change(change: dict, message: str) -> None:
+    torch.manual_seed(0)
+    model, x = PlainCNN(), small_input()
+    record = lp.prune(copy.deepcopy(model), x, 0.3).record
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RecordError, match=message):
+        lp.restore(model, corrupt(record, **change))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_record_from_another_model_or_a_newer_format_is_rejected() -> None:
+    record = lp.prune(PlainCNN(), small_input(), 0.3).record
+    with pytest.raises(RecordError, match="Was the record made for another model class"):
+        lp.restore(ResidualNet(), record)
+    with pytest.raises(RecordError, match="newer than this lightning-prune"):
+        lp.restore(PlainCNN(), {**record, "version": 99})
+    with pytest.raises(RecordError, match="expected a dict"):
+        lp.restore(PlainCNN(), [record])
