@@ -16,19 +16,43 @@ from lightning_prune.verify import verify_pruned
 
 __version__ = "0.1.0"
 
+# Lightning-facing names load on first use, so that the engine imports neither Lightning nor Hydra.
+_LAZY = {
+    "NetworkSlimming": "lightning_prune.callbacks",
+    "StructuredPruning": "lightning_prune.callbacks",
+    "load_from_checkpoint": "lightning_prune.callbacks",
+    "applied_record": "lightning_prune.callbacks",
+    "DigitsDataModule": "lightning_prune.data",
+    "ImageClassifier": "lightning_prune.models",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_prune' has no attribute {name!r}")
+
+
 __all__ = [
     "Cut",
     "DependencyGraph",
+    "DigitsDataModule",
     "Group",
+    "ImageClassifier",
     "LayerChange",
+    "NetworkSlimming",
     "Plan",
     "PruningError",
     "PruningResult",
     "RecordError",
     "ScoringContext",
     "Slot",
+    "StructuredPruning",
     "TraceError",
     "VerificationError",
+    "applied_record",
     "apply_cuts",
     "build_graph",
     "check_record",
@@ -36,6 +60,7 @@ __all__ = [
     "count_params",
     "get_criterion",
     "latency",
+    "load_from_checkpoint",
     "merge_records",
     "plan_cuts",
     "prune",

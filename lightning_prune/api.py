@@ -42,6 +42,8 @@ class PruningResult:
     macs_after: int
     layers: list[LayerChange]
     unprunable: dict[str, str]
+    channels_before: int
+    channels_removed: int
     graph: DependencyGraph = field(repr=False)
 
     @property
@@ -216,6 +218,8 @@ def prune(
         count_macs(model, example_inputs),
         _layer_changes(model, cuts, graph),
         {**graph.unprunable, **left_alone},
+        sum(g.width for g in graph.groups),
+        plan.count,
         graph,
     )
 

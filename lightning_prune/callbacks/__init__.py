@@ -1,0 +1,7 @@
+"""Lightning callbacks: thin glue that decides *when* the plain-PyTorch engine runs."""
+
+from lightning_prune.callbacks.checkpoint import applied_record, load_from_checkpoint
+from lightning_prune.callbacks.pruning import StructuredPruning
+from lightning_prune.callbacks.slimming import NetworkSlimming
+
+__all__ = ["NetworkSlimming", "StructuredPruning", "applied_record", "load_from_checkpoint"]
