@@ -182,7 +182,7 @@ def prune(
     for _ in range(MAX_ATTEMPTS):
         graph = group_trace(model, record(model, example_inputs, modes), {**ignored, **left_alone})
         if macs_before is None:
-            macs_before = count_macs(model, example_inputs)
+            macs_before = graph.trace.macs if graph.trace.macs is not None else count_macs(model, example_inputs)
         scores = score(graph.groups, ScoringContext(model, statistics or {}), criterion)
         if target == "channels" or amount == 0:
             plan = select(graph.groups, scores, amount, **selection)
@@ -191,10 +191,11 @@ def prune(
             plan = _search(model, graph, scores, example_inputs, target, int((1 - amount) * dense), selection)
         cuts = plan_cuts(graph, plan)
         undo = apply_cuts(model, cuts, optimizers, undoable=verify)
+        macs_after = None if cuts else macs_before
         if not verify or not cuts:
             break
         try:
-            verify_pruned(model, example_inputs, graph, cuts, modes)
+            macs_after = verify_pruned(model, example_inputs, graph, cuts, modes).macs
             break
         except PruningError as error:
             undo()
@@ -215,7 +216,7 @@ def prune(
         params_before,
         count_params(model),
         macs_before,
-        count_macs(model, example_inputs),
+        macs_after if macs_after is not None else count_macs(model, example_inputs),
         _layer_changes(model, cuts, graph),
         {**graph.unprunable, **left_alone},
         sum(g.width for g in graph.groups),

@@ -65,13 +65,22 @@ def main(argv: list[str] | None = None) -> None:
     run(parse(argv))
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
-    """Train, prune and fine-tune as ``args`` say; print the table and return the headline ratios."""
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+def default_pruning(args: argparse.Namespace) -> StructuredPruning:
+    return StructuredPruning(
+        args.amount,
+        args.importance,
+        schedule="linear",
+        start_epoch=args.start_epoch,
+        end_epoch=args.start_epoch + args.steps - 1,
+        target="macs",
+    )
+
+
+def fit(args: argparse.Namespace, pruning: Callback) -> tuple[pl.LightningModule, pl.LightningModule, DigitsDataModule]:
+    """Train the recipe with ``pruning``; return the model right before the first step, the final one, the data."""
     pl.seed_everything(args.seed, verbose=False)
     data = DigitsDataModule(seed=args.seed)
     model = ImageClassifier()
-    end_epoch = args.start_epoch + args.steps - 1
     dense = KeepDense(args.start_epoch)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -80,34 +89,37 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[
-            NetworkSlimming(args.penalty, stop_epoch="after_pruning"),
+            NetworkSlimming(args.penalty, stop_epoch=args.start_epoch + args.steps),
             dense,
-            StructuredPruning(
-                args.amount,
-                args.importance,
-                schedule="linear",
-                start_epoch=args.start_epoch,
-                end_epoch=end_epoch,
-                target="macs",
-            ),
+            pruning,
             ModelCheckpoint(args.root / "checkpoints", save_last=True),
         ],
     )
     trainer.fit(model, data)
     data.setup()
-    batch = torch.cat([x for x, _ in data.test_dataloader()])
-    rows = {}
-    for name, module in (("dense", dense.model), ("pruned", model)):
-        module = module.cpu().eval()
-        rows[name] = {
-            "accuracy": accuracy(module, data),
-            "params": count_params(module),
-            "macs": count_macs(module, batch[:1]),
-            "latency": latency(module, batch, min_run_time=2.0),
-        }
-    before, after = rows["dense"], rows["pruned"]
+    return dense.model, model, data
+
+
+def measure(model: pl.LightningModule, data: DigitsDataModule) -> dict[str, float]:
+    """Test accuracy, parameters, MACs per image and latency over the whole test split, on the CPU."""
+    model = model.cpu().eval()
+    images = torch.cat([x for x, _ in data.test_dataloader()])
+    return {
+        "accuracy": accuracy(model, data),
+        "params": count_params(model),
+        "macs": count_macs(model, images[:1]),
+        "latency": latency(model, images, min_run_time=2.0),
+        "images": len(images),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    """Train, prune and fine-tune as ``args`` say; print the table and return the headline ratios."""
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    dense, model, data = fit(args, default_pruning(args))
+    before, after = measure(dense, data), measure(model, data)
     lines = [
-        f"| digits test split ({len(batch)} images) | dense (slimmed) | pruned + fine-tuned | change |",
+        f"| digits test split ({before['images']} images) | dense (slimmed) | pruned + fine-tuned | change |",
         "|---|---|---|---|",
         f"| test accuracy | {before['accuracy']:.2%} | {after['accuracy']:.2%} | "
         f"{100 * (after['accuracy'] - before['accuracy']):+.2f} points |",

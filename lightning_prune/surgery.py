@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,8 @@ class Cut:
     groups: int = 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        keep = list(self.keep)
+        return {"tensor": self.tensor, "dim": self.dim, "size": self.size, "keep": keep, "groups": self.groups}
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "record") -> Cut:

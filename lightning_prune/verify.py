@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lightning_prune.errors import VerificationError
 from lightning_prune.graph.groups import DependencyGraph
-from lightning_prune.graph.tracer import ExampleInputs, record
+from lightning_prune.graph.tracer import ExampleInputs, Trace, record
 from lightning_prune.surgery import Cut, slice_tensor
 
 
@@ -38,8 +38,11 @@ def verify_pruned(
     graph: DependencyGraph,
     cuts: Sequence[Cut],
     modes: Iterable[str] = ("train", "eval"),
-) -> None:
-    """Raise :class:`VerificationError` if ``model`` (already cut by ``cuts``) deviates from the plan."""
+) -> Trace:
+    """Raise :class:`VerificationError` if ``model`` (already cut by ``cuts``) deviates from the plan.
+
+    Returns the trace of the pruned model (its ``macs`` were counted on the way).
+    """
     trace, root = graph.trace, graph.root
     by_key = {(cut.tensor, cut.dim): cut for cut in cuts}
     space_init: dict[str | tuple[str, int], Tensor] = {}
@@ -86,3 +89,4 @@ def verify_pruned(
                 "plan promised.",
                 module=min(found.modules, default=None),
             )
+    return retrace

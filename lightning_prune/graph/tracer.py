@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_prune.errors import TraceError
@@ -55,6 +56,7 @@ class Trace:
     freeze_sites: dict[tuple[str, str], None]
     partitions: list[tuple[list[Tensor], str]]
     normalized: list[Tensor]
+    macs: int | None = None
 
 
 class TraceBuilder:
@@ -293,17 +295,21 @@ def record(
 ) -> Trace:
     """Run ``model`` on ``example_inputs`` once per mode and return what flowed where.
 
+    The eval-mode pass also counts the model's MACs (``Trace.macs``, as ``measure.count_macs`` would).
+
     ``space_init`` gives fixed element ids to spaces (``(tensor, dim)``) and raw tensors (``name``);
     verification uses it to label a pruned model with the ids of the original elements it kept.
     """
     builder = TraceBuilder(model, space_init, num_elements)
+    macs = None
     for mode in modes:
         if mode not in ("train", "eval"):
             raise TraceError(f"`modes` entries must be 'train' or 'eval', got {mode!r}.")
+        counter = FlopCounterMode(display=False) if mode == "eval" else contextlib.nullcontext()
         with preserved_state(model), torch.no_grad(), _module_stack(builder):
             model.train(mode == "train")
             try:
-                with _Mode(builder):
+                with counter, _Mode(builder):
                     output = run_model(model, example_inputs)
             except TraceError:
                 raise
@@ -320,4 +326,8 @@ def record(
                     module=where,
                 ) from error
         _freeze_outputs(builder, output)
-    return builder.trace()
+        if isinstance(counter, FlopCounterMode):
+            macs = counter.get_total_flops() // 2
+    trace = builder.trace()
+    trace.macs = macs
+    return trace
