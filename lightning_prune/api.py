@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,10 +12,11 @@ from torch import nn
 from lightning_prune.errors import PruningError, VerificationError
 from lightning_prune.graph.groups import DependencyGraph, group_trace, match_modules, tensor_owners
 from lightning_prune.graph.tracer import ExampleInputs, record
-from lightning_prune.importance import Criterion, ScoringContext, get_criterion, score
+from lightning_prune.importance import Criterion, ScoringContext, get_criterion, needs_gradients, score
 from lightning_prune.measure import count_macs, count_params, meta_clone, to_device
 from lightning_prune.record import new_record
 from lightning_prune.selection import Plan, check_selection_arguments, select
+from lightning_prune.statistics import collect_statistics
 from lightning_prune.surgery import Cut, apply_cuts, plan_cuts
 from lightning_prune.verify import verify_pruned
 
@@ -135,6 +136,8 @@ def prune(
     seed: int = 0,
     optimizers: Iterable[torch.optim.Optimizer] = (),
     statistics: Mapping[str, Any] | None = None,
+    batches: Iterable[Any] | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     verify: bool = True,
     modes: Iterable[str] = ("train", "eval"),
 ) -> PruningResult:
@@ -147,8 +150,8 @@ def prune(
         amount: with ``target="channels"``, the fraction of prunable channels to remove; with
             ``target="macs"`` or ``"params"``, the fraction of the model's MACs or parameters to remove
             (``amount=0.5`` with ``target="macs"`` prunes until MACs ≤ 50% of what they were).
-        importance: a criterion name (``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"``) or a callable
-            ``criterion(group, context) -> scores``.
+        importance: a criterion name (``"l1"``, ``"l2"``, ``"bn_scale"``, ``"taylor"``, ``"fisher"``,
+            ``"fpgm"``, ``"random"``) or a callable ``criterion(group, context) -> scores``.
         scope: ``"global"`` ranks all channels together, ``"local"`` removes ``amount`` of every group.
         ignore: module names or glob patterns whose parameters keep their shapes.
         round_to: widths that remain are multiples of this.
@@ -157,7 +160,10 @@ def prune(
         aggregate: how a group's producers' scores combine (``"sum"``, ``"mean"``, ``"max"``).
         seed: seed of the ``"random"`` criterion.
         optimizers: optimizers whose per-parameter state (momentum, Adam moments) is sliced alike.
-        statistics: accumulated statistics for gradient-based criteria.
+        statistics: gradient statistics accumulated elsewhere (see :mod:`lightning_prune.statistics`).
+        batches: for gradient criteria (``"taylor"``, ``"fisher"``) without ``statistics``: an iterable of
+            batches to run forward and backward on before scoring.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss`` for those calibration passes.
         verify: re-trace the pruned model and roll back if it deviates from the plan.
         modes: modes to trace in; both by default so training-only branches are covered.
 
@@ -172,6 +178,12 @@ def prune(
     if target not in TARGETS:
         raise PruningError(f"`target` must be one of {', '.join(TARGETS)}; got {target!r}.")
     criterion = get_criterion(importance, aggregate=aggregate, seed=seed)
+    if needs_gradients(criterion) and statistics is None and (batches is None or loss_fn is None):
+        missing = " and ".join(f"`{n}`" for n, v in (("batches", batches), ("loss_fn", loss_fn)) if v is None)
+        raise PruningError(
+            f"`importance={importance!r}` is a gradient criterion and needs {missing}: pass `batches` (an iterable "
+            "of batches) and `loss_fn(model, batch) -> scalar loss`, or precomputed `statistics`."
+        )
     ignored = dict.fromkeys(match_modules(model, ignore), "which is listed in `ignore`")
     optimizers = list(optimizers)
     modes = tuple(modes)
@@ -183,6 +195,8 @@ def prune(
         graph = group_trace(model, record(model, example_inputs, modes), {**ignored, **left_alone})
         if macs_before is None:
             macs_before = graph.trace.macs if graph.trace.macs is not None else count_macs(model, example_inputs)
+        if needs_gradients(criterion) and statistics is None:
+            statistics = collect_statistics(model, graph, batches, loss_fn)
         scores = score(graph.groups, ScoringContext(model, statistics or {}), criterion)
         if target == "channels" or amount == 0:
             plan = select(graph.groups, scores, amount, **selection)

@@ -7,10 +7,16 @@ element of the group (``None`` leaves the group unpruned). Built-ins are chosen 
   over the group's producers;
 - ``"bn_scale"``: ``|γ|`` of the BatchNorms in the group (Network Slimming); groups without a
   BatchNorm are left unpruned;
+- ``"taylor"``: first-order Taylor expansion, ``|Σ activation × gradient|`` per channel and batch
+  (Molchanov et al. 2017);
+- ``"fisher"``: accumulated squared gradient of a mask shared by the group's channels (Theis et al.
+  2018; group Fisher of Liu et al. 2021);
+- ``"fpgm"``: distance of each filter to the others, i.e. how far it is from the geometric median
+  of its layer (He et al. 2019): filters near the median are replaceable;
 - ``"random"``: a seeded random score, the floor every other criterion must beat.
 
-Gradient-based criteria plug in the same way: ``ScoringContext.statistics`` carries what a
-calibration pass accumulated.
+Gradient criteria (``needs_gradients = True``) read ``ScoringContext.statistics``, which
+:mod:`lightning_prune.statistics` accumulates from training or calibration batches.
 """
 
 from __future__ import annotations
@@ -110,6 +116,44 @@ class BNScale:
 
 
 @dataclass
+class GradientImportance:
+    """Taylor or Fisher scores from accumulated statistics (see :mod:`lightning_prune.statistics`)."""
+
+    kind: str = "taylor"
+    aggregate: str = "sum"
+    needs_gradients: bool = True
+
+    def __call__(self, group: Group, context: ScoringContext) -> Tensor | None:
+        accumulated = context.statistics.get(self.kind)
+        if not accumulated:
+            raise PruningError(
+                f"`importance={self.kind!r}` needs gradient statistics: pass `batches` (an iterable of batches) and "
+                "`loss_fn(model, batch) -> loss` to `prune`, or use it in `StructuredPruning`, which accumulates "
+                "them during training."
+            )
+        values = [(m, accumulated[m.slot.tensor]) for m in group.slots("out") if m.slot.tensor in accumulated]
+        if not values:
+            return None
+        how = "mean" if self.kind == "fisher" else self.aggregate  # every fisher member holds its element's value
+        return aggregate_members(group, values, how)
+
+
+@dataclass
+class GeometricMedian:
+    """FPGM: the summed distance of each filter to the other filters of its layer (He et al. 2019)."""
+
+    aggregate: str = "sum"
+
+    def __call__(self, group: Group, context: ScoringContext) -> Tensor | None:
+        values = []
+        for member in group.slots("out"):
+            tensor = context.tensor(member.slot.tensor).detach()
+            rows = tensor.transpose(0, member.slot.dim).reshape(tensor.shape[member.slot.dim], -1).to(torch.float64)
+            values.append((member, torch.cdist(rows, rows).sum(1)))
+        return aggregate_members(group, values, self.aggregate)
+
+
+@dataclass
 class RandomImportance:
     """Uniform random scores from a seeded generator: the baseline every criterion must beat."""
 
@@ -127,7 +171,14 @@ CRITERIA: dict[str, Callable[..., Criterion]] = {
     "l2": lambda aggregate="sum", **_: Magnitude(2, aggregate),
     "bn_scale": lambda aggregate="sum", **_: BNScale(aggregate),
     "random": lambda seed=0, **_: RandomImportance(seed),
+    "taylor": lambda aggregate="sum", **_: GradientImportance("taylor", aggregate),
+    "fisher": lambda aggregate="sum", **_: GradientImportance("fisher", aggregate),
+    "fpgm": lambda aggregate="sum", **_: GeometricMedian(aggregate),
 }
+
+
+def needs_gradients(criterion: Criterion) -> bool:
+    return bool(getattr(criterion, "needs_gradients", False))
 
 
 def register_criterion(name: str, factory: Callable[..., Criterion]) -> None:

@@ -18,7 +18,7 @@ from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import Group
 
 SCOPES = ("global", "local")
-NORMALIZERS = ("mean", "max", "sum", "none")
+NORMALIZERS = ("mean", "max", "sum", "lamp", "none")
 
 
 @dataclass
@@ -33,13 +33,27 @@ class Plan:
 
 
 def normalize_scores(scores: Tensor, how: str) -> Tensor:
-    """Make scores of different groups comparable for global ranking (+inf stays +inf)."""
+    """Make scores of different groups comparable for global ranking (+inf stays +inf).
+
+    ``"mean"``, ``"max"``, ``"sum"`` divide by that statistic of the group; ``"lamp"`` (Lee et al. 2021)
+    divides each score by the sum of the scores at least as large, so every group's best element scores 1.
+    """
     if how == "none":
         return scores
-    finite = scores[torch.isfinite(scores)]
-    if finite.numel() == 0:
+    finite = torch.isfinite(scores)
+    if not finite.any():
         return scores
-    scale = {"mean": finite.mean(), "max": finite.abs().max(), "sum": finite.abs().sum()}[how]
+    if how == "lamp":
+        values = scores[finite]
+        order = torch.argsort(values, stable=True)
+        tail = values[order].flip(0).cumsum(0).flip(0)
+        lamp = torch.empty_like(values)
+        lamp[order] = values[order] / tail.clamp(min=torch.finfo(values.dtype).tiny)
+        normalized = scores.clone()
+        normalized[finite] = lamp
+        return normalized
+    values = scores[finite]
+    scale = {"mean": values.mean(), "max": values.abs().max(), "sum": values.abs().sum()}[how]
     return scores / scale if scale > 0 else scores
 
 

@@ -1,8 +1,10 @@
 """A training job for subprocess tests: digits, slimming, scheduled pruning, checkpoints, optional SIGKILL.
 
     python tests/jobs.py ROOT [--kill-at-epoch E] [--resume] [--when train_epoch_end|validation_end]
+                              [--importance NAME] [--devices N]
 
-Writes ROOT/final.pt (state_dict, record, callback state) when training completes. With
+Writes ROOT/final.pt (state_dict, record, callback state) when training completes, or
+ROOT/final-rank{r}.pt per process with ``--devices N`` (DDP on CPU with gloo). With
 ``--kill-at-epoch E`` the process SIGKILLs itself at the start of epoch E, after the checkpoint of
 epoch E-1 was written. ``--resume`` continues from ROOT/checkpoints/last.ckpt.
 """
@@ -36,17 +38,19 @@ class KillAt(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def build(root: Path, kill_at: int | None, when: str) -> tuple[pl.Trainer, ImageClassifier, DigitsDataModule]:
+def build(args: argparse.Namespace) -> tuple[pl.Trainer, ImageClassifier, DigitsDataModule]:
+    root = args.root
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier(arch_kwargs={"channels": [8, 16, 32]}, lr=0.05)
-    pruning = StructuredPruning(importance="l1", when=when, log_table=False, **SCHEDULE)
+    pruning = StructuredPruning(importance=args.importance, when=args.when, log_table=False, **SCHEDULE)
     callbacks = [
         NetworkSlimming(1e-3, stop_epoch="after_pruning"),
         pruning,
         ModelCheckpoint(root / "checkpoints", save_last=True, every_n_epochs=1, save_on_train_epoch_end=True),
     ]
-    if kill_at is not None:
-        callbacks.append(KillAt(kill_at))
+    if args.kill_at_epoch is not None:
+        callbacks.append(KillAt(args.kill_at_epoch))
+    distributed = {"strategy": "ddp", "accelerator": "cpu", "devices": args.devices} if args.devices > 1 else {}
     trainer = pl.Trainer(
         max_epochs=EPOCHS,
         limit_train_batches=6,
@@ -55,6 +59,7 @@ def build(root: Path, kill_at: int | None, when: str) -> tuple[pl.Trainer, Image
         enable_model_summary=False,
         default_root_dir=root,
         callbacks=callbacks,
+        **distributed,
     )
     return trainer, model, DigitsDataModule(batch_size=32)
 
@@ -65,14 +70,17 @@ def main() -> None:
     parser.add_argument("--kill-at-epoch", type=int)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--when", default="train_epoch_end")
+    parser.add_argument("--importance", default="l1")
+    parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    trainer, model, data = build(args.root, args.kill_at_epoch, args.when)
+    trainer, model, data = build(args)
     trainer.fit(model, data, ckpt_path="last" if args.resume else None)
     pruning = next(cb for cb in trainer.callbacks if isinstance(cb, StructuredPruning))
+    name = f"final-rank{trainer.global_rank}.pt" if args.devices > 1 else "final.pt"
     torch.save(
         {"state_dict": model.state_dict(), "record": applied_record(model), "pruning": pruning.state_dict()},
-        args.root / "final.pt",
+        args.root / name,
     )
 
 

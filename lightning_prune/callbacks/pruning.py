@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import json
+import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -23,10 +28,11 @@ from lightning_prune.callbacks.checkpoint import (
 )
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import build_graph, match_modules
-from lightning_prune.importance import get_criterion
+from lightning_prune.importance import get_criterion, needs_gradients
 from lightning_prune.measure import count_macs, count_params, to_device
 from lightning_prune.schedules import schedule_amounts
 from lightning_prune.selection import check_selection_arguments
+from lightning_prune.statistics import GradientStatistics, Statistics, collect_statistics, reduce_statistics
 
 WHEN = ("train_epoch_end", "validation_end")
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -69,6 +75,11 @@ class StructuredPruning(Callback):
         when: ``"train_epoch_end"`` or ``"validation_end"`` (after that epoch's validation).
         batch_input: where the model's input sits in a training batch (an index or a key; ``None``: the
             whole batch). Used for tracing when ``pl_module.example_input_array`` is not set.
+        calibration_batches: for gradient criteria (``"taylor"``, ``"fisher"``): ``0`` accumulates their
+            statistics from the training steps of each pruning epoch (hooks, no extra passes); ``n > 0``
+            runs ``training_step`` forward and backward on ``n`` extra training batches at the step
+            instead (gradients, BatchNorm statistics and RNG are restored afterwards). Under DDP the
+            statistics are summed over ranks before selection, so every rank makes the same cut.
         verify: re-trace each pruned model and roll back anything that deviates from the plan.
         reset_best: make every ``ModelCheckpoint`` that monitors a metric forget its best scores at the
             start of the epoch after each step, so that "best" means the best model *of the current
@@ -109,6 +120,7 @@ class StructuredPruning(Callback):
         seed: int = 0,
         when: str = "train_epoch_end",
         batch_input: int | str | None = 0,
+        calibration_batches: int = 0,
         verify: bool = True,
         reset_best: bool = True,
         log_table: bool = True,
@@ -116,7 +128,9 @@ class StructuredPruning(Callback):
         self.steps = schedule_amounts(schedule, amount, start_epoch, end_epoch, every)
         final = max(self.steps.values())
         check_selection_arguments(final, scope, round_to, max_fraction, normalize)
-        get_criterion(importance, aggregate=aggregate, seed=seed)
+        self._gradients = needs_gradients(get_criterion(importance, aggregate=aggregate, seed=seed))
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 0:
+            raise PruningError(f"`calibration_batches` must be a non-negative integer, got {calibration_batches!r}.")
         if target not in TARGETS:
             raise PruningError(f"`target` must be one of {', '.join(TARGETS)}; got {target!r}.")
         if when not in WHEN:
@@ -135,11 +149,14 @@ class StructuredPruning(Callback):
             "verify": verify,
         }
         self.batch_input, self.reset_best, self.log_table = batch_input, reset_best, log_table
+        self.calibration_batches = calibration_batches
         self.done: dict[int, dict[str, Any]] = {}
         self.dense: dict[str, int] = {}
         self.removed_channels = 0
         self._example: Any = None
         self._hook: Any = None
+        self._collector: GradientStatistics | None = None
+        self._statistics: Statistics | None = None
 
     @property
     @override
@@ -211,6 +228,14 @@ class StructuredPruning(Callback):
     ) -> None:
         if self._example is None and pl_module.example_input_array is None:
             self._example = _first_rows(self._select_input(batch), EXAMPLE_BATCH)
+        epoch = trainer.current_epoch
+        observing = self._gradients and not self.calibration_batches and epoch in self.steps and epoch not in self.done
+        if observing and self._collector is None:
+            graph = build_graph(pl_module, self._example_inputs(pl_module), ignore=self.options["ignore"])
+            self._collector = GradientStatistics(pl_module, graph)
+            if self._statistics is not None:
+                self._collector.load(self._statistics)
+            self._collector.attach()
 
     def _select_input(self, batch: Any) -> Any:
         if self.batch_input is None:
@@ -273,10 +298,32 @@ class StructuredPruning(Callback):
         dense = self.dense.get(self.target, current)
         return max(0.0, 1.0 - (1.0 - cumulative) * dense / current)
 
+    def _gradient_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, example: Any) -> Statistics:
+        if self.calibration_batches:
+            graph = build_graph(pl_module, example, ignore=self.options["ignore"])
+            batches = (move_data_to_device(b, pl_module.device) for b in _take(trainer, self.calibration_batches))
+            statistics = collect_statistics(pl_module, graph, batches, _training_loss)
+        elif self._collector is not None:
+            statistics = self._collector.detach()
+        elif self._statistics is not None:
+            statistics = self._statistics
+        else:
+            raise PruningError(
+                f"`importance={self.importance!r}` has no statistics for this step (no training batch was seen "
+                "in the pruning epoch); set `calibration_batches` to compute them at the step."
+            )
+        self._collector, self._statistics = None, None
+
+        def reduce(tensor: Tensor) -> Tensor:
+            return trainer.strategy.reduce(tensor.to(pl_module.device), reduce_op="sum").cpu()
+
+        return reduce_statistics(statistics, reduce) if trainer.world_size > 1 else statistics
+
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         example = self._example_inputs(pl_module)
         cumulative = self.steps[epoch]
         amount = min(self._engine_amount(cumulative, pl_module, example), 0.999)
+        statistics = self._gradient_statistics(trainer, pl_module, example) if self._gradients else None
         result = prune(
             pl_module,
             example,
@@ -284,8 +331,11 @@ class StructuredPruning(Callback):
             self.importance,
             target=self.target,
             optimizers=trainer.optimizers,
+            statistics=statistics,
             **self.options,
         )
+        _check_same_cut(trainer, result.record)
+        _rewrap_distributed(trainer, pl_module)
         if not self.dense:
             self.dense = {
                 "channels": result.channels_before,
@@ -346,10 +396,12 @@ class StructuredPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        statistics = self._collector.state() if self._collector is not None else self._statistics
         return {
             "done": {str(epoch): dict(summary) for epoch, summary in self.done.items()},
             "dense": dict(self.dense),
             "removed_channels": self.removed_channels,
+            "statistics": statistics,
         }
 
     @override
@@ -357,3 +409,60 @@ class StructuredPruning(Callback):
         self.done = {int(epoch): dict(summary) for epoch, summary in state_dict.get("done", {}).items()}
         self.dense = dict(state_dict.get("dense", {}))
         self.removed_channels = int(state_dict.get("removed_channels", 0))
+        self._statistics = state_dict.get("statistics")
+
+
+def _take(trainer: pl.Trainer, count: int) -> Iterator[Any]:
+    loader = trainer.train_dataloader
+    if loader is None:
+        raise PruningError("`calibration_batches` needs the trainer's training dataloader.")
+    for index, batch in enumerate(loader):
+        if index >= count:
+            return
+        yield batch
+
+
+def _training_loss(pl_module: nn.Module, batch: Any) -> Tensor:
+    """The module's own training loss, with its logging detached (these passes are not training steps)."""
+    trainer, pl_module._trainer = pl_module._trainer, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            output = pl_module.training_step(batch, 0)
+    finally:
+        pl_module._trainer = trainer
+    return output["loss"] if isinstance(output, Mapping) else output
+
+
+def _check_same_cut(trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
+    """Under several processes, fail loudly unless every rank cut exactly the same channels."""
+    if trainer.world_size == 1:
+        return
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).digest()[:7]
+    local = torch.tensor([int.from_bytes(digest, "big")], dtype=torch.long, device=trainer.strategy.root_device)
+    gathered = trainer.strategy.all_gather(local).reshape(-1)
+    if not bool((gathered == gathered[0]).all()):
+        raise PruningError(
+            f"ranks made different cuts (record digests {gathered.tolist()}): their scores differ. With gradient "
+            "criteria statistics are all-reduced; check that every rank holds the same weights."
+        )
+
+
+def _rewrap_distributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Wrap the pruned module in a new DistributedDataParallel.
+
+    The old wrapper's buckets have the old shapes, and its reducer keeps the parameters' gradient
+    accumulators alive, which remember the old shapes too: it must be gone before the next backward.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    old = getattr(strategy, "model", None)
+    if not isinstance(old, DistributedDataParallel):
+        return
+    old._remove_autograd_hooks()
+    del old.reducer
+    strategy.model = pl_module
+    del old
+    gc.collect()
+    strategy.configure_ddp()

@@ -1,0 +1,225 @@
+"""Importance criteria: shapes, determinism, hand computations, hooks that leave no trace, DDP agreement."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from nets import SMALL_NETS, PlainCNN, small_input
+from torch import nn
+
+import lightning_prune as lp
+from lightning_prune.errors import PruningError
+from lightning_prune.importance import CRITERIA, ScoringContext, get_criterion, score
+from lightning_prune.selection import normalize_scores
+from lightning_prune.statistics import GradientStatistics, collect_statistics
+
+JOBS = Path(__file__).parent / "jobs.py"
+
+
+def batches(count: int = 3, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(3)
+    return [
+        (torch.randn(size, 3, 16, 16, generator=generator), torch.randint(0, 10, (size,), generator=generator))
+        for _ in range(count)
+    ]
+
+
+def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def all_scores(model: nn.Module, importance: str, seed: int = 0) -> list:
+    graph = lp.build_graph(model, small_input())
+    statistics = collect_statistics(model, graph, batches(), cross_entropy)
+    criterion = get_criterion(importance, seed=seed)
+    return graph, score(graph.groups, ScoringContext(model, statistics), criterion)
+
+
+@pytest.mark.parametrize("importance", sorted(CRITERIA))
+@pytest.mark.parametrize("name", sorted(SMALL_NETS))
+def test_scores_are_one_finite_value_per_element_and_deterministic(name: str, importance: str) -> None:
+    torch.manual_seed(0)
+    model = SMALL_NETS[name]()
+    graph, first = all_scores(model, importance)
+    _, second = all_scores(model, importance)
+    has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert any(s is not None for s in first) == (importance != "bn_scale" or has_batch_norm)
+    for group, values, again in zip(graph.groups, first, second, strict=True):
+        if values is None:
+            assert importance == "bn_scale"
+            continue
+        assert values.shape == (group.width,)
+        assert torch.isfinite(values).all()
+        assert torch.equal(values, again)
+
+
+@pytest.mark.parametrize("importance", ["taylor", "fisher", "fpgm"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121"])
+def test_criteria_prune_torchvision_models(name: str, importance: str) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(2)]
+    result = lp.prune(model, torch.randn(2, 3, 64, 64), 0.4, importance, batches=data, loss_fn=cross_entropy)
+    assert result.params_after < result.params_before
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+
+
+def test_bn_scale_is_the_absolute_batch_norm_scale() -> None:
+    model = PlainCNN()
+    with torch.no_grad():
+        model.features[1].weight.uniform_(-1, 1)
+    graph, scores = all_scores(model, "bn_scale")
+    index = next(i for i, g in enumerate(graph.groups) if g.name == "features.0")
+    assert torch.equal(scores[index], model.features[1].weight.detach().abs().to(torch.float64))
+
+
+class Coupled(nn.Module):
+    """Two producers summed into one stream (one group) feeding a head; plus a plain hidden layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+        self.hidden = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.a(x) + self.b(x))))
+
+
+def test_taylor_and_fisher_equal_a_hand_computation() -> None:
+    torch.manual_seed(0)
+    model = Coupled()
+    data = [torch.randn(5, 4) for _ in range(3)]
+    graph = lp.build_graph(model, data[0])
+    statistics = collect_statistics(model, graph, data, lambda m, x: m(x).square().sum())
+
+    taylor_hidden = torch.zeros(5, dtype=torch.float64)
+    fisher_stream = torch.zeros(3, dtype=torch.float64)
+    taylor_a = torch.zeros(3, dtype=torch.float64)
+    for x in data:
+        a, b = model.a(x), model.b(x)
+        hidden = model.hidden(a + b)
+        a.retain_grad(), b.retain_grad(), hidden.retain_grad()
+        model.head(torch.tanh(hidden)).square().sum().backward()
+        taylor_hidden += (hidden * hidden.grad).sum(0).abs().double()
+        taylor_a += (a * a.grad).sum(0).abs().double()
+        fisher_stream += ((a * a.grad + b * b.grad) ** 2).sum(0).double()  # one mask shared by a and b
+        model.zero_grad()
+    assert torch.allclose(statistics["taylor"]["hidden.weight"], taylor_hidden, rtol=1e-5)
+    assert torch.allclose(statistics["taylor"]["a.weight"], taylor_a, rtol=1e-5)
+    assert torch.allclose(statistics["fisher"]["a.weight"], fisher_stream, rtol=1e-5)
+    assert torch.allclose(statistics["fisher"]["b.weight"], fisher_stream, rtol=1e-5)
+
+    stream = next(g for g in graph.groups if g.name == "a")
+    fisher = get_criterion("fisher")(stream, ScoringContext(model, statistics))
+    assert torch.allclose(fisher, fisher_stream, rtol=1e-5)
+
+
+def test_fpgm_ranks_filters_at_the_median_lowest() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3)
+    with torch.no_grad():
+        center = conv.weight[[0, 1, 3, 5]].mean(0)
+        conv.weight[2] = center
+        conv.weight[4] = center  # a duplicated filter at the centre of the others: the most replaceable
+    model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(6, 4, 3))
+    graph = lp.build_graph(model, small_input())
+    scores = get_criterion("fpgm")(graph.groups[0], ScoringContext(model))
+    assert set(torch.argsort(scores)[:2].tolist()) == {2, 4}
+
+
+def test_statistics_hooks_leave_no_trace() -> None:
+    torch.manual_seed(0)
+    observed, plain = PlainCNN(), PlainCNN()
+    plain.load_state_dict(observed.state_dict())
+    graph = lp.build_graph(observed, small_input())
+    collector = GradientStatistics(observed, graph).attach()
+    for model in (observed, plain):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for batch in batches(2):
+            optimizer.zero_grad()
+            cross_entropy(model, batch).backward()
+            optimizer.step()
+    statistics = collector.detach()
+    assert statistics["batches"] == 2 and statistics["taylor"]
+    assert all(not m._forward_hooks for m in observed.modules())
+    for (name, a), (_, b) in zip(observed.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_calibration_restores_gradients_and_batch_norm_statistics() -> None:
+    torch.manual_seed(0)
+    model = PlainCNN().eval()
+    model(small_input()).sum().backward()
+    before = copy.deepcopy(model.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    lp.prune(copy.deepcopy(model), small_input(), 0.3, "taylor", batches=batches(), loss_fn=cross_entropy)
+    collect_statistics(model, lp.build_graph(model, small_input()), batches(), cross_entropy)
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("importance", ["taylor", "fisher"])
+def test_gradient_criterion_without_batches_names_what_is_missing(importance: str) -> None:
+    with pytest.raises(PruningError, match="needs `batches` and `loss_fn`"):
+        lp.prune(PlainCNN(), small_input(), 0.3, importance)
+    with pytest.raises(PruningError, match="needs `loss_fn`"):
+        lp.prune(PlainCNN(), small_input(), 0.3, importance, batches=batches())
+
+
+def test_non_finite_statistics_name_the_layer() -> None:
+    model = PlainCNN()
+    graph = lp.build_graph(model, small_input())
+    statistics = collect_statistics(model, graph, batches(), cross_entropy)
+    statistics["taylor"]["features.3.weight"][0] = float("nan")
+    with pytest.raises(PruningError, match=r"NaN or -inf scores for group `features\.3`"):
+        lp.prune(model, small_input(), 0.3, "taylor", statistics=statistics)
+
+
+def test_lamp_normalisation() -> None:
+    scores = torch.tensor([1.0, 3.0, 2.0, float("inf")], dtype=torch.float64)
+    expected = torch.tensor([1 / 6, 3 / 3, 2 / 5, float("inf")], dtype=torch.float64)
+    assert torch.allclose(normalize_scores(scores, "lamp"), expected)
+
+
+@pytest.mark.parametrize("calibration", [0, 3])
+def test_structured_pruning_with_gradient_statistics_in_a_trainer(tmp_path, calibration: int) -> None:
+    import lightning.pytorch as pl
+
+    from lightning_prune.callbacks import StructuredPruning
+    from lightning_prune.data import DigitsDataModule
+    from lightning_prune.models import ImageClassifier
+
+    pl.seed_everything(0, verbose=False)
+    model = ImageClassifier(arch_kwargs={"channels": [8, 16, 32]})
+    pruning = StructuredPruning(0.4, "taylor", start_epoch=1, calibration_batches=calibration, log_table=False)
+    trainer = pl.Trainer(
+        max_epochs=2, limit_train_batches=4, limit_val_batches=1, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[pruning],
+    )  # fmt: skip
+    trainer.fit(model, DigitsDataModule())
+    assert pruning.done[1]["channels_removed"] > 0
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_ddp_ranks_make_the_same_cut_from_reduced_statistics(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(JOBS), str(tmp_path), "--devices", "2", "--importance", "fisher"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"final-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["record"] == ranks[1]["record"] and len(ranks[0]["record"]["steps"]) == 3
+    for key, value in ranks[0]["state_dict"].items():
+        assert torch.equal(value, ranks[1]["state_dict"][key]), key  # still in sync after further training
