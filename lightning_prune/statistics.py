@@ -88,15 +88,15 @@ class GradientStatistics:
         return hook
 
     def _on_gradient(self, name: str, dim: int, activation: Tensor, grad: Tensor) -> None:
-        product = (activation * grad).to(torch.float64)
+        product = activation * grad
         if product.ndim == 1:
             product = product.unsqueeze(0)
         channel = dim % product.ndim
         reduce = [d for d in range(product.ndim) if d not in (0, channel)]
-        per_example = product.sum(reduce) if reduce else product
+        per_example = product.sum(reduce, dtype=torch.float32) if reduce else product
         if channel == 0:
             per_example = per_example.unsqueeze(0)
-        per_example = per_example.detach().cpu()
+        per_example = per_example.detach().to("cpu", torch.float64)
         self._pending[name] = per_example if name not in self._pending else self._pending[name] + per_example
 
     def flush(self) -> None:

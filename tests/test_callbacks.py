@@ -157,15 +157,20 @@ def run_job(root: Path, *arguments: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("kill_at", [2, 4], ids=["between_steps", "after_last_step"])
-def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, kill_at: int) -> None:
+@pytest.mark.parametrize(
+    ("kill_at", "importance"),
+    [(2, "l1"), (4, "l1"), (3, "taylor")],
+    ids=["between_steps", "after_last_step", "taylor_between_steps"],
+)
+def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, kill_at: int, importance: str) -> None:
     reference = tmp_path / "reference"
     interrupted = tmp_path / "interrupted"
-    done = run_job(reference)
+    criterion = ("--importance", importance)
+    done = run_job(reference, *criterion)
     assert done.returncode == 0, done.stderr[-2000:]
-    killed = run_job(interrupted, "--kill-at-epoch", str(kill_at))
+    killed = run_job(interrupted, "--kill-at-epoch", str(kill_at), *criterion)
     assert killed.returncode == -9 and not (interrupted / "final.pt").exists()
-    resumed = run_job(interrupted, "--resume")
+    resumed = run_job(interrupted, "--resume", *criterion)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected = torch.load(reference / "final.pt", weights_only=True)
     actual = torch.load(interrupted / "final.pt", weights_only=True)
@@ -208,6 +213,20 @@ torch.save({{"out": model(x).detach(), "state": model.state_dict()}}, {str(tmp_p
     lp.restore(model, final["record"])
     model.load_state_dict(final["state_dict"])
     assert torch.equal(model.eval()(torch.linspace(-1, 1, 128).view(2, 1, 8, 8)), result["out"])
+
+
+def test_progress_is_logged_every_epoch(tmp_path) -> None:
+    import csv
+
+    logger = pl.loggers.CSVLogger(tmp_path, name="log")
+    callbacks = [NetworkSlimming(1e-3), StructuredPruning(0.5, schedule={1: 0.5}, log_table=False)]
+    trainer(tmp_path, callbacks, epochs=3, logger=logger).fit(small_model(), DigitsDataModule())
+    rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").read_text().splitlines()))
+    epochs = [row for row in rows if row.get("prune/params")]
+    assert [float(r["prune/amount"]) for r in epochs] == [0.0, 0.5, 0.5]
+    params = [float(r["prune/params"]) for r in epochs]
+    assert params[0] > params[1] == params[2]
+    assert all(0.0 <= float(r["slimming/gamma_below"]) <= 1.0 for r in rows if r.get("slimming/gamma_below"))
 
 
 def test_best_checkpoint_is_the_best_pruned_model(tmp_path) -> None:

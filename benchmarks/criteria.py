@@ -1,0 +1,172 @@
+"""Importance criteria side by side on the digits data, and what gradient statistics cost per training step.
+
+    python benchmarks/criteria.py                  # 3 seeds, both tables (about 10 minutes on 2 cores)
+    python benchmarks/criteria.py --seeds 0 --skip-cost
+
+Table 1: one dense model per seed (15 epochs with Network Slimming, λ=1e-3) is copied for every
+criterion and amount; each copy trains one more epoch (during which gradient criteria accumulate
+their statistics), loses 50% or 70% of its prunable channels (global ranking, scores normalised per
+group by their mean) and is fine-tuned 10 epochs. Test accuracy right after the cut and after
+fine-tuning, mean ± spread over seeds; params and MACs. Random is the floor.
+
+Table 2: time per training step (forward, backward, SGD step) with and without the taylor/fisher
+hooks attached, ``torch.utils.benchmark``, 2 threads, for the digits CNN and a CIFAR ResNet-18 shape
+(batch 64, 32×32), and the memory the accumulated statistics take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import warnings
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch.utils import benchmark
+
+import lightning_prune as lp
+from lightning_prune.callbacks import NetworkSlimming, StructuredPruning
+from lightning_prune.data import DigitsDataModule
+from lightning_prune.demo import accuracy
+from lightning_prune.models import ImageClassifier
+from lightning_prune.statistics import GradientStatistics
+
+CRITERIA = ["random", "l1", "l2", "bn_scale", "fpgm", "taylor", "fisher"]
+AMOUNTS = [0.5, 0.7]
+
+
+class AccuracyAfterCut(Callback):
+    """Test accuracy right after the pruning step of epoch 0 (listed after StructuredPruning)."""
+
+    def __init__(self, data: DigitsDataModule) -> None:
+        self.data, self.value = data, None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 0:
+            self.value = accuracy(pl_module, self.data)
+            pl_module.train()
+
+
+def quiet_trainer(epochs: int, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+def dense_model(seed: int, data: DigitsDataModule) -> ImageClassifier:
+    pl.seed_everything(seed, verbose=False)
+    model = ImageClassifier()
+    quiet_trainer(15, [NetworkSlimming(1e-3)]).fit(model, data)
+    return model
+
+
+def prune_and_finetune(dense: ImageClassifier, data: DigitsDataModule, importance: str, amount: float) -> dict:
+    model = copy.deepcopy(dense)
+    model.hparams.lr = 0.01
+    after_cut = AccuracyAfterCut(data)
+    pruning = StructuredPruning(amount, importance, schedule="oneshot", start_epoch=0, log_table=False)
+    quiet_trainer(11, [pruning, after_cut]).fit(model, data)
+    return {
+        "cut": after_cut.value,
+        "tuned": accuracy(model, data),
+        "params": lp.count_params(model),
+        "macs": lp.count_macs(model, model.example_input_array[:1]),
+    }
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    return f"{mean:.2%} ± {statistics.pstdev(values):.2%}" if len(values) > 1 else f"{mean:.2%}"
+
+
+def accuracy_table(seeds: list[int]) -> None:
+    data = DigitsDataModule()
+    data.setup()
+    results: dict[tuple[str, float], list[dict]] = {}
+    dense_accuracy = []
+    for seed in seeds:
+        dense = dense_model(seed, data)
+        dense_accuracy.append(accuracy(dense, data))
+        dense.train()
+        for amount in AMOUNTS:
+            for importance in CRITERIA:
+                pl.seed_everything(seed, verbose=False)
+                results.setdefault((importance, amount), []).append(prune_and_finetune(dense, data, importance, amount))
+    print(f"dense test accuracy: {spread(dense_accuracy)} over seeds {seeds}")
+    print(
+        "| channels removed | criterion | accuracy after the cut | after 10 fine-tuning epochs | params | MACs/image |"
+    )
+    print("|---|---|---|---|---|---|")
+    for amount in AMOUNTS:
+        floor = statistics.mean(r["tuned"] for r in results[("random", amount)])
+        for importance in CRITERIA:
+            runs = results[(importance, amount)]
+            tuned = [r["tuned"] for r in runs]
+            mark = "" if importance == "random" or statistics.mean(tuned) > floor else " (not above random)"
+            params, macs = (statistics.mean(r[key] for r in runs) for key in ("params", "macs"))
+            print(
+                f"| {amount:.0%} | {importance} | {spread([r['cut'] for r in runs])} | {spread(tuned)}{mark} | "
+                f"{params:,.0f} | {macs:,.0f} |",
+                flush=True,
+            )
+
+
+def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=3.0).median
+
+
+def cost_table() -> None:
+    import torchvision
+
+    cases = [
+        ("digits CNN, batch 64, 8x8", ImageClassifier().net, torch.randn(64, 1, 8, 8)),
+        ("resnet18, batch 64, 32x32", torchvision.models.resnet18(num_classes=10), torch.randn(64, 3, 32, 32)),
+    ]
+    print("\n| model | step without hooks | with taylor+fisher hooks | overhead | statistics memory |")
+    print("|---|---|---|---|---|")
+    for name, model, x in cases:
+        y = torch.randint(0, 10, (x.shape[0],))
+        plain = step_time(model, x, y)
+        collector = GradientStatistics(model, lp.build_graph(model, x[:2])).attach()
+        hooked = step_time(model, x, y)
+        accumulated = collector.detach()
+        size = sum(t.numel() * t.element_size() for kind in ("taylor", "fisher") for t in accumulated[kind].values())
+        overhead = hooked / plain - 1
+        print(
+            f"| {name} | {plain * 1e3:.2f} ms | {hooked * 1e3:.2f} ms | {overhead:+.1%} | {size / 1024:.1f} KiB |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-cost", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    if not args.skip_accuracy:
+        accuracy_table(args.seeds)
+    if not args.skip_cost:
+        cost_table()
+
+
+if __name__ == "__main__":
+    main()
