@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,13 +30,98 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016): three stages of 16/32/64 channels, ``(depth - 2) / 6`` basic blocks each.
+
+    Shortcuts that change shape are 1×1 conv + BatchNorm projections (option B), as in most pruning papers.
+    ``depth=20`` and ``56`` are registered as ``"resnet20"`` and ``"resnet56"``.
+    """
+
+    def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"`depth` of a CIFAR ResNet is 6n + 2 (20, 32, 44, 56, 110); got {depth}.")
+        blocks = (depth - 2) // 6
+        self.stem = nn.Sequential(*conv_bn(in_channels, width))
+        layers, channels = [], width
+        for stage in range(3):
+            outputs = width * 2**stage
+            for block in range(blocks):
+                layers.append(BasicBlock(channels, outputs, stride=2 if stage and not block else 1))
+                channels = outputs
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.pool(self.layers(self.stem(x))))
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 conv + BatchNorm layers with an identity (or projection) shortcut."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.shortcut = nn.Identity()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn1(self.conv1(x)).relu()
+        return (self.bn2(self.conv2(out)) + self.shortcut(x)).relu()
+
+
+VGG_LAYOUTS: dict[int, list[int | str]] = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512],
+}
+
+
+class CifarVGG(nn.Module):
+    """The VGG with BatchNorm of the Network Slimming paper (Liu et al. 2017) for 32×32 images.
+
+    3×3 conv + BatchNorm + ReLU layers with max-pools (``"M"`` in ``layout``), global average pooling and
+    one linear classifier. ``layout`` defaults to ``VGG_LAYOUTS[depth]``; registered as ``"vgg11"``/``"vgg19"``.
+    """
+
+    def __init__(
+        self, depth: int = 19, in_channels: int = 3, num_classes: int = 10, layout: Sequence[int | str] | None = None
+    ) -> None:
+        super().__init__()
+        if layout is None and depth not in VGG_LAYOUTS:
+            raise ValueError(f"`depth` must be one of {sorted(VGG_LAYOUTS)} (or give `layout`); got {depth}.")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for entry in layout or VGG_LAYOUTS[depth]:
+            if entry == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += conv_bn(channels, int(entry))
+                channels = int(entry)
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
 def _torchvision(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     import torchvision
 
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"digits_cnn": DigitsCNN}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": DigitsCNN,
+    "resnet20": functools.partial(CifarResNet, depth=20),
+    "resnet56": functools.partial(CifarResNet, depth=56),
+    "vgg11": functools.partial(CifarVGG, depth=11),
+    "vgg19": functools.partial(CifarVGG, depth=19),
+}
 
 
 def build_network(arch: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
