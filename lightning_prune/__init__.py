@@ -1,6 +1,6 @@
 """lightning-prune: structured pruning that leaves smaller dense models, as PyTorch Lightning callbacks.
 
-The core (everything here except ``lightning_prune.callbacks`` and ``lightning_prune.cli``) is plain
+The core (everything here except the callbacks, data, models, ``cli`` and ``report``) is plain
 PyTorch: trace → groups, score, select → plan, cut, verify.
 """
 
@@ -22,7 +22,9 @@ _LAZY = {
     "StructuredPruning": "lightning_prune.callbacks",
     "load_from_checkpoint": "lightning_prune.callbacks",
     "applied_record": "lightning_prune.callbacks",
+    "Cifar10DataModule": "lightning_prune.data",
     "DigitsDataModule": "lightning_prune.data",
+    "SyntheticDataModule": "lightning_prune.data",
     "ImageClassifier": "lightning_prune.models",
 }
 
@@ -36,6 +38,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "Cifar10DataModule",
     "Cut",
     "DependencyGraph",
     "DigitsDataModule",
@@ -50,6 +53,7 @@ __all__ = [
     "ScoringContext",
     "Slot",
     "StructuredPruning",
+    "SyntheticDataModule",
     "TraceError",
     "VerificationError",
     "applied_record",

@@ -1,5 +1,8 @@
-"""Data modules: the embedded digits default, and loaders for users' own data."""
+"""Data modules: the embedded digits default, CIFAR-10 from a local folder, and synthetic images."""
 
-from lightning_prune.data.digits import DigitsDataModule, EpochSeededSampler
+from lightning_prune.data.cifar10 import Cifar10DataModule
+from lightning_prune.data.digits import DigitsDataModule
+from lightning_prune.data.splits import EpochSeededSampler, SplitDataModule
+from lightning_prune.data.synthetic import SyntheticDataModule
 
-__all__ = ["DigitsDataModule", "EpochSeededSampler"]
+__all__ = ["Cifar10DataModule", "DigitsDataModule", "EpochSeededSampler", "SplitDataModule", "SyntheticDataModule"]

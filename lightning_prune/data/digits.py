@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
-
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_prune.data.splits import SplitDataModule
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A shuffle that depends only on ``(seed, epoch)``, so a resumed run sees the same batches as an uninterrupted one.
-
-    Lightning calls ``set_epoch`` before every epoch.
-    """
-
-    def __init__(self, data: Sized, seed: int = 0) -> None:
-        self.size, self.seed, self.epoch = len(data), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """``sklearn.datasets.load_digits`` as 1×8×8 tensors with a fixed, stratified train/val/test split.
 
     Args:
@@ -50,16 +29,14 @@ class DigitsDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, seed, num_workers)
         if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ValueError(
                 f"`val_fraction` ({val_fraction}) and `test_fraction` ({test_fraction}) must be in (0, 1) "
                 "and leave images for training."
             )
         self.save_hyperparameters()
-        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -83,15 +60,3 @@ class DigitsDataModule(pl.LightningDataModule):
         self.splits = {
             name: TensorDataset(x[part], y[part]) for name, part in (("train", train), ("val", val), ("test", test))
         }
-
-    def train_dataloader(self) -> DataLoader:
-        data = self.splits["train"]
-        return DataLoader(
-            data, self.batch_size, sampler=EpochSeededSampler(data, self.seed), num_workers=self.num_workers
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["val"], self.batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["test"], self.batch_size, num_workers=self.num_workers)
