@@ -1,0 +1,253 @@
+"""The Hydra entry point: ``lightning-prune [overrides]`` trains, prunes, fine-tunes, tests and writes results.json.
+
+    lightning-prune                                        # the digits recipe of lightning-prune-demo
+    lightning-prune experiment=cifar10_vgg_slimming data.root=/path/to/cifar10
+    lightning-prune -m callbacks.pruning.amount=0.3,0.6    # then: lightning-prune-report <sweep folder>
+
+The configs are ``conf/`` at the root of a checkout; the wheel ships a copy as ``lightning_prune/conf``. A
+config is checked before anything is built (missing ``???`` values, interpolations, keys that are not
+arguments of their ``_target_``), so a bad one fails in seconds and leaves no results behind.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from lightning_prune.callbacks import StructuredPruning
+from lightning_prune.data import SplitDataModule
+from lightning_prune.demo import KeepDense
+from lightning_prune.measure import count_macs, count_params, latency
+from lightning_prune.report import RESULTS
+
+MEASURED = ("params", "macs", "latency")  # what results.json holds besides the test metrics
+
+
+def config_dir() -> Path:
+    """The configs shipped inside the installed package, or ``conf/`` at the root of a checkout."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; the message names the key and the fix."""
+
+
+# --- checks before anything is built ---------------------------------------------------------------
+def check_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for missing ``???`` values, broken interpolations, unknown arguments and metrics.
+
+    Raises:
+        ConfigError: naming every missing key, or the key whose interpolation fails, or the key that is
+            not an argument of its ``_target_`` (with the closest argument name), or an ``optimized_metric``
+            that no run records.
+    """
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        plain = {} if missing else OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:  # interpolation errors carry the full key
+        raise ConfigError(f"the config does not resolve: {error}") from error
+    if missing:
+        raise ConfigError(
+            f"required value(s) not set (??? in the config): {', '.join(missing)}. Set them on the command line "
+            f"({missing[0]}=<value>), in an experiment file, or pick a preset that sets them (e.g. pruning=slimming)."
+        )
+    for key, node in nodes_with_target(plain):
+        check_arguments(key, node)
+    metric = plain.get("optimized_metric")
+    for name in [metric] if isinstance(metric, str) else metric or []:
+        if name not in MEASURED and not name.startswith("test/"):
+            raise ConfigError(
+                f"`optimized_metric` {name!r} is not something a run records: use one of {', '.join(MEASURED)} "
+                "or a metric the model logs in `test_step` (test/acc for ImageClassifier)."
+            )
+
+
+def nodes_with_target(node: Any, key: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield key, node
+        for name, value in node.items():
+            yield from nodes_with_target(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from nodes_with_target(item, f"{key}[{index}]")
+
+
+def check_arguments(key: str, node: dict[str, Any]) -> None:
+    """Every key of ``node`` must be an argument of its ``_target_`` (unless that takes ``**kwargs``)."""
+    target = node["_target_"]
+    try:
+        parameters = inspect.signature(get_object(target)).parameters
+    except Exception as error:
+        raise ConfigError(f"`{key}._target_` {target!r} cannot be imported ({error}). Check the spelling.") from error
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    known = [name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for name in node:
+        if not str(name).startswith("_") and name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"Did you mean `{key}.{close[0]}`? " if close else ""
+            raise ConfigError(
+                f"`{key}.{name}` is not an argument of {target}. {hint}Its arguments: {', '.join(known)}."
+            )
+
+
+# --- building the run ------------------------------------------------------------------------------
+def build_data(cfg: DictConfig) -> SplitDataModule:
+    return instantiate(cfg.data, _convert_="all")
+
+
+def build_model(cfg: DictConfig, data: SplitDataModule) -> pl.LightningModule:
+    """The model, sized for the data module's classes and image shape."""
+    channels, height, _ = data.input_shape
+    return instantiate(
+        cfg.model, num_classes=data.num_classes, in_channels=channels, input_size=height, _convert_="all"
+    )
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The callbacks of ``cfg.callbacks`` (entries set to null are left out), in order."""
+    entries = cfg.get("callbacks") or {}
+    return [instantiate(node, _convert_="all") for node in entries.values() if node is not None]
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    entries = cfg.get("logger") or {}
+    return [instantiate(node, _convert_="all") for node in entries.values() if node is not None]
+
+
+def keep_dense(callbacks: list[pl.Callback]) -> KeepDense | None:
+    """Insert a :class:`KeepDense` right before the first pruning callback; ``None`` if nothing prunes."""
+    prunings = [(i, c) for i, c in enumerate(callbacks) if isinstance(c, StructuredPruning)]
+    if not prunings:
+        return None
+    for _, callback in prunings:
+        if callback.when != "train_epoch_end":
+            raise ConfigError(
+                f"`callbacks.*.when`={callback.when!r}: lightning-prune measures the dense model as it is at the end "
+                "of the training epoch of the first step, and a 'validation_end' cut happens before that. "
+                "Use when=train_epoch_end (the default) with this entry point."
+            )
+    keeper = KeepDense(min(min(c.steps) for _, c in prunings))
+    callbacks.insert(prunings[0][0], keeper)
+    return keeper
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+def widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every convolution, linear and normalisation layer."""
+    found = {}
+    for name, module in model.named_modules():
+        for attribute in ("out_channels", "out_features", "num_features"):
+            if isinstance(getattr(module, attribute, None), int):
+                found[name] = getattr(module, attribute)
+                break
+    return found
+
+
+def measure(model: pl.LightningModule, tested: dict[str, float], images: torch.Tensor, cfg: DictConfig) -> dict:
+    """Test metrics, parameters, MACs per image and seconds per forward of ``images``, on the CPU."""
+    model = model.cpu().eval()
+    timing = cfg.get("measure") or {}
+    seconds = latency(model, images, threads=timing.get("threads"), min_run_time=timing.get("min_run_time", 1.0))
+    measured = (count_params(model), count_macs(model, images[:1]), seconds)
+    return {**tested, **dict(zip(MEASURED, measured, strict=True))}
+
+
+def overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def write_results(results: dict[str, Any], folder: Path) -> Path:
+    """Write ``results.json`` atomically: a crash leaves either no file or a complete one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, partial = folder / RESULTS, folder / f".{RESULTS}.partial"
+    partial.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def optimized(results: dict[str, Any], metric: Any) -> float | list[float] | None:
+    """The value(s) of ``metric`` (a key of ``results["final"]``, a list of keys, or null) for a sweeper."""
+    if metric is None:
+        return None
+    names = [metric] if isinstance(metric, str) else list(metric)
+    unknown = [name for name in names if name not in results["final"]]
+    if unknown:
+        raise ConfigError(
+            f"`optimized_metric` {unknown[0]!r} is not a result of this run. Known: {', '.join(results['final'])}."
+        )
+    values = [float(results["final"][name]) for name in names]
+    return values[0] if isinstance(metric, str) else values
+
+
+# --- the run -------------------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> float | list[float] | None:
+    """Check ``cfg``, build everything, fit and test; write results.json to ``paths.output_dir``.
+
+    Returns:
+        The value of ``cfg.optimized_metric`` in the final model's results (a list for a list of metrics).
+
+    Raises:
+        ConfigError: before anything is built or trained, for a config that cannot run.
+    """
+    check_config(cfg)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = build_data(cfg)
+    model = build_model(cfg, data)
+    callbacks = build_callbacks(cfg)
+    keeper = keep_dense(callbacks)
+    loggers = build_loggers(cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=data)
+    final_test = trainer.test(model, datamodule=data, verbose=False)[0]
+    dense = model
+    if keeper is not None and keeper.model is not None:
+        # a fresh module: the copy still carries Lightning's caches of the original's metric objects
+        dense = build_model(cfg, data)
+        dense.load_state_dict(keeper.model.state_dict())
+    dense_test = final_test if dense is model else trainer.test(dense, datamodule=data, verbose=False)[0]
+
+    images = next(iter(data.test_dataloader()))[0]
+    before, after = measure(dense, dense_test, images, cfg), measure(model, final_test, images, cfg)
+    dense_widths, final_widths = widths(dense), widths(model)
+    results = {
+        "overrides": overrides(),
+        "dense": before,
+        "final": after,
+        "latency_ratio": before["latency"] / after["latency"],
+        "latency_batch": len(images),
+        "widths": {name: [width, final_widths[name]] for name, width in dense_widths.items()},
+    }
+    if trainer.is_global_zero:
+        write_results(results, Path(cfg.paths.output_dir))
+    return optimized(results, cfg.get("optimized_metric"))
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | list[float] | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
