@@ -69,6 +69,13 @@ def check_config(cfg: DictConfig) -> None:
         )
     for key, node in nodes_with_target(plain):
         check_arguments(key, node)
+        target = get_object(node["_target_"])
+        if inspect.isclass(target) and issubclass(target, StructuredPruning) and node.get("when") == "validation_end":
+            raise ConfigError(
+                f"`{key}.when`='validation_end': lightning-prune keeps the dense model at the end of the training "
+                "epoch of the first step, after a 'validation_end' cut. Use when=train_epoch_end (the default) with "
+                "this entry point."
+            )
     metric = plain.get("optimized_metric")
     for name in [metric] if isinstance(metric, str) else metric or []:
         if name not in MEASURED and not name.startswith("test/"):
@@ -137,13 +144,6 @@ def keep_dense(callbacks: list[pl.Callback]) -> KeepDense | None:
     prunings = [(i, c) for i, c in enumerate(callbacks) if isinstance(c, StructuredPruning)]
     if not prunings:
         return None
-    for _, callback in prunings:
-        if callback.when != "train_epoch_end":
-            raise ConfigError(
-                f"`callbacks.*.when`={callback.when!r}: lightning-prune measures the dense model as it is at the end "
-                "of the training epoch of the first step, and a 'validation_end' cut happens before that. "
-                "Use when=train_epoch_end (the default) with this entry point."
-            )
     keeper = KeepDense(min(min(c.steps) for _, c in prunings))
     callbacks.insert(prunings[0][0], keeper)
     return keeper

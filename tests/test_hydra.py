@@ -308,7 +308,7 @@ BAD = {
     ),
     "unsupported_when": (
         ["callbacks.pruning.when=validation_end"],
-        ["`callbacks.*.when`='validation_end'", "when=train_epoch_end"],
+        ["`callbacks.pruning.when`='validation_end'", "when=train_epoch_end"],
     ),
 }
 
@@ -327,7 +327,10 @@ def test_bad_config_fails_before_training(tmp_path: Path, overrides: list[str], 
     ("overrides", "message"),
     [
         (["optimized_metric=accuracy"], "`optimized_metric` 'accuracy' is not something a run records"),
-        (["data.seed=${sed}"], "the config does not resolve: Interpolation key .sed. not found\n    full_key: data.seed"),
+        (
+            ["data.seed=${sed}"],
+            "the config does not resolve: Interpolation key .sed. not found\n    full_key: data.seed",
+        ),
         (["+model.lr_decay=0.1"], r"`model.lr_decay` is not an argument of lightning_prune.ImageClassifier\."),
         (["+trainer.max_epoch=3"], "Did you mean `trainer.max_epochs`?"),
     ],
@@ -336,3 +339,19 @@ def test_bad_config_fails_before_training(tmp_path: Path, overrides: list[str], 
 def test_config_check_names_the_key(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         check_config(compose_into(tmp_path, overrides))
+
+
+@pytest.mark.slow
+def test_default_run_reproduces_the_demo(tmp_path: Path) -> None:
+    demo_run = run(
+        [str(Path(sys.executable).parent / "lightning-prune-demo"), "--root", str(tmp_path / "demo")], tmp_path
+    )
+    assert demo_run.returncode == 0, demo_run.stderr[-3000:]
+    hydra_run = run([*CLI, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert hydra_run.returncode == 0, hydra_run.stderr[-3000:]
+    results = read_results(tmp_path / "run")
+    table = {row[0]: row[1:3] for row in report_rows(demo_run.stdout)}
+    dense, final = results["dense"], results["final"]
+    assert table["test accuracy"] == [f"{dense['test/acc']:.2%}", f"{final['test/acc']:.2%}"]
+    assert table["parameters"] == [f"{dense['params']:,}", f"{final['params']:,}"]
+    assert table["MACs per image"] == [f"{dense['macs']:,}", f"{final['macs']:,}"]
