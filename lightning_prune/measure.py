@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_prune.graph.tracer import ExampleInputs, preserved_state, run_model
@@ -21,12 +22,20 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _Plain(TorchFunctionMode):
+    """Makes modules take their plain PyTorch path (``nn.MultiheadAttention`` has a fused fast path whose
+    kernel FlopCounterMode cannot count); the same path tracing sees."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 def count_macs(model: nn.Module, example_inputs: ExampleInputs) -> int:
     """Multiply-accumulates of one eval-mode forward on ``example_inputs``."""
     with preserved_state(model), torch.no_grad():
         model.eval()
         counter = FlopCounterMode(display=False)
-        with counter:
+        with counter, _Plain():
             run_model(model, example_inputs)
     return counter.get_total_flops() // 2
 

@@ -144,7 +144,7 @@ def test_modules_whose_code_does_not_follow_are_left_alone_and_the_rest_is_prune
         ({"amount": -0.1}, r"`amount` must be a fraction in \[0, 1\), got -0.1"),
         ({"amount": 1.0}, r"`amount` must be a fraction in \[0, 1\), got 1.0"),
         ({"amount": "half"}, "`amount` must be a fraction"),
-        ({"importance": "taylorr"}, "`importance` 'taylorr' is not a known criterion. Known: bn_scale, l1"),
+        ({"importance": "taylorr"}, "`importance` 'taylorr' is not a known criterion. Known: bn_scale, fisher, fpgm, l1, l2, random, taylor"),
         ({"scope": "everywhere"}, "`scope` must be one of global, local"),
         ({"round_to": 0}, "`round_to` must be a positive integer"),
         ({"target": "flops"}, "`target` must be one of channels, macs, params"),

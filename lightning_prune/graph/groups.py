@@ -146,6 +146,17 @@ def build_graph(
     return group_trace(model, trace, ignored)
 
 
+def violations(trace: Trace, root: Tensor) -> list[tuple[Tensor, str]]:
+    """Requirements of ``trace`` that its classes (``root``) break: the classes involved, and why."""
+    broken = []
+    for requirement in trace.requirements:
+        classes = root[requirement.labels]
+        varying = [d for d in requirement.dims if (classes.amax(d) != classes.amin(d)).any()]
+        if len(varying) > (1 if requirement.split else 0):
+            broken.append((torch.unique(classes), f"{requirement.reason} in `{requirement.where}`"))
+    return broken
+
+
 def _raw_slots(trace: Trace, root: Tensor) -> tuple[list[Slot], Tensor]:
     """Slots of raw parameters (layer scales, tokens, position tables) and classes they cannot follow."""
     slots, uncovered = [], []
@@ -177,6 +188,9 @@ def group_trace(model: nn.Module, trace: Trace, ignored: Mapping[str, str] | Non
     for ids, _ in trace.frozen:
         frozen[root[ids]] = True
     reasons = [(torch.unique(root[ids]), reason) for ids, reason in trace.frozen]
+    for classes, reason in violations(trace, root):
+        frozen[classes] = True
+        reasons.append((classes, reason))
     for slot in slots:
         modules = owners.get(slot.tensor, [])
         for name, why in (ignored or {}).items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,10 +141,11 @@ def combine(b: TraceBuilder, items: list[tuple[Tensor, Sequence[int]]], out_shap
             continue
         shared = (vary | base_vary) & co
         if not shared:
+            if (vary & full) - base_vary:  # an outer product: a position would belong to two channels
+                b.freeze(torch.cat([base.reshape(-1), labels.reshape(-1)]), f"`{op}` mixes channel dimensions")
             continue
-        if not (vary & full) <= base_vary:
-            b.freeze(torch.cat([base.reshape(-1), labels.reshape(-1)]), f"`{op}` mixes channel dimensions")
-            continue
+        # Coupled along the shared dimensions: everything in one slice of them becomes one class, so the
+        # base's labels stay a valid representative wherever the other input varies.
         dims = sorted(shared)
         sizes = [out_shape[d] for d in dims]
         rows = []
@@ -226,28 +227,27 @@ def _replay(b: TraceBuilder, call: Call, data: list[Tensor]) -> list[Tensor] | N
     return produced if len(produced) == len(call.outputs) else None
 
 
-def _moved(b: TraceBuilder, call: Call, data: list[Tensor], selecting: bool = False) -> None:
-    """Set output labels by replaying the op on labels; freeze what a pruned model could not redo.
+def _moved(b: TraceBuilder, call: Call, data: list[Tensor], selected: Iterable[int] = ()) -> None:
+    """Set output labels by replaying the op on labels, and record what a smaller model must still satisfy.
 
-    A view that splits a channel dimension into several (channel shuffle, attention heads) or a
-    selection of a subset of channels (slicing, ``select``) depends on sizes in ways a smaller model
-    would not reproduce, so the channels involved are frozen.
+    Selecting part of dimension ``selected`` (slicing, ``select``, indexing) stays valid only if whole
+    rows along it are removed; a view that splits a channel dimension into several stays valid if
+    channels go by whole blocks (attention heads) or by the same index of every block (a channel
+    shuffle). Both are checked on the final classes (see ``Requirement``).
     """
     replayed = _replay(b, call, data)
     if replayed is None:
         b.freeze_tensors(data, f"`{call.name}` could not be replayed on channel labels")
         return
     before = max(len(L.varying_dims(b.label(t))) for t in data)
+    selected = list(selected)
+    for tensor in data:
+        b.require(b.label(tensor), selected, f"`{call.name}` selects part of a channel dimension")
     for output, labels in zip(call.outputs, replayed, strict=True):
         labels = L.compress(labels)
         if len(L.varying_dims(labels)) > before:
-            b.freeze(labels, f"`{call.name}` splits a channel dimension")
+            b.require(labels, L.varying_dims(labels), f"`{call.name}` splits a channel dimension", split=True)
         b.set(output, labels)
-    if selecting:
-        inside = torch.unique(torch.cat([b.label(t).reshape(-1) for t in data]))
-        kept = torch.unique(torch.cat([labels.reshape(-1) for labels in replayed]))
-        if kept.numel() < inside.numel():
-            b.freeze(inside, f"`{call.name}` selects part of a channel dimension")
 
 
 _MOVEMENT = _names(
@@ -269,67 +269,74 @@ def movement_as(b: TraceBuilder, call: Call) -> None:
     _moved(b, call, [call.args[0]])
 
 
+def _dims_argument(value: Any, ndim: int) -> list[int]:
+    if value is None:
+        return list(range(ndim))
+    return [value] if isinstance(value, int) else list(value)
+
+
 @rule("roll")
 def roll(b: TraceBuilder, call: Call) -> None:
     source = call.args[0]
-    dims = call.arg(2, "dims", None)
-    dims = range(source.ndim) if dims is None else ([dims] if isinstance(dims, int) else dims)
-    if {d % source.ndim for d in dims} & L.varying_dims(b.label(source)):
-        b.freeze(b.label(source), "`roll` along a channel dimension")
-        return
-    _moved(b, call, [source])
+    _moved(b, call, [source], selected=_dims_argument(call.arg(2, "dims", None), source.ndim))
 
 
-@rule("narrow", "select", "masked_select", "take")
-def selecting(b: TraceBuilder, call: Call) -> None:
-    _moved(b, call, [call.args[0]], selecting=True)
+@rule("narrow", "select", "index_select", "gather")
+def along_one_dim(b: TraceBuilder, call: Call) -> None:
+    _moved(b, call, [call.args[0]], selected=[call.arg(1, "dim")])
 
 
-@rule("index_select", "gather", "take_along_dim")
-def indexed(b: TraceBuilder, call: Call) -> None:
+@rule("take_along_dim")
+def take_along_dim(b: TraceBuilder, call: Call) -> None:
     source = call.args[0]
-    dim = call.arg(2 if call.name == "take_along_dim" else 1, "dim", None)
-    if dim is None or dim % max(source.ndim, 1) in L.varying_dims(b.label(source)):
-        b.freeze(b.label(source), f"`{call.name}` reorders a channel dimension")
-        return
-    _moved(b, call, [source], selecting=True)
+    _moved(b, call, [source], selected=_dims_argument(call.arg(2, "dim", None), source.ndim))
 
 
-def _indexed_dims(index: Any, ndim: int) -> tuple[list[int], bool]:
-    """Source dimensions consumed by tensor (advanced) indices, and whether the index parsed."""
+@rule("masked_select", "take")
+def flattening_selection(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    _moved(b, call, [source], selected=range(source.ndim))
+
+
+def _indexed_dims(index: Any, ndim: int) -> set[int] | None:
+    """Source dimensions an index selects part of (ints, tensors, slices other than ``:``); None if unparsed."""
     entries = list(index) if isinstance(index, tuple) else [index]
-    consumed = []
-    for entry in entries:
-        if entry is None or entry is Ellipsis:
-            continue
-        consumed.append(entry)
     if sum(1 for e in entries if e is Ellipsis) > 1:
-        return [], False
-    tensor_dims, position = [], 0
+        return None
+
+    def width(entry: Any) -> int:
+        if entry is None:
+            return 0
+        return entry.ndim if isinstance(entry, Tensor) and entry.dtype == torch.bool else 1
+
+    explicit = sum(width(e) for e in entries if e is not Ellipsis)
+    dims: set[int] = set()
+    position = 0
     for entry in entries:
         if entry is None:
             continue
         if entry is Ellipsis:
-            used = sum(e.ndim if isinstance(e, Tensor) and e.dtype == torch.bool else 1 for e in consumed)
-            position += ndim - used
+            position += ndim - explicit
             continue
-        width = entry.ndim if isinstance(entry, Tensor) and entry.dtype == torch.bool else 1
-        if isinstance(entry, Tensor | list):
-            tensor_dims.extend(range(position, position + width))
-        elif not isinstance(entry, int | slice):
-            return [], False
-        position += width
-    return tensor_dims, True
+        if isinstance(entry, slice):
+            if entry != slice(None):
+                dims.add(position)
+        elif isinstance(entry, int | Tensor | list) or hasattr(entry, "__index__"):
+            dims.update(range(position, position + width(entry)))
+        else:
+            return None
+        position += width(entry)
+    return dims
 
 
 @rule("getitem")
 def getitem(b: TraceBuilder, call: Call) -> None:
     source = call.args[0]
-    tensor_dims, parsed = _indexed_dims(call.args[1], source.ndim)
-    if not parsed or set(tensor_dims) & L.varying_dims(b.label(source)):
-        b.freeze(b.label(source), "indexing a channel dimension with a tensor")
+    dims = _indexed_dims(call.args[1], source.ndim)
+    if dims is None:
+        b.freeze(b.label(source), "an index the engine cannot parse")
         return
-    _moved(b, call, [source], selecting=True)
+    _moved(b, call, [source], selected=dims)
 
 
 @rule("setitem")
@@ -373,9 +380,12 @@ def partition(b: TraceBuilder, call: Call) -> None:
     if dim not in L.varying_dims(b.label(source)):
         _moved(b, call, [source])
         return
-    sizes = {output.shape[dim] if call.name != "unbind" else 1 for output in call.outputs}
-    if call.name == "unbind" or len(sizes) != 1 or len(call.outputs) < 2:
-        b.freeze(b.label(source), f"`{call.name}` into unequal parts of a channel dimension")
+    if call.name == "unbind":
+        _moved(b, call, [source], selected=[dim])
+        return
+    sizes = {output.shape[dim] for output in call.outputs}
+    if len(sizes) != 1 or len(call.outputs) < 2:
+        _moved(b, call, [source], selected=[dim])
         return
     _moved(b, call, [source])
     blocks = [b.along(output, dim) for output in call.outputs]
@@ -407,9 +417,8 @@ def reduction(b: TraceBuilder, call: Call) -> None:
     reduced = _dims(dim, source.ndim)
     reduced = set(range(source.ndim)) if reduced is None else reduced
     labels = b.label(source)
-    if reduced & L.varying_dims(labels):
-        b.freeze(labels, f"`{call.name}` over a channel dimension")
-        return
+    b.require(labels, reduced, f"`{call.name}` over a channel dimension")
+    labels = labels.amin(dim=tuple(reduced), keepdim=True) if reduced & L.varying_dims(labels) else labels
     for output in call.outputs:
         kept = labels
         if output.ndim != source.ndim:
@@ -430,10 +439,7 @@ def mixing(b: TraceBuilder, call: Call) -> None:
     source = call.args[0]
     labels = b.label(source)
     dim = call.arg(_MIXING[call.name], "dim", _MIXING_DEFAULT.get(call.name))
-    vary = L.varying_dims(labels)
-    if (dim is None and vary) or (dim is not None and dim % source.ndim in vary):
-        b.freeze(labels, f"`{call.name}` across a channel dimension")
-        return
+    b.require(labels, _dims_argument(dim, source.ndim), f"`{call.name}` across a channel dimension")
     for output in call.outputs:
         if output.ndim == source.ndim:
             b.set(output, labels)
@@ -445,9 +451,9 @@ _SPATIAL = re.compile(r"^(adaptive_)?(avg|max|lp|fractional_max)_pool([123])d(_w
 def _spatial(b: TraceBuilder, call: Call, affected: set[int]) -> None:
     source = call.args[0]
     labels = b.label(source)
+    b.require(labels, affected, f"`{call.name}` over a channel dimension")
     if affected & L.varying_dims(labels):
-        b.freeze(labels, f"`{call.name}` over a channel dimension")
-        return
+        labels = labels.amin(dim=tuple(affected), keepdim=True)
     for output in call.outputs:
         if output.ndim == source.ndim:
             b.set(output, labels)
@@ -483,37 +489,44 @@ def pad(b: TraceBuilder, call: Call) -> None:
 
 # --- contractions --------------------------------------------------------------------------------
 def _contract(b: TraceBuilder, call: Call, operands: list[tuple[Tensor, str]], output: str) -> None:
-    """Einsum-style contraction: channels along summed indices are frozen, the rest broadcast."""
-    out = call.outputs[0]
+    """Einsum-style contraction ``operands -> output`` (letters name dimensions).
+
+    Within each operand, the elements summed into one output value become one class; operands are
+    then coupled along the output dimensions they share (``combine``). So ``q @ kᵀ`` over a head's
+    features makes each attention head one class, shared by q, k and (through ``attn @ v``) v, and a
+    contraction over a whole channel dimension leaves a single, unprunable class.
+    """
     items = []
     for tensor, letters in operands:
-        labels = b.label(tensor)
-        vary = L.varying_dims(labels)
-        if len(set(letters)) != len(letters) or any(letters[d] not in output for d in vary):
-            b.freeze_tensors([t for t, _ in operands], f"`{call.name}` sums over a channel dimension")
+        if len(set(letters)) != len(letters) or len(letters) != tensor.ndim:
+            unknown(b, call)
             return
-        for d, letter in enumerate(letters):
-            if letter not in output:
-                labels = labels.narrow(d, 0, 1)
-        present = [letter for letter in output if letter in letters]
-        order = [letters.index(letter) for letter in present]
-        labels = labels.permute(*order, *[d for d in range(len(letters)) if d not in order])
-        labels = labels.reshape(labels.shape[: len(order)])
-        shape = [tensor.shape[letters.index(letter)] if letter in letters else 1 for letter in output]
-        index = 0
-        full_labels = []
-        for letter in output:
-            if letter in letters:
-                full_labels.append(labels.shape[index])
-                index += 1
-            else:
-                full_labels.append(1)
-        items.append((labels.reshape(full_labels), shape))
-    _set_all(b, call, combine(b, items, tuple(out.shape), call.name))
+        labels = b.label(tensor)
+        kept = [letters.index(c) for c in output if c in letters]
+        summed = [i for i, c in enumerate(letters) if c not in output]
+        ordered = labels.permute(*kept, *summed).contiguous()
+        kept_shape = ordered.shape[: len(kept)]
+        collapsed = b.unify_rows(ordered.reshape(kept_shape.numel(), -1)).reshape(kept_shape)
+        sizes = iter(collapsed.shape)
+        label_shape = [next(sizes) if c in letters else 1 for c in output]
+        shape = [tensor.shape[letters.index(c)] if c in letters else 1 for c in output]
+        items.append((collapsed.reshape(label_shape), shape))
+    _set_all(b, call, combine(b, items, tuple(call.outputs[0].shape), call.name))
 
 
 def _batch_letters(count: int) -> str:
     return string.ascii_uppercase[:count]
+
+
+def _linear_like(b: TraceBuilder, call: Call, source: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """``source @ weight`` with a named 2-D parameter: a linear layer stored input-major (GPT-2's Conv1D)."""
+    b.slot(weight, 0, "in", b.along(source, -1))
+    produced = b.space(b.name_of(weight), 1, weight.shape[1])
+    b.slot(weight, 1, "out", produced)
+    if _named(b, bias) and bias.ndim == 1 and bias.shape[0] == weight.shape[1]:
+        b.slot(bias, 0, "follow", produced)
+    out = call.outputs[0]
+    b.set(out, produced.view([1] * (out.ndim - 1) + [-1]))
 
 
 @rule("matmul", "mm", "bmm", "rmatmul", "baddbmm", "addmm", "addbmm", "mv", "addmv", "dot", "vdot", "inner")
@@ -527,6 +540,9 @@ def matmul(b: TraceBuilder, call: Call) -> None:
     left, right = tensors[:2]
     if left.ndim < 2 or right.ndim < 2 or call.name == "addbmm":
         unknown(b, call)
+        return
+    if right.ndim == 2 and _named(b, right) and not _named(b, left):
+        _linear_like(b, call, left, right, bias)
         return
     batch = max(left.ndim, right.ndim) - 2
     letters = _batch_letters(batch)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -46,6 +47,23 @@ class SlotRecord:
 
 
 @dataclass
+class Requirement:
+    """A condition on classes, checked once all couplings are known; a violation freezes the classes.
+
+    Classes of ``labels`` must not vary along ``dims`` (a slice, a reduction, a mixing op along a dim
+    stays valid when whole rows of it go), or, for a view that split one channel dimension into
+    several (``split``), may vary along at most one of them (whole heads go, or the same index of
+    every block, as in a channel shuffle).
+    """
+
+    labels: Tensor
+    dims: frozenset[int]
+    reason: str
+    where: str
+    split: bool = False
+
+
+@dataclass
 class Trace:
     num_elements: int
     spaces: dict[tuple[str, int], Tensor]
@@ -56,6 +74,7 @@ class Trace:
     freeze_sites: dict[tuple[str, str], None]
     partitions: list[tuple[list[Tensor], str]]
     normalized: list[Tensor]
+    requirements: list[Requirement]
     macs: int | None = None
 
 
@@ -89,6 +108,7 @@ class TraceBuilder:
         self.freeze_sites: dict[tuple[str, str], None] = {}  # (reason, module), in order
         self.partitions: list[tuple[list[Tensor], str]] = []
         self.normalized: list[Tensor] = []
+        self.requirements: list[Requirement] = []
         self.space_init = dict(space_init or {})
 
     # --- where are we -------------------------------------------------------------------------
@@ -168,6 +188,13 @@ class TraceBuilder:
             self.frozen.append((ids, f"{reason} in `{self.where}`"))
             self.freeze_sites[(reason, self.where)] = None
 
+    def require(self, labels: Tensor, dims: Iterable[int], reason: str, split: bool = False) -> None:
+        """Record a :class:`Requirement` (cheap to skip when the labels themselves do not vary)."""
+        dims = frozenset(d % max(labels.ndim, 1) for d in dims)
+        if not split and not dims & L.varying_dims(labels):
+            return
+        self.requirements.append(Requirement(labels, dims, reason, self.where, split))
+
     def freeze_tensors(self, tensors: Iterable[Any], reason: str) -> None:
         for tensor in tensors:
             if isinstance(tensor, Tensor):
@@ -204,6 +231,7 @@ class TraceBuilder:
             self.freeze_sites,
             self.partitions,
             self.normalized,
+            self.requirements,
         )
 
 
@@ -222,7 +250,8 @@ class _Mode(TorchFunctionMode):
             if self.builder.failed_at is None:
                 self.builder.failed_at = self.builder.where
             raise
-        apply_rule(self.builder, func, args, kwargs, out)
+        with _disable_current_modes():  # label bookkeeping is not part of the model (nor of its MAC count)
+            apply_rule(self.builder, func, args, kwargs, out)
         return out
 
 
