@@ -173,10 +173,23 @@ for _type, _fixup in (
     register_layer(_type, _fixup)
 
 
+LAYER_NAMES: dict[str, LayerFixup] = {}
+
+
+def register_layer_name(qualified_name: str, fixup: LayerFixup) -> None:
+    """Like :func:`register_layer`, for a class named ``"package.module.Class"`` (its library is not imported)."""
+    if qualified_name in LAYER_NAMES:
+        raise ValueError(f"layer {qualified_name!r} is already registered.")
+    LAYER_NAMES[qualified_name] = fixup
+
+
 def _fixup_for(module: nn.Module) -> LayerFixup | None:
     for klass in type(module).__mro__:
         if klass in LAYERS:
             return LAYERS[klass]
+        name = f"{klass.__module__}.{klass.__qualname__}"
+        if name in LAYER_NAMES:
+            return LAYER_NAMES[name]
     return None
 
 
@@ -249,6 +262,20 @@ class Undo:
             module.__dict__.update(attributes)
 
 
+def _touched_modules(model: nn.Module, tensors: Iterable[str]) -> dict[int, nn.Module]:
+    """Modules owning the cut tensors, and their ancestors (an attention layer keeps a head count)."""
+    owners = tensor_owners(model)
+    found: dict[int, tuple[int, nn.Module]] = {}
+    for name in tensors:
+        for path in owners.get(name, []):
+            parts = path.split(".") if path else []
+            for depth in range(len(parts), -1, -1):
+                module = model.get_submodule(".".join(parts[:depth]))
+                found.setdefault(id(module), (depth, module))
+    ordered = sorted(found.items(), key=lambda item: -item[1][0])  # deepest first
+    return {key: module for key, (_, module) in ordered}
+
+
 def apply_cuts(
     model: nn.Module,
     cuts: Sequence[Cut],
@@ -268,12 +295,7 @@ def apply_cuts(
     by_tensor: dict[str, list[Cut]] = defaultdict(list)
     for cut in cuts:
         by_tensor[cut.tensor].append(cut)
-    owners = tensor_owners(model)
-    modules = {}
-    for name in by_tensor:
-        for path in owners.get(name, []):
-            module = model.get_submodule(path)
-            modules[id(module)] = module
+    modules = _touched_modules(model, by_tensor)
     if undo is not None:
         undo.attributes = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in modules.values()]
     with torch.no_grad():
@@ -293,7 +315,7 @@ def apply_cuts(
             tensor.data = slice_tensor(tensor.data, tensor_cuts)
             if grad is not None:
                 tensor.grad = slice_tensor(grad, tensor_cuts)
-    for module in modules.values():
+    for module in modules.values():  # children before the layers that contain them
         fixup = _fixup_for(module)
         if fixup is not None:
             fixup(module)
@@ -302,3 +324,6 @@ def apply_cuts(
 
 def cuts_to_step(cuts: Sequence[Cut]) -> dict:
     return {"cuts": [cut.to_dict() for cut in cuts]}
+
+
+from lightning_prune.integrations import huggingface as _huggingface  # noqa: E402,F401  (registers fixups)

@@ -249,7 +249,13 @@ def group_trace(model: nn.Module, trace: Trace, ignored: Mapping[str, str] | Non
 
 
 def _apply_partitions(trace: Trace, root: Tensor, groups: list[Group], group_of: Tensor, local_of: Tensor) -> None:
-    """Turn equal-count constraints into per-group block ids; freeze groups with unsatisfiable ones."""
+    """Turn equal-count constraints into per-group block ids; freeze groups with unsatisfiable ones.
+
+    With ``counts[element, block]`` the positions an element holds in each block: if every element
+    holds as many in every block (attention heads across GPT-2's fused q, k, v), any removal keeps the
+    blocks equal; if every element lies in one block with the same count (grouped convolutions,
+    GroupNorm, ``chunk``), equal numbers of elements must leave each block; anything else is frozen.
+    """
     for blocks, reason in trace.partitions:
         classes = [root[block] for block in blocks]
         involved = torch.unique(group_of[torch.cat(classes)])
@@ -262,19 +268,17 @@ def _apply_partitions(trace: Trace, root: Tensor, groups: list[Group], group_of:
             group = groups[g]
             if group.width == 0:
                 continue
-            block_of = torch.full((group.width,), -1, dtype=torch.long)
-            counts = []
-            consistent = True
-            for block_index, block in enumerate(classes):
-                mine = block[group_of[block] == g]
-                local = local_of[mine]
-                if ((block_of[local] != -1) & (block_of[local] != block_index)).any():
-                    consistent = False
-                block_of[local] = block_index
-                counts.append(torch.bincount(local, minlength=group.width)[local].unique())
-            multiplicities = torch.unique(torch.cat(counts)) if counts else torch.empty(0)
-            every_block = torch.unique(block_of).numel() == len(classes)
-            if not consistent or multiplicities.numel() > 1 or (block_of < 0).any() or not every_block:
+            counts = torch.stack(
+                [torch.bincount(local_of[block[group_of[block] == g]], minlength=group.width) for block in classes],
+                dim=1,
+            )
+            if bool((counts == counts[:, :1]).all()):
+                continue
+            present = counts > 0
+            block_of = counts.argmax(1)
+            multiplicity = counts.gather(1, block_of[:, None]).reshape(-1)
+            single = bool((present.sum(1) == 1).all()) and multiplicity.unique().numel() == 1
+            if not single or torch.unique(block_of).numel() != len(classes):
                 _freeze_group(group, f"cannot keep {reason} consistent")
             elif group.blocks is None:
                 group.blocks = block_of

@@ -130,11 +130,15 @@ def combine(b: TraceBuilder, items: list[tuple[Tensor, Sequence[int]]], out_shap
     for index in order[1:]:
         labels, vary, full = prepared[index]
         co = base_full & full
+        if torch.equal(labels, L.constant(FROZEN, ndim)):
+            # A constant (an input, a buffer, a computed table) never shrinks: wherever it spans a dimension
+            # the other operand varies along, that dimension must keep its size (rotary tables span a head's
+            # features, not the heads; a same-size constant added to channels spans the channels).
+            b.require(base, full & base_vary, f"`{op}` with a constant of the same size")
+            if not base_vary and full == base_full and int(base.reshape(-1)[0]) != FROZEN:
+                b.unify(base, labels)
+            continue
         if vary <= co and base_vary <= co:
-            if torch.equal(labels, L.constant(FROZEN, ndim)):
-                if base_vary or int(base.reshape(-1)[0]) != FROZEN:
-                    b.freeze(base, f"`{op}` with a tensor of unknown origin of the same size")
-                continue
             b.unify(base, labels)
             if len(vary) < len(base_vary) and base_vary <= full:
                 representative = labels
@@ -346,28 +350,35 @@ def setitem(b: TraceBuilder, call: Call) -> None:
 
 @rule("cat", "concat", "concatenate", "stack")
 def join(b: TraceBuilder, call: Call) -> None:
+    """Concatenation: the pieces keep their labels along ``dim`` and are coupled along the other dimensions.
+
+    A channel concatenation (inception, densenet) couples nothing; concatenating tokens couples their
+    channels (a class token and the patch embeddings); halves of an attention head's features
+    (rotary embeddings) couple within the head.
+    """
     tensors = [t for t in call.args[0] if isinstance(t, Tensor) and not (t.ndim == 1 and t.numel() == 0)]
     out = call.outputs[0]
     dim = call.arg(1, "dim", 0) % out.ndim
-    parts = [b.label(t).unsqueeze(dim) if call.name == "stack" else b.label(t) for t in tensors]
-    if any(dim in L.varying_dims(p) for p in parts):
-        if any(L.varying_dims(p) - {dim} for p in parts):
-            b.freeze(torch.cat([p.reshape(-1) for p in parts]), f"`{call.name}` of multi-dimensional channel labels")
-            return
-        widths = [t.shape[dim] if call.name != "stack" else 1 for t in tensors]
-        pieces = [
-            p.expand(*[w if d == dim else 1 for d in range(out.ndim)]) for p, w in zip(parts, widths, strict=True)
+    stack = call.name == "stack"
+    compressed = [b.label(t).unsqueeze(dim) if stack else b.label(t) for t in tensors]
+    varying = set().union(*(L.varying_dims(p) for p in compressed))
+    others = sorted(varying - {dim})
+    pieces = [
+        p.expand(
+            *[
+                (1 if stack else t.shape[d]) if d == dim else (out.shape[d] if d in varying else 1)
+                for d in range(out.ndim)
+            ]
+        )
+        for p, t in zip(compressed, tensors, strict=True)
+    ]
+    if others and len(pieces) > 1:
+        rest = [d for d in range(out.ndim) if d not in others]
+        rows = [
+            p.permute(*others, *rest).reshape(torch.Size([out.shape[d] for d in others]).numel(), -1) for p in pieces
         ]
-        b.set(out, torch.cat(pieces, dim=dim))
-        return
-    shapes = []
-    for t in tensors:
-        shape = list(t.shape)
-        shape.insert(dim, 1) if call.name == "stack" else shape.__setitem__(dim, 1)
-        shapes.append(shape)
-    out_shape = list(out.shape)
-    out_shape[dim] = 1
-    b.set(out, combine(b, list(zip(parts, shapes, strict=True)), out_shape, call.name))
+        b.unify_rows(torch.cat(rows, dim=1))
+    b.set(out, torch.cat(pieces, dim=dim))
 
 
 @rule("split", "chunk", "tensor_split", "unbind", "split_with_sizes", "hsplit", "vsplit")
@@ -496,12 +507,15 @@ def _contract(b: TraceBuilder, call: Call, operands: list[tuple[Tensor, str]], o
     features makes each attention head one class, shared by q, k and (through ``attn @ v``) v, and a
     contraction over a whole channel dimension leaves a single, unprunable class.
     """
+    _contract_labels(b, call, [(b.label(t), tuple(t.shape), letters) for t, letters in operands], output)
+
+
+def _contract_labels(b: TraceBuilder, call: Call, operands: list[tuple[Tensor, tuple, str]], output: str) -> None:
     items = []
-    for tensor, letters in operands:
-        if len(set(letters)) != len(letters) or len(letters) != tensor.ndim:
+    for labels, tensor_shape, letters in operands:
+        if len(set(letters)) != len(letters) or len(letters) != len(tensor_shape):
             unknown(b, call)
             return
-        labels = b.label(tensor)
         kept = [letters.index(c) for c in output if c in letters]
         summed = [i for i, c in enumerate(letters) if c not in output]
         ordered = labels.permute(*kept, *summed).contiguous()
@@ -509,7 +523,7 @@ def _contract(b: TraceBuilder, call: Call, operands: list[tuple[Tensor, str]], o
         collapsed = b.unify_rows(ordered.reshape(kept_shape.numel(), -1)).reshape(kept_shape)
         sizes = iter(collapsed.shape)
         label_shape = [next(sizes) if c in letters else 1 for c in output]
-        shape = [tensor.shape[letters.index(c)] if c in letters else 1 for c in output]
+        shape = [tensor_shape[letters.index(c)] if c in letters else 1 for c in output]
         items.append((collapsed.reshape(label_shape), shape))
     _set_all(b, call, combine(b, items, tuple(call.outputs[0].shape), call.name))
 
@@ -588,11 +602,21 @@ def attention(b: TraceBuilder, call: Call) -> None:
     def letters(t: Tensor, tail: str) -> str:
         return batch[len(batch) - (t.ndim - 2) :] + tail
 
-    operands = [(query, letters(query, "le")), (key, letters(key, "se")), (value, letters(value, "sv"))]
+    def heads_repeated(t: Tensor) -> tuple[Tensor, tuple]:
+        """With ``enable_gqa`` each key/value head serves a block of query heads: repeat its labels."""
+        labels = b.label(t)
+        if t.ndim < 3 or query.ndim < 3 or t.shape[-3] == query.shape[-3] or not call.kwargs.get("enable_gqa"):
+            return labels, tuple(t.shape)
+        repeat = query.shape[-3] // t.shape[-3]
+        labels = labels.expand(t.shape).repeat_interleave(repeat, dim=-3)
+        return labels, tuple(labels.shape)
+
+    operands = [(b.label(query), tuple(query.shape), letters(query, "le"))]
+    operands += [(*heads_repeated(key), letters(key, "se")), (*heads_repeated(value), letters(value, "sv"))]
     mask = call.arg(3, "attn_mask")
     if isinstance(mask, Tensor):
-        operands.append((mask, (batch + "ls")[len(batch) + 2 - mask.ndim :]))
-    _contract(b, call, operands, batch + "lv")
+        operands.append((b.label(mask), tuple(mask.shape), (batch + "ls")[len(batch) + 2 - mask.ndim :]))
+    _contract_labels(b, call, operands, batch + "lv")
 
 
 # --- layers used through their functional form ---------------------------------------------------

@@ -11,6 +11,7 @@ Nothing of the model changes: modes, buffers and the RNG state are restored afte
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,7 @@ class TraceBuilder:
     ) -> None:
         self.names: dict[int, str] = {}
         self.tensors: dict[str, Tensor] = {}
+        self.parameters = {id(p) for p in model.parameters()}
         for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
             if id(tensor) not in self.names:
                 self.names[id(tensor)] = name
@@ -98,6 +100,7 @@ class TraceBuilder:
             self.module_names.setdefault(id(module), name or "<model>")
         self.module_stack: list[str] = []
         self.failed_at: str | None = None
+        self.atomic: tuple[nn.Module, Any] | None = None  # the module traced as a whole, while it runs
         self.labels = WeakIdKeyDictionary()
         self.num_elements = num_elements  # id 0 is FROZEN
         self.spaces: dict[tuple[str, int], Tensor] = {}
@@ -113,6 +116,10 @@ class TraceBuilder:
 
     # --- where are we -------------------------------------------------------------------------
     @property
+    def inside_atomic(self) -> bool:
+        return self.atomic is not None
+
+    @property
     def where(self) -> str:
         return self.module_stack[-1] if self.module_stack else "<model>"
 
@@ -123,14 +130,16 @@ class TraceBuilder:
     def label(self, tensor: Tensor, create: bool = True) -> Tensor:
         """Compressed labels of ``tensor`` with ``tensor.ndim`` dimensions.
 
-        A parameter or buffer met outside a known layer gets labels of its own (``create``), so that
-        it can follow the channels it is combined with; otherwise unknown tensors are FROZEN.
+        A parameter met outside a known layer gets labels of its own (``create``), so that it can follow
+        the channels it is combined with (layer scales, tokens, position tables). Buffers (statistics,
+        rotary tables) and tensors of unknown origin are constants: FROZEN.
         """
         found = self.labels.get(tensor)
         if found is not None and found.ndim == tensor.ndim:
             return found
         name = self.name_of(tensor)
-        if name is not None and tensor.numel() > 0 and tensor.is_floating_point() and (create or name in self.raw):
+        trainable = id(tensor) in self.parameters and tensor.numel() > 0 and tensor.is_floating_point()
+        if name is not None and trainable and (create or name in self.raw):
             return self.raw_label(name, tensor)
         return L.constant(FROZEN, tensor.ndim)
 
@@ -145,6 +154,12 @@ class TraceBuilder:
 
     def set(self, tensor: Tensor, labels: Tensor) -> None:
         labels = L.align(labels, tensor.ndim) if labels.ndim != tensor.ndim else labels
+        if any(size not in (1, actual) for size, actual in zip(labels.shape, tensor.shape, strict=True)):
+            # A rule met a case it does not model: never guess, freeze what flowed in.
+            self.freeze(
+                labels, f"labels of shape {tuple(labels.shape)} do not fit an output of shape {tuple(tensor.shape)}"
+            )
+            return
         self.labels[tensor] = L.compress(labels)
 
     def _allocate(self, key: str | tuple[str, int], size: int) -> Tensor:
@@ -250,6 +265,8 @@ class _Mode(TorchFunctionMode):
             if self.builder.failed_at is None:
                 self.builder.failed_at = self.builder.where
             raise
+        if self.builder.inside_atomic:
+            return out
         with _disable_current_modes():  # label bookkeeping is not part of the model (nor of its MAC count)
             apply_rule(self.builder, func, args, kwargs, out)
         return out
@@ -257,11 +274,22 @@ class _Mode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def _module_stack(builder: TraceBuilder) -> Iterator[None]:
-    def push(module: nn.Module, _inputs: Any) -> None:
+    from lightning_prune.graph.modules import atomic_rule
+
+    def push(module: nn.Module, inputs: Any) -> None:
         name = builder.module_names.get(id(module), f"<{type(module).__name__} outside the model>")
         builder.module_stack.append(name)
+        if builder.atomic is None and atomic_rule(module) is not None:
+            builder.atomic = (module, inputs)
 
-    def pop(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+    def pop(module: nn.Module, inputs: Any, output: Any) -> None:
+        if builder.failed_at is None and sys.exc_info()[1] is not None:
+            builder.failed_at = builder.where  # the innermost module an exception is leaving
+        if builder.atomic is not None and builder.atomic[0] is module:
+            rule = atomic_rule(module)
+            builder.atomic = None
+            with _disable_current_modes():
+                rule(builder, module, inputs, output)
         if builder.module_stack:
             builder.module_stack.pop()
 
