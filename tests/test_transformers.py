@@ -1,0 +1,144 @@
+"""Attention heads, FFN neurons and the residual stream of transformers, discovered by tracing."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from nets import removed_zeroed
+from torch import nn
+
+import lightning_prune as lp
+from lightning_prune.importance import ScoringContext, get_criterion, score
+from lightning_prune.selection import select
+from lightning_prune.surgery import apply_cuts, plan_cuts
+
+transformers = pytest.importorskip("transformers")
+warnings.filterwarnings("ignore", ".*token_id.*")
+
+
+class GroupedQueryAttention(nn.Module):
+    """Hand-written attention with grouped query heads and ``view(..., -1, head_dim)``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.head_dim, self.repeat = dim // heads, heads // kv_heads
+        self.q = nn.Linear(dim, heads * self.head_dim)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim)
+        self.o = nn.Linear(heads * self.head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        k, v = (t.repeat_interleave(self.repeat, dim=1) for t in (k, v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.norm = nn.LayerNorm(32)
+        self.attention = GroupedQueryAttention()
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = x + self.attention(self.norm(x))
+        x = x + self.down(F.gelu(self.up(x)))
+        return self.head(x.mean(1))
+
+
+def llama() -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+def bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+def gpt2() -> nn.Module:
+    config = transformers.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def inputs() -> dict:
+    return {"input_ids": torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0)), "use_cache": False}
+
+
+def head_groups(graph: lp.DependencyGraph, projection: str) -> list:
+    return [g for g in graph.groups if any(m.slot.tensor.endswith(projection) for m in g.slots("out"))]
+
+
+def test_grouped_query_heads_are_one_group_per_key_value_head() -> None:
+    graph = lp.build_graph(Block(), torch.randn(2, 5, 8))
+    (heads,) = head_groups(graph, "attention.q.weight")
+    assert heads.width == 2  # two KV heads, each with its two query heads
+    rows = {m.slot.tensor: m.positions.numel() for m in heads.members}
+    assert rows == {
+        "attention.q.weight": 32, "attention.q.bias": 32, "attention.k.weight": 16, "attention.k.bias": 16,
+        "attention.v.weight": 16, "attention.v.bias": 16, "attention.o.weight": 32,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("make", "example", "projection", "heads"),
+    [
+        (Block, lambda: torch.randn(2, 5, 8), "attention.q.weight", 2),
+        (llama, inputs, "self_attn.q_proj.weight", 2),
+        (bert, inputs, "attention.self.query.weight", 4),
+        (gpt2, inputs, "attn.c_attn.weight", 4),
+    ],
+    ids=["hand_written_gqa", "llama_gqa", "bert", "gpt2_fused_qkv"],
+)
+def test_removing_heads_and_neurons_equals_zeroing_them(make, example, projection: str, heads: int) -> None:
+    torch.manual_seed(0)
+    model, x = make().eval(), example()
+    graph = lp.build_graph(model, x)
+    assert all(g.width == heads for g in head_groups(graph, projection))
+    scores = score(graph.groups, ScoringContext(model), get_criterion("l1"))
+    scores = [None if g.normalized else s for g, s in zip(graph.groups, scores, strict=True)]  # heads, FFN
+    plan = select(graph.groups, scores, 0.5, scope="local")
+    assert plan.count > 0 and all(g.index in plan.removed for g in head_groups(graph, projection))
+    reference = removed_zeroed(model, graph, plan)
+    cuts = plan_cuts(graph, plan)
+    apply_cuts(model, cuts)
+    lp.verify_pruned(model, x, graph, cuts)
+    run = (lambda m: m(**x).logits) if isinstance(x, dict) else (lambda m: m(x))
+    with torch.no_grad():
+        actual, expected = run(model), run(reference)
+    assert float((actual - expected).norm() / expected.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("make", [llama, bert, gpt2], ids=["llama", "bert", "gpt2"])
+def test_hugging_face_models_prune_heads_ffn_and_stream_and_train(make) -> None:
+    torch.manual_seed(0)
+    model = make()
+    result = lp.prune(model, inputs(), 0.5, scope="local")
+    pruned = {c.module.rsplit(".", 1)[-1] for c in result.layers}
+    assert result.params_after < 0.5 * result.params_before
+    assert pruned & {"q_proj", "query", "c_attn"} and pruned & {"up_proj", "intermediate", "dense", "c_fc"}
+    model.train()
+    output = model(**inputs(), labels=torch.randint(0, 2, (2,)) if make is bert else inputs()["input_ids"])
+    output.loss.backward()
+
+
+def test_multi_head_attention_is_left_whole_and_the_rest_prunes() -> None:
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+    model = nn.Sequential(nn.Linear(8, 32), layer, nn.Linear(32, 3))
+    result = lp.prune(model, torch.randn(2, 5, 8), 0.5, scope="local")
+    assert result.unprunable["0"] == "unsupported op `multi_head_attention_forward` in `1.self_attn`"
+    assert layer.linear1.out_features == 32 and layer.self_attn.in_proj_weight.shape == (96, 32)
