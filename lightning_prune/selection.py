@@ -128,28 +128,28 @@ def select(
             count = allowed_count(group, math.floor(amount * group.width + 1e-9), round_to, max_fraction)
             removed[group.index] = lowest(group, values, count)
     elif scored:
-        normalized = [normalize_scores(s, normalize) for _, s in scored]
+        # One global order (ties broken by group, then element), so that exactly the lowest `target` are
+        # candidates however many scores are equal; groups then round their share to their constraints.
+        normalized = torch.cat([normalize_scores(s, normalize) for _, s in scored])
+        owner = torch.cat([torch.full((g.width,), i) for i, (g, _) in enumerate(scored)])
+        order = torch.argsort(normalized, stable=True)
+        order = order[torch.isfinite(normalized[order])]
         target = round(amount * sum(g.width for g, _ in scored))
-        candidates = torch.unique(torch.cat(normalized))
-        candidates = candidates[torch.isfinite(candidates)]
 
-        def counts(threshold: float) -> list[int]:
+        def counts(taken: int) -> list[int]:
+            shares = torch.bincount(owner[order[:taken]], minlength=len(scored)).tolist()
             return [
-                allowed_count(g, int((s <= threshold).sum()), round_to, max_fraction)
-                for (g, _), s in zip(scored, normalized, strict=True)
+                allowed_count(g, share, round_to, max_fraction) for (g, _), share in zip(scored, shares, strict=True)
             ]
 
-        low, high = 0, candidates.numel() - 1
-        best = [0] * len(scored)
-        while low <= high and target > 0:
+        low, high = 0, order.numel()
+        while low < high:
             middle = (low + high) // 2
-            trial = counts(float(candidates[middle]))
-            if sum(trial) >= target:
-                best, high = trial, middle - 1
+            if sum(counts(middle)) >= target:
+                high = middle
             else:
                 low = middle + 1
-        if target > 0 and sum(best) == 0 and candidates.numel():
-            best = counts(float(candidates[-1]))
+        best = counts(low) if target > 0 else [0] * len(scored)
         for (group, values), count in zip(scored, best, strict=True):
             removed[group.index] = lowest(group, values, count)
     removed = {index: _protect_spaces(groups_by_index(groups)[index], r) for index, r in removed.items()}

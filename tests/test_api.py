@@ -40,6 +40,16 @@ def test_global_scope_removes_the_requested_fraction_overall() -> None:
     assert len(set(widths(model).values())) > 1  # global ranking: not uniform
 
 
+@pytest.mark.parametrize("target", ["channels", "macs"])
+def test_tied_scores_remove_exactly_what_was_asked(target: str) -> None:
+    model = ResidualNet()  # fresh BatchNorm scales are all 1: every bn_scale score ties
+    result = lp.prune(model, small_input(), 0.5, "bn_scale", target=target)
+    if target == "channels":
+        assert result.channels_removed == round(0.5 * result.channels_before)
+    else:
+        assert 0.4 * result.macs_before < result.macs_after <= 0.5 * result.macs_before
+
+
 def test_round_to_and_max_fraction_bound_every_layer() -> None:
     torch.manual_seed(0)
     model = ResidualNet()
@@ -144,7 +154,10 @@ def test_modules_whose_code_does_not_follow_are_left_alone_and_the_rest_is_prune
         ({"amount": -0.1}, r"`amount` must be a fraction in \[0, 1\), got -0.1"),
         ({"amount": 1.0}, r"`amount` must be a fraction in \[0, 1\), got 1.0"),
         ({"amount": "half"}, "`amount` must be a fraction"),
-        ({"importance": "taylorr"}, "`importance` 'taylorr' is not a known criterion. Known: bn_scale, fisher, fpgm, l1, l2, random, taylor"),
+        (
+            {"importance": "taylorr"},
+            "`importance` 'taylorr' is not a known criterion. Known: bn_scale, fisher, fpgm, l1, l2, random, taylor",
+        ),
         ({"scope": "everywhere"}, "`scope` must be one of global, local"),
         ({"round_to": 0}, "`round_to` must be a positive integer"),
         ({"target": "flops"}, "`target` must be one of channels, macs, params"),

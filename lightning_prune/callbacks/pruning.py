@@ -65,7 +65,8 @@ class StructuredPruning(Callback):
     Args:
         amount: cumulative fraction removed by the end of the schedule, relative to the dense model (not
             compounding): of prunable channels, or of MACs/parameters with ``target``.
-        importance: a criterion name (``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"``).
+        importance: a criterion name: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"fpgm"``, ``"random"``, or the
+            gradient criteria ``"taylor"`` and ``"fisher"`` (see ``calibration_batches``).
         schedule: ``"oneshot"`` (at the end of ``start_epoch``), ``"linear"``, ``"cubic"`` (Zhu & Gupta
             2017) from ``start_epoch`` to ``end_epoch`` every ``every`` epochs, or a mapping
             ``{epoch: cumulative_amount}``. Epochs are Lightning's 0-based ``current_epoch``.
