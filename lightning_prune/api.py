@@ -80,6 +80,14 @@ def _layer_changes(model: nn.Module, cuts: Iterable[Cut], graph: DependencyGraph
     return sorted(changes, key=lambda change: order.get(change.module, len(order)))
 
 
+def _count_macs_cheaply(model: nn.Module, example_inputs: ExampleInputs) -> int:
+    """MACs of a freshly cut model on the meta device: no kernels to prime for the new shapes."""
+    try:
+        return count_macs(meta_clone(model), to_device(example_inputs, "meta"))
+    except Exception:  # data-dependent code cannot run on meta tensors
+        return count_macs(model, example_inputs)
+
+
 def _measure(model: nn.Module, cuts: list[Cut], example_inputs: ExampleInputs, target: str) -> int:
     clone = meta_clone(model)
     apply_cuts(clone, cuts)
@@ -230,7 +238,7 @@ def prune(
         params_before,
         count_params(model),
         macs_before,
-        macs_after if macs_after is not None else count_macs(model, example_inputs),
+        macs_after if macs_after is not None else _count_macs_cheaply(model, example_inputs),
         _layer_changes(model, cuts, graph),
         {**graph.unprunable, **left_alone},
         sum(g.width for g in graph.groups),
