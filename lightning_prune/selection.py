@@ -61,6 +61,7 @@ def allowed_count(group: Group, wanted: int, round_to: int, max_fraction: float)
     """Largest number of elements ≤ ``wanted`` that may leave ``group``."""
     blocks = int(group.blocks.max()) + 1 if group.blocks is not None else 1
     smallest_block = int(torch.bincount(group.blocks).min()) if group.blocks is not None else group.width
+    keep_per_block = max([1] + [minimum for _, minimum in group.floors]) if group.blocks is not None else 1
     cap = min(
         wanted,
         math.floor(max_fraction * group.width + 1e-9),
@@ -70,7 +71,7 @@ def allowed_count(group: Group, wanted: int, round_to: int, max_fraction: float)
         kept = group.width - count
         if kept % round_to and kept != 0:
             continue
-        if count % blocks or count // blocks >= smallest_block:
+        if count % blocks or smallest_block - count // blocks < keep_per_block:
             continue
         return count
     return 0
@@ -89,6 +90,24 @@ def lowest(group: Group, scores: Tensor, count: int) -> list[int]:
         order = torch.argsort(scores[members], stable=True)[: count // blocks]
         chosen.extend(members[order].tolist())
     return sorted(chosen)
+
+
+def _respect_floors(group: Group, scores: Tensor, removed: list[int]) -> list[int]:
+    """Give back the best-scored removed elements of any floor that would keep too few.
+
+    Blocked groups cannot give back single elements (every block must lose as many): they keep all.
+    """
+    gone = set(removed)
+    for elements, minimum in group.floors:
+        members = elements.tolist()
+        kept = sum(1 for e in members if e not in gone)
+        if kept >= minimum:
+            continue
+        if group.blocks is not None:
+            return []
+        taken = sorted((e for e in members if e in gone), key=lambda e: -float(scores[e]))
+        gone -= set(taken[: minimum - kept])
+    return sorted(gone)
 
 
 def _protect_spaces(group: Group, removed: list[int]) -> list[int]:
@@ -152,7 +171,12 @@ def select(
         best = counts(low) if target > 0 else [0] * len(scored)
         for (group, values), count in zip(scored, best, strict=True):
             removed[group.index] = lowest(group, values, count)
-    removed = {index: _protect_spaces(groups_by_index(groups)[index], r) for index, r in removed.items()}
+    by_index = groups_by_index(groups)
+    values = {g.index: s for g, s in scored}
+    removed = {
+        index: _protect_spaces(by_index[index], _respect_floors(by_index[index], values[index], r))
+        for index, r in removed.items()
+    }
     return Plan({index: r for index, r in removed.items() if r})
 
 

@@ -48,7 +48,9 @@ class Group:
 
     ``width`` elements; removing element ``i`` removes, in every member slot, the positions whose
     element is ``i``. ``blocks`` (if set) assigns elements to blocks that must lose the same number
-    of elements (grouped convolutions, GroupNorm, ``chunk``). ``normalized`` groups pass through a
+    of elements (grouped convolutions, GroupNorm, ``chunk``); ``floors`` are sets of elements of which
+    at least so many must stay (a depthwise conv keeps two groups, a grouped conv two inputs per
+    group, so that neither turns into another kind of layer). ``normalized`` groups pass through a
     LayerNorm/GroupNorm, so removing channels changes the statistics of the others slightly.
     """
 
@@ -58,6 +60,7 @@ class Group:
     members: list[Member]
     spaces: list[tuple[str, int, Tensor]]
     blocks: Tensor | None = None
+    floors: list[tuple[Tensor, int]] = field(default_factory=list)
     normalized: bool = False
     frozen_channels: int = 0
     notes: list[str] = field(default_factory=list)
@@ -234,6 +237,12 @@ def group_trace(model: nn.Module, trace: Trace, ignored: Mapping[str, str] | Non
             groups[g].members.append(Member(slot, positions, local_of[slot.classes[positions]]))
 
     _apply_partitions(trace, root, groups, group_of, local_of)
+    for elements, minimum in trace.floors:
+        classes = torch.unique(root[elements])
+        owner = torch.unique(group_of[classes])
+        for g in owner[owner >= 0].tolist():
+            mine = local_of[classes[group_of[classes] == g]]
+            groups[g].floors.append((mine, min(minimum, int(mine.numel()))))
     normalized = torch.unique(root[torch.cat(trace.normalized)]) if trace.normalized else torch.empty(0)
     for g in torch.unique(group_of[normalized]).tolist() if normalized.numel() else []:
         if g >= 0:

@@ -641,8 +641,10 @@ def convolution(b: TraceBuilder, call: Call) -> None:
         b.slot(weight, 1, "in", inputs)
     elif weight.shape[1] == 1:  # depthwise: output channel o reads input channel o // multiplier
         b.unify(produced.view(groups, -1), inputs.view(groups, 1))
+        b.floors.append((inputs, 2))  # one group left would make it an ordinary convolution
     else:
         b.slot(weight, 1, "in", inputs, groups=groups)
+        b.floors.extend((block, 2) for block in inputs.view(groups, -1))  # one input per group: depthwise
         reason = f"grouped convolution `{b.where}` (groups={groups})"
         b.partitions.append((list(inputs.view(groups, -1)), reason))
         b.partitions.append((list(produced.view(groups, -1)), reason))

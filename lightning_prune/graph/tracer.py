@@ -76,6 +76,7 @@ class Trace:
     partitions: list[tuple[list[Tensor], str]]
     normalized: list[Tensor]
     requirements: list[Requirement]
+    floors: list[tuple[Tensor, int]]
     macs: int | None = None
 
 
@@ -112,6 +113,7 @@ class TraceBuilder:
         self.partitions: list[tuple[list[Tensor], str]] = []
         self.normalized: list[Tensor] = []
         self.requirements: list[Requirement] = []
+        self.floors: list[tuple[Tensor, int]] = []  # (elements, how many of their classes must stay)
         self.space_init = dict(space_init or {})
 
     # --- where are we -------------------------------------------------------------------------
@@ -247,6 +249,7 @@ class TraceBuilder:
             self.partitions,
             self.normalized,
             self.requirements,
+            self.floors,
         )
 
 
