@@ -84,6 +84,7 @@ def main() -> None:
         amount=lambda epoch: per_step if epoch in epochs else 0.0,
         pruning_dim=0,
         pruning_norm=1,
+        use_global_unstructured=False,
         make_pruning_permanent=True,
         verbose=0,
     )

@@ -88,7 +88,7 @@ class GradientStatistics:
         return hook
 
     def _on_gradient(self, name: str, dim: int, activation: Tensor, grad: Tensor) -> None:
-        product = activation * grad
+        product = activation * grad  # faster than a batched dot product on CPU, measured
         if product.ndim == 1:
             product = product.unsqueeze(0)
         channel = dim % product.ndim
