@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -142,3 +143,44 @@ def test_multi_head_attention_is_left_whole_and_the_rest_prunes() -> None:
     result = lp.prune(model, torch.randn(2, 5, 8), 0.5, scope="local")
     assert result.unprunable["0"] == "unsupported op `multi_head_attention_forward` in `1.self_attn`"
     assert layer.linear1.out_features == 32 and layer.self_attn.in_proj_weight.shape == (96, 32)
+
+
+@pytest.mark.parametrize("make", [llama, bert, gpt2], ids=["llama", "bert", "gpt2"])
+def test_uniform_pruning_round_trips_through_save_pretrained(make, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = make().eval()
+    heads = model.config.num_attention_heads
+    lp.prune(model, inputs(), 0.5, scope="local")
+    assert model.config.num_attention_heads == heads // 2 and model.config.hidden_size == 32
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    ids = inputs()["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_pruned_llama_generates_the_same_with_and_without_its_cache() -> None:
+    torch.manual_seed(0)
+    model = llama().eval()
+    lp.prune(model, inputs(), 0.5, scope="local")
+    assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 4
+    prompt = inputs()["input_ids"][:1, :4]
+    cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_layers_of_different_widths_keep_the_dense_config_and_restore() -> None:
+    torch.manual_seed(0)
+    model = llama().eval()
+    dense = copy.deepcopy(model.state_dict())
+    result = lp.prune(model, inputs(), 0.6)  # global ranking: the two layers end up with different widths
+    widths = {m.out_features for n, m in model.named_modules() if n.endswith("mlp.up_proj")}
+    assert len(widths) == 2 and model.config.intermediate_size == 96
+    fresh = llama().eval()
+    fresh.load_state_dict(dense)
+    lp.restore(fresh, result.record)
+    fresh.load_state_dict(model.state_dict())
+    ids = inputs()["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)

@@ -28,3 +28,51 @@ def _gpt2_attention(module: nn.Module) -> None:
 
 register_layer_name("transformers.pytorch_utils.Conv1D", _conv1d)
 register_layer_name("transformers.models.gpt2.modeling_gpt2.GPT2Attention", _gpt2_attention)
+
+
+QUERY = ("q_proj", "query")
+KEY = ("k_proj", "key")
+FEED_FORWARD = ("up_proj", "fc1", "c_fc")
+
+
+def _out_features(module: nn.Module) -> int:
+    weight = module.weight
+    return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
+
+
+def _pretrained_model(model: nn.Module) -> None:
+    """Keep a Hugging Face model's config in step with its pruned layers, where one value fits all layers.
+
+    Heads are removed whole, so the head size stays; hidden size, head counts and FFN width follow the
+    modules. Where layers differ (global pruning), the config keeps the dense values: such a model is
+    saved with the record and rebuilt by ``restore`` (``from_pretrained`` cannot express it).
+    """
+    config = getattr(model, "config", None)
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if config is None or not hasattr(config, "num_attention_heads") or embeddings is None:
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    found: dict[str, set[int]] = {"num_attention_heads": set(), "num_key_value_heads": set(), "ffn": set()}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if not hasattr(module, "weight"):
+            continue
+        if leaf in QUERY:
+            found["num_attention_heads"].add(_out_features(module) // head_dim)
+        elif leaf in KEY:
+            found["num_key_value_heads"].add(_out_features(module) // head_dim)
+        elif leaf == "c_attn":
+            found["num_attention_heads"].add(_out_features(module) // 3 // head_dim)
+        elif leaf in FEED_FORWARD or name.endswith("intermediate.dense"):
+            found["ffn"].add(_out_features(module))
+    values = {"hidden_size": {embeddings.weight.shape[1]}, **found}
+    ffn_key = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
+    values[ffn_key] = values.pop("ffn")
+    for key, options in values.items():
+        if len(options) == 1 and hasattr(config, key):
+            setattr(config, key, options.pop())
+    if hasattr(config, "head_dim"):
+        config.head_dim = head_dim
+
+
+register_layer_name("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
