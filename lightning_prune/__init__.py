@@ -5,13 +5,14 @@ PyTorch: trace → groups, score, select → plan, cut, verify.
 """
 
 from lightning_prune.api import LayerChange, PruningResult, prune
+from lightning_prune.depth import LayerPruningResult, find_blocks, prune_layers
 from lightning_prune.errors import PruningError, RecordError, TraceError, VerificationError
 from lightning_prune.graph.groups import DependencyGraph, Group, Slot, build_graph
 from lightning_prune.importance import ScoringContext, get_criterion, register_criterion, score
 from lightning_prune.measure import count_macs, count_params, latency
 from lightning_prune.record import check_record, merge_records, restore
 from lightning_prune.selection import Plan, select
-from lightning_prune.surgery import Cut, apply_cuts, plan_cuts, register_layer, slice_tensor
+from lightning_prune.surgery import Cut, Drop, Step, apply_cuts, plan_cuts, register_layer, slice_tensor
 from lightning_prune.verify import verify_pruned
 
 __version__ = "0.1.0"
@@ -42,9 +43,11 @@ __all__ = [
     "Cut",
     "DependencyGraph",
     "DigitsDataModule",
+    "Drop",
     "Group",
     "ImageClassifier",
     "LayerChange",
+    "LayerPruningResult",
     "NetworkSlimming",
     "Plan",
     "PruningError",
@@ -52,6 +55,7 @@ __all__ = [
     "RecordError",
     "ScoringContext",
     "Slot",
+    "Step",
     "StructuredPruning",
     "SyntheticDataModule",
     "TraceError",
@@ -62,12 +66,14 @@ __all__ = [
     "check_record",
     "count_macs",
     "count_params",
+    "find_blocks",
     "get_criterion",
     "latency",
     "load_from_checkpoint",
     "merge_records",
     "plan_cuts",
     "prune",
+    "prune_layers",
     "register_criterion",
     "register_layer",
     "restore",

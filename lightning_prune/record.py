@@ -1,7 +1,8 @@
 """Pruning records: what was removed, as plain data that survives ``torch.load(weights_only=True)``.
 
 A record is ``{"format": "lightning-prune/record", "version": 1, "steps": [{"cuts": [...]}, ...]}``;
-each step lists the cuts of one pruning call, in order, relative to the model as it was then.
+each step lists the cuts of one pruning call (and ``"layers"``: blocks dropped from block stacks), in
+order, relative to the model as it was then.
 :func:`restore` replays a record on a freshly built dense model so that the pruned ``state_dict``
 loads into it. Records are validated completely before the first tensor changes.
 """
@@ -14,15 +15,20 @@ from typing import Any
 from torch import nn
 
 from lightning_prune.errors import RecordError
-from lightning_prune.surgery import Cut, apply_cuts, check_cuts, cuts_to_step
+from lightning_prune.surgery import Cut, Drop, Step, apply_step, check_steps
 
 FORMAT = "lightning-prune/record"
 VERSION = 1
 MAX_STEPS = 10_000
 
 
-def new_record(steps: Sequence[Sequence[Cut]] = ()) -> dict[str, Any]:
-    return {"format": FORMAT, "version": VERSION, "steps": [cuts_to_step(cuts) for cuts in steps]}
+def new_record(steps: Sequence[Step | Sequence[Cut]] = ()) -> dict[str, Any]:
+    """A record of ``steps`` (each a :class:`Step`, or the cuts of one step)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "steps": [(step if isinstance(step, Step) else Step(list(step))).to_dict() for step in steps],
+    }
 
 
 def merge_records(*records: Mapping[str, Any]) -> dict[str, Any]:
@@ -33,7 +39,7 @@ def merge_records(*records: Mapping[str, Any]) -> dict[str, Any]:
     return new_record(steps)
 
 
-def parse_record(record: Any, where: str = "record") -> list[list[Cut]]:
+def parse_record(record: Any, where: str = "record") -> list[Step]:
     """The record's steps as cuts; raises :class:`RecordError` on anything malformed."""
     if not isinstance(record, Mapping):
         raise RecordError(f"{where}: expected a dict with keys format, version, steps; got {type(record).__name__}.")
@@ -54,14 +60,20 @@ def parse_record(record: Any, where: str = "record") -> list[list[Cut]]:
     for number, step in enumerate(steps):
         if not isinstance(step, Mapping) or not isinstance(step.get("cuts"), list):
             raise RecordError(f"{where}: step {number} must be a dict with a list of `cuts`.")
-        parsed.append([Cut.from_dict(cut, f"{where} step {number}") for cut in step["cuts"]])
+        layers = step.get("layers", [])
+        if not isinstance(layers, list):
+            raise RecordError(f"{where}: step {number}: `layers` must be a list of layer drops.")
+        here = f"{where} step {number}"
+        parsed.append(
+            Step([Cut.from_dict(cut, here) for cut in step["cuts"]], [Drop.from_dict(d, here) for d in layers])
+        )
     return parsed
 
 
-def check_record(model: nn.Module, record: Any, where: str = "record") -> list[list[Cut]]:
+def check_record(model: nn.Module, record: Any, where: str = "record") -> list[Step]:
     """Validate ``record`` against ``model`` (names, dimensions, sizes, indices) without changing it."""
     steps = parse_record(record, where)
-    check_cuts(model, steps, where)
+    check_steps(model, steps, where)
     return steps
 
 
@@ -71,5 +83,5 @@ def restore(model: nn.Module, record: Mapping[str, Any]) -> None:
     Raises:
         RecordError: if the record is malformed or does not fit the model; the model is unchanged.
     """
-    for cuts in check_record(model, record):
-        apply_cuts(model, cuts)
+    for step in check_record(model, record):
+        apply_step(model, step)

@@ -222,25 +222,128 @@ def named_tensors(model: nn.Module) -> dict[str, Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
-def check_cuts(model: nn.Module, steps: Iterable[Sequence[Cut]], where: str = "record") -> None:
-    """Validate cuts (possibly several steps, in order) against the model's current shapes; no changes."""
-    tensors = named_tensors(model)
-    shapes = {name: list(t.shape) for name, t in tensors.items()}
-    for number, cuts in enumerate(steps):
+@dataclass
+class Drop:
+    """Keep entries ``keep`` (sorted) of the block stack ``module``, an ``nn.ModuleList`` or ``nn.Sequential``
+    that had ``size`` entries. The remaining blocks are renumbered (``layer_idx`` attributes included)."""
+
+    module: str
+    size: int
+    keep: list[int]
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "size": self.size, "keep": list(self.keep)}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "record") -> Drop:
+        if not isinstance(data, dict) or set(data) != {"module", "size", "keep"}:
+            raise RecordError(f"{where}: a layer drop must be a dict with keys module, size, keep; got {data!r:.200}")
+        module, size, keep = data["module"], data["size"], data["keep"]
+        if not isinstance(module, str) or isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise RecordError(f"{where}: layer drop needs a module path and a positive size, got {data!r:.200}")
+        if not isinstance(keep, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in keep):
+            raise RecordError(f"{where}: `keep` of the layer drop on `{module}` must be a list of integers.")
+        return cls(module, size, keep)
+
+
+@dataclass
+class Step:
+    """One pruning call: channel cuts (applied first), then layer drops."""
+
+    cuts: list[Cut] = field(default_factory=list)
+    drops: list[Drop] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        step: dict = {"cuts": [cut.to_dict() for cut in self.cuts]}
+        if self.drops:
+            step["layers"] = [drop.to_dict() for drop in self.drops]
+        return step
+
+
+def _renamed(name: str, module: str, keep: Sequence[int]) -> str | None:
+    """``name`` after the blocks of ``module`` not in ``keep`` are removed; None if it goes with them."""
+    prefix = module + "."
+    if not name.startswith(prefix):
+        return name
+    index, _, rest = name[len(prefix) :].partition(".")
+    if not index.isdigit() or int(index) not in keep:
+        return None
+    return f"{prefix}{keep.index(int(index))}" + (f".{rest}" if rest else "")
+
+
+def check_steps(model: nn.Module, steps: Iterable[Step], where: str = "record") -> None:
+    """Validate steps in order against the model's current shapes and block stacks; nothing changes."""
+    shapes = {name: list(t.shape) for name, t in named_tensors(model).items()}
+    stacks = {name: len(m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList | nn.Sequential)}
+    for number, step in enumerate(steps):
+        here = f"{where} step {number}"
         seen = set()
-        for cut in cuts:
+        for cut in step.cuts:
             if cut.tensor not in shapes:
                 close = [n for n in shapes if n.rsplit(".", 1)[-1] == cut.tensor.rsplit(".", 1)[-1]][:5]
                 raise RecordError(
-                    f"{where} step {number}: the model has no parameter or buffer `{cut.tensor}` "
+                    f"{here}: the model has no parameter or buffer `{cut.tensor}` "
                     f"(similar names: {', '.join(close) or 'none'}). Was the record made for another model class?"
                 )
             if (cut.tensor, cut.dim) in seen:
-                raise RecordError(f"{where} step {number}: `{cut.tensor}` dimension {cut.dim} is cut twice.")
+                raise RecordError(f"{here}: `{cut.tensor}` dimension {cut.dim} is cut twice.")
             seen.add((cut.tensor, cut.dim))
-            _validate_cut(cut, shapes[cut.tensor], f"{where} step {number}")
-        for cut in cuts:
+            _validate_cut(cut, shapes[cut.tensor], here)
+        for cut in step.cuts:
             shapes[cut.tensor][cut.dim] = len(cut.keep) // cut.groups
+        for drop in step.drops:
+            if stacks.get(drop.module) != drop.size:
+                raise RecordError(
+                    f"{here}: the record drops layers of `{drop.module}`, a stack of {drop.size} blocks; the model "
+                    f"has {stacks.get(drop.module, 'no such stack')} there. Apply it to a freshly built model."
+                )
+            keep = torch.tensor(drop.keep, dtype=torch.long)
+            increasing = keep.numel() < 2 or bool((keep[1:] > keep[:-1]).all())
+            if not drop.keep or not increasing or int(keep[0]) < 0 or int(keep[-1]) >= drop.size:
+                raise RecordError(f"{here}: `keep` of `{drop.module}` must be increasing indices in [0, {drop.size}).")
+            shapes = {new: v for name, v in shapes.items() if (new := _renamed(name, drop.module, drop.keep))}
+            stacks = {new: v for name, v in stacks.items() if (new := _renamed(name, drop.module, drop.keep))}
+            stacks[drop.module] = len(drop.keep)
+
+
+def check_cuts(model: nn.Module, steps: Iterable[Sequence[Cut]], where: str = "record") -> None:
+    """Validate cuts (possibly several steps, in order) against the model's current shapes; no changes."""
+    check_steps(model, [Step(list(cuts)) for cuts in steps], where)
+
+
+DropFixup = Callable[[nn.Module, Drop], None]
+DROP_FIXUPS: list[DropFixup] = []
+
+
+def apply_drops(model: nn.Module, drops: Sequence[Drop], optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    """Remove blocks from block stacks in place; their parameters leave the optimizers too."""
+    optimizers = list(optimizers)
+    for drop in drops:
+        container = model.get_submodule(drop.module)
+        entries = list(container)
+        gone = {id(p) for i, block in enumerate(entries) if i not in drop.keep for p in block.parameters()}
+        kept = [entries[i] for i in drop.keep]
+        replacement = nn.Sequential(*kept) if isinstance(container, nn.Sequential) else nn.ModuleList(kept)
+        parent, _, leaf = drop.module.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, replacement)
+        for index, block in enumerate(kept):
+            for module in block.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = index
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in gone]
+            for parameter in [p for p in optimizer.state if id(p) in gone]:
+                del optimizer.state[parameter]
+        for fixup in DROP_FIXUPS:
+            fixup(model, drop)
+
+
+def apply_step(model: nn.Module, step: Step, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    optimizers = list(optimizers)
+    if step.cuts:
+        apply_cuts(model, step.cuts, optimizers)
+    apply_drops(model, step.drops, optimizers)
 
 
 @dataclass
@@ -323,7 +426,7 @@ def apply_cuts(
 
 
 def cuts_to_step(cuts: Sequence[Cut]) -> dict:
-    return {"cuts": [cut.to_dict() for cut in cuts]}
+    return Step(list(cuts)).to_dict()
 
 
 from lightning_prune.integrations import huggingface as _huggingface  # noqa: E402,F401  (registers fixups)

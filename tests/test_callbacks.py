@@ -140,7 +140,7 @@ def test_optimizer_state_survives_each_step(tmp_path) -> None:
     model = small_model()
     fit.fit(model, DigitsDataModule())
     cuts = {}
-    for cut in lp.record.parse_record(applied_record(model))[0]:
+    for cut in lp.record.parse_record(applied_record(model))[0].cuts:
         cuts.setdefault(cut.tensor, []).append(cut)
     optimizer = fit.optimizers[0]
     assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in model.parameters()]

@@ -45,7 +45,7 @@ def test_optimizer_state_is_sliced_bit_identically(make_optimizer) -> None:
 
     result = lp.prune(model, small_input(), 0.4, optimizers=[optimizer])
 
-    cuts = parse_record(result.record)[0]
+    cuts = parse_record(result.record)[0].cuts
     assert cuts
     by_tensor: dict[str, list[Cut]] = {}
     for cut in cuts:

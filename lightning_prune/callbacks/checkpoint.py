@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_prune.errors import RecordError
 from lightning_prune.record import check_record, merge_records, new_record, parse_record
-from lightning_prune.surgery import apply_cuts
+from lightning_prune.surgery import apply_step
 
 CHECKPOINT_KEY = "lightning_prune"
 _ATTRIBUTE = "_lightning_prune_record"
@@ -60,8 +60,8 @@ def catch_up(module: nn.Module, checkpoint: Mapping[str, Any], where: str) -> No
             f"({len(wanted)} steps). Load the checkpoint into a freshly built model."
         )
     remaining = new_record(wanted[len(done) :])
-    for cuts in check_record(module, remaining, where):
-        apply_cuts(module, cuts)
+    for step in check_record(module, remaining, where):
+        apply_step(module, step)
     setattr(module, _ATTRIBUTE, target)
 
 

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_prune.api import TARGETS, PruningResult, prune
+from lightning_prune.api import TARGETS, LayerChange, prune
 from lightning_prune.callbacks.checkpoint import (
     CHECKPOINT_KEY,
     add_to_applied,
@@ -26,6 +26,7 @@ from lightning_prune.callbacks.checkpoint import (
     catch_up,
     read_checkpoint,
 )
+from lightning_prune.depth import find_blocks, prune_layers
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import build_graph, match_modules
 from lightning_prune.importance import get_criterion, needs_gradients
@@ -35,6 +36,8 @@ from lightning_prune.selection import check_selection_arguments
 from lightning_prune.statistics import GradientStatistics, Statistics, collect_statistics, reduce_statistics
 
 WHEN = ("train_epoch_end", "validation_end")
+STRUCTURES = ("channels", "layers")
+LAYER_IMPORTANCE = ("block_influence", "random")
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 EXAMPLE_BATCH = 8
 
@@ -76,6 +79,10 @@ class StructuredPruning(Callback):
         when: ``"train_epoch_end"`` or ``"validation_end"`` (after that epoch's validation).
         batch_input: where the model's input sits in a training batch (an index or a key; ``None``: the
             whole batch). Used for tracing when ``pl_module.example_input_array`` is not set.
+        structure: ``"channels"`` (channels, heads, neurons, the stream: everything :func:`lightning_prune.prune`
+            finds) or ``"layers"``: whole blocks of the model's block stack leave (``amount`` is then a
+            fraction of the blocks; ``importance`` is ``"block_influence"`` or ``"random"``).
+        blocks: with ``structure="layers"``, the path of the block stack (found automatically if None).
         calibration_batches: for gradient criteria (``"taylor"``, ``"fisher"``): ``0`` accumulates their
             statistics from the training steps of each pruning epoch (hooks, no extra passes); ``n > 0``
             runs ``training_step`` forward and backward on ``n`` extra training batches at the step
@@ -122,6 +129,8 @@ class StructuredPruning(Callback):
         when: str = "train_epoch_end",
         batch_input: int | str | None = 0,
         calibration_batches: int = 0,
+        structure: str = "channels",
+        blocks: str | None = None,
         verify: bool = True,
         reset_best: bool = True,
         log_table: bool = True,
@@ -129,7 +138,15 @@ class StructuredPruning(Callback):
         self.steps = schedule_amounts(schedule, amount, start_epoch, end_epoch, every)
         final = max(self.steps.values())
         check_selection_arguments(final, scope, round_to, max_fraction, normalize)
-        self._gradients = needs_gradients(get_criterion(importance, aggregate=aggregate, seed=seed))
+        if structure not in STRUCTURES:
+            raise PruningError(f"`structure` must be one of {', '.join(STRUCTURES)}; got {structure!r}.")
+        if structure == "layers" and importance not in LAYER_IMPORTANCE:
+            raise PruningError(
+                f"`importance` for structure='layers' must be one of {', '.join(LAYER_IMPORTANCE)}; got {importance!r}."
+            )
+        self._gradients = structure == "channels" and needs_gradients(
+            get_criterion(importance, aggregate=aggregate, seed=seed)
+        )
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 0:
             raise PruningError(f"`calibration_batches` must be a non-negative integer, got {calibration_batches!r}.")
         if target not in TARGETS:
@@ -151,6 +168,7 @@ class StructuredPruning(Callback):
         }
         self.batch_input, self.reset_best, self.log_table = batch_input, reset_best, log_table
         self.calibration_batches = calibration_batches
+        self.structure, self.blocks = structure, blocks
         self.done: dict[int, dict[str, Any]] = {}
         self.dense: dict[str, int] = {}
         self.removed_channels = 0
@@ -162,7 +180,9 @@ class StructuredPruning(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(importance=self.importance, target=self.target, steps=self.steps)
+        return self._generate_state_key(
+            importance=self.importance, target=self.target, steps=self.steps, structure=self.structure
+        )
 
     @property
     def amount_done(self) -> float:
@@ -214,7 +234,7 @@ class StructuredPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if pl_module.example_input_array is not None and not self.done:
+        if self.structure == "channels" and pl_module.example_input_array is not None and not self.done:
             graph = build_graph(pl_module, self._example_inputs(pl_module), ignore=self.options["ignore"])
             if not graph.groups:
                 reasons = "; ".join(f"{k}: {v}" for k, v in list(graph.unprunable.items())[:5])
@@ -321,6 +341,9 @@ class StructuredPruning(Callback):
         return reduce_statistics(statistics, reduce) if trainer.world_size > 1 else statistics
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        if self.structure == "layers":
+            self._drop_layers(trainer, pl_module, epoch)
+            return
         example = self._example_inputs(pl_module)
         cumulative = self.steps[epoch]
         amount = min(self._engine_amount(cumulative, pl_module, example), 0.999)
@@ -351,7 +374,33 @@ class StructuredPruning(Callback):
             "macs": result.macs_after,
             "channels_removed": result.channels_removed,
         }
-        self._report(trainer, epoch, result)
+        self._report(trainer, epoch, result.params_after, result.macs_after, result.layers)
+
+    def _drop_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        example = self._example_inputs(pl_module)
+        blocks = self.blocks or find_blocks(pl_module)
+        if not self.dense:
+            self.dense = {
+                "blocks": len(pl_module.get_submodule(blocks)),
+                "params": count_params(pl_module),
+                "macs": count_macs(pl_module, example),
+            }
+        gone = sum(summary["blocks_removed"] for summary in self.done.values())
+        count = max(0, round(self.steps[epoch] * self.dense["blocks"]) - gone)
+        result = prune_layers(
+            pl_module, example, count=count, blocks=blocks, importance=self.importance,
+            optimizers=trainer.optimizers, seed=self.options["seed"],
+        )  # fmt: skip
+        _check_same_cut(trainer, result.record)
+        _rewrap_distributed(trainer, pl_module)
+        add_to_applied(pl_module, result.record)
+        self.done[epoch] = {
+            "amount": self.steps[epoch],
+            "params": result.params_after,
+            "macs": result.macs_after,
+            "blocks_removed": len(result.removed),
+        }
+        self._report(trainer, epoch, result.params_after, result.macs_after, [])
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -369,22 +418,23 @@ class StructuredPruning(Callback):
                 callback.kth_best_model_path = ""
                 callback.kth_value = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)
 
-    def _report(self, trainer: pl.Trainer, epoch: int, result: PruningResult) -> None:
+    def _report(self, trainer: pl.Trainer, epoch: int, params: int, macs: int, layers: list[LayerChange]) -> None:
         number = sorted(self.steps).index(epoch) + 1
+        what = "blocks" if self.structure == "layers" else self.target
         rank_zero_info(
             f"StructuredPruning: epoch {epoch} step {number}/{len(self.steps)}: {self.amount_done:.1%} of "
-            f"{self.target} removed; params {self.dense['params']:,} -> {result.params_after:,} "
-            f"({result.params_after / self.dense['params']:.1%}), MACs {self.dense['macs']:,} -> "
-            f"{result.macs_after:,} ({result.macs_after / max(self.dense['macs'], 1):.1%})"
+            f"{what} removed; params {self.dense['params']:,} -> {params:,} "
+            f"({params / self.dense['params']:.1%}), MACs {self.dense['macs']:,} -> "
+            f"{macs:,} ({macs / max(self.dense['macs'], 1):.1%})"
         )
-        if self.log_table and trainer.is_global_zero and result.layers:
+        if self.log_table and trainer.is_global_zero and layers:
             from rich.console import Console
             from rich.table import Table
 
             table = Table(title=f"StructuredPruning step {number} (epoch {epoch})")
             for column in ("layer", "before", "after"):
                 table.add_column(column, justify="left" if column == "layer" else "right")
-            for change in result.layers:
+            for change in layers:
                 table.add_row(change.module, str(change.before), str(change.after))
             Console().print(table)
 

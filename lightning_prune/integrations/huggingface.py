@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_prune.surgery import register_layer_name
+from lightning_prune.surgery import DROP_FIXUPS, Drop, register_layer_name
 
 
 def _conv1d(module: nn.Module) -> None:
@@ -76,3 +76,17 @@ def _pretrained_model(model: nn.Module) -> None:
 
 
 register_layer_name("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
+
+
+def _dropped_layers(model: nn.Module, drop: Drop) -> None:
+    """After blocks leave a Hugging Face model's layer stack, its config counts and types what is left."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "num_hidden_layers", None) != drop.size:
+        return
+    config.num_hidden_layers = len(drop.keep)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and len(types) == drop.size:
+        config.layer_types = [types[i] for i in drop.keep]
+
+
+DROP_FIXUPS.append(_dropped_layers)

@@ -6,6 +6,8 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -115,8 +117,62 @@ def _torchvision(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention written as most code does it: projections, ``view(..., -1, head_dim)``, SDPA."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.query, self.key, self.value = (nn.Linear(dim, dim) for _ in range(3))
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.query, self.key, self.value))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = Attention(dim, heads)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class DigitsTransformer(nn.Module):
+    """A small vision transformer for 8×8 digits: 2×2 patches as 16 tokens, pre-norm blocks, mean pooling."""
+
+    def __init__(
+        self,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        hidden: int = 128,
+        in_channels: int = 1,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, dim, 2, stride=2)
+        self.position = nn.Parameter(torch.zeros(1, 16, dim))
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.position
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(1))
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": DigitsCNN,
+    "digits_transformer": DigitsTransformer,
     "resnet20": functools.partial(CifarResNet, depth=20),
     "resnet56": functools.partial(CifarResNet, depth=56),
     "vgg11": functools.partial(CifarVGG, depth=11),

@@ -1,0 +1,180 @@
+"""Depth pruning: remove whole blocks from a model's stack of blocks.
+
+Blocks are scored by their *block influence* (Men et al. 2024, "ShortGPT"): ``1 - cos(input, output)``
+of the hidden states a block receives and returns, averaged over positions and examples. A block
+that barely changes its input is the cheapest to drop. The remaining blocks are renumbered
+(``layer_idx``, used by key/value caches) and a Hugging Face config's ``num_hidden_layers`` and
+``layer_types`` follow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_prune.errors import PruningError
+from lightning_prune.graph.tracer import ExampleInputs, preserved_state, run_model
+from lightning_prune.measure import count_macs, count_params
+from lightning_prune.record import new_record
+from lightning_prune.surgery import Drop, Step, apply_drops
+
+BlockScore = Callable[[nn.Module, str, Iterable[Any]], Tensor]
+
+
+def find_blocks(model: nn.Module) -> str:
+    """The path of the longest ``nn.ModuleList``/``nn.Sequential`` whose entries are all of one class."""
+    best, size = None, 1
+    for name, module in model.named_modules():
+        stack = isinstance(module, nn.ModuleList | nn.Sequential) and len(module) > size
+        if stack and len({type(entry) for entry in module}) == 1:
+            best, size = name, len(module)
+    if best is None:
+        raise PruningError(
+            f"{type(model).__name__} has no stack of repeated blocks (an nn.ModuleList or nn.Sequential of one "
+            "block class); pass `blocks=` with the path of the stack to prune."
+        )
+    return best
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, tuple | list) and value and isinstance(value[0], Tensor):
+        return value[0]
+    return None
+
+
+def block_influence(model: nn.Module, blocks: str, batches: Iterable[Any]) -> Tensor:
+    """``1 - cos(input, output)`` of every block of ``blocks``; +inf for blocks that change the shape."""
+    stack = model.get_submodule(blocks)
+    totals = torch.zeros(len(stack), dtype=torch.float64)
+    counts = torch.zeros(len(stack), dtype=torch.float64)
+    changes_shape = torch.zeros(len(stack), dtype=torch.bool)
+
+    def hook(index: int) -> Callable[..., None]:
+        def measure(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            source = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
+            result = _first_tensor(output)
+            if source is None or result is None or source.shape != result.shape:
+                changes_shape[index] = True
+                return
+            similarity = F.cosine_similarity(source.flatten(1) if source.ndim < 3 else source, result, dim=-1)
+            totals[index] += float((1 - similarity.double()).sum())
+            counts[index] += similarity.numel()
+
+        return measure
+
+    handles = [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(stack)]
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            for batch in batches:
+                run_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    scores = totals / counts.clamp(min=1)
+    return scores.masked_fill(changes_shape | (counts == 0), math.inf)
+
+
+@dataclass
+class LayerPruningResult:
+    """What one depth-pruning call removed; ``record`` replays it (:func:`lightning_prune.restore`)."""
+
+    record: dict[str, Any]
+    blocks: str
+    removed: list[int]
+    scores: list[float]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+    def __str__(self) -> str:
+        return (
+            f"removed blocks {self.removed} of `{self.blocks}`: params {self.params_before:,} -> "
+            f"{self.params_after:,}, MACs {self.macs_before:,} -> {self.macs_after:,}"
+        )
+
+
+def prune_layers(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    amount: float | None = None,
+    *,
+    count: int | None = None,
+    blocks: str | None = None,
+    importance: str | BlockScore = "block_influence",
+    batches: Iterable[Any] | None = None,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    seed: int = 0,
+) -> LayerPruningResult:
+    """Remove the least important ``amount`` (a fraction) or ``count`` of the blocks of a block stack, in place.
+
+    Args:
+        model: the model; the stack is found by :func:`find_blocks` unless ``blocks`` names it.
+        example_inputs: inputs for measuring; also the calibration batch when ``batches`` is None.
+        amount, count: how many blocks go (one of the two). At least one block always stays.
+        importance: ``"block_influence"`` (ShortGPT), ``"random"``, or ``score(model, blocks, batches)``
+            returning one score per block (lowest go first).
+        batches: model inputs (tensor, tuple or dict per batch) to measure block influence on.
+        optimizers: the removed blocks' parameters leave these optimizers.
+
+    Raises:
+        PruningError: a bad ``amount``/``count``, no stack of blocks, or a stack whose blocks all change
+            their input's shape; the model is unchanged.
+    """
+    if (amount is None) == (count is None):
+        raise PruningError("pass exactly one of `amount` (a fraction of the blocks) and `count` (a number of blocks).")
+    if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 <= amount < 1):
+        raise PruningError(f"`amount` must be a fraction in [0, 1), got {amount!r}.")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise PruningError(f"`count` must be a non-negative integer, got {count!r}.")
+    blocks = blocks or find_blocks(model)
+    try:
+        stack = model.get_submodule(blocks)
+    except AttributeError as error:
+        raise PruningError(f"`blocks` {blocks!r} is not a submodule of {type(model).__name__}.") from error
+    if not isinstance(stack, nn.ModuleList | nn.Sequential):
+        raise PruningError(f"`blocks` {blocks!r} is a {type(stack).__name__}, not an nn.ModuleList or nn.Sequential.")
+    size = len(stack)
+    wanted = count if count is not None else math.floor(amount * size + 1e-9)
+    if wanted >= size:
+        raise PruningError(f"cannot remove {wanted} of the {size} blocks of `{blocks}`: at least one must stay.")
+    calibration = list(batches) if batches is not None else [example_inputs]
+    if importance == "block_influence":
+        scores = block_influence(model, blocks, calibration)
+    elif importance == "random":
+        scores = torch.rand(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    elif callable(importance):
+        scores = torch.as_tensor(importance(model, blocks, calibration), dtype=torch.float64).reshape(-1)
+    else:
+        raise PruningError(f"`importance` must be 'block_influence', 'random' or a callable, got {importance!r}.")
+    if scores.numel() != size or torch.isnan(scores).any():
+        raise PruningError(f"block scores for `{blocks}` must be {size} numbers without NaN, got {scores.tolist()}.")
+    removable = int(torch.isfinite(scores).sum())
+    if wanted > removable:
+        raise PruningError(
+            f"only {removable} blocks of `{blocks}` keep their input's shape and can be removed; {wanted} were asked."
+        )
+    params_before, macs_before = count_params(model), count_macs(model, example_inputs)
+    removed = sorted(torch.argsort(scores, stable=True)[:wanted].tolist())
+    drop = Drop(blocks, size, [i for i in range(size) if i not in removed])
+    if removed:
+        apply_drops(model, [drop], optimizers)
+    return LayerPruningResult(
+        new_record([Step(drops=[drop])] if removed else []),
+        blocks,
+        removed,
+        scores.tolist(),
+        params_before,
+        count_params(model),
+        macs_before,
+        count_macs(model, example_inputs),
+    )
