@@ -104,7 +104,7 @@ def slice_tensor(tensor: Tensor, cuts: Sequence[Cut]) -> Tensor:
 
 
 # --- layer attribute updates ---------------------------------------------------------------------
-LayerFixup = Callable[[nn.Module], None]
+LayerFixup = Callable[[nn.Module], "nn.Module | None"]
 LAYERS: dict[type, LayerFixup] = {}
 
 
@@ -112,8 +112,9 @@ def register_layer(module_type: type, fixup: LayerFixup, *, replace: bool = Fals
     """Tell the engine how ``module_type`` updates its attributes after its tensors were sliced.
 
     ``fixup(module)`` is called once after surgery with the module's tensors already resized; it
-    sets attributes such as ``in_features`` from the new shapes. Subclasses use their closest
-    registered base type.
+    sets attributes such as ``in_features`` from the new shapes, or returns a module to put in its
+    place when its class cannot express the new shape. Subclasses use their closest registered base
+    type.
     """
     if module_type in LAYERS and not replace:
         raise ValueError(f"layer type {module_type.__name__} is already registered; pass replace=True to override.")
@@ -160,6 +161,19 @@ def _fix_prelu(module: nn.PReLU) -> None:
     module.num_parameters = module.weight.numel()
 
 
+def _fix_attention(module: nn.MultiheadAttention) -> nn.Module | None:
+    """A pruned ``nn.MultiheadAttention`` cannot hold its weights: hand them to a layer that can."""
+    from lightning_prune.layers import PrunedMultiheadAttention
+
+    if module.in_proj_weight.shape == (3 * module.embed_dim, module.embed_dim):
+        return None
+    return PrunedMultiheadAttention(module, module.head_dim)
+
+
+def _fix_pruned_attention(module: nn.Module) -> None:
+    module.resize()
+
+
 for _type, _fixup in (
     (nn.modules.conv._ConvNd, _fix_conv),
     (nn.Linear, _fix_linear),
@@ -169,6 +183,7 @@ for _type, _fixup in (
     (nn.RMSNorm, _fix_layer_norm),
     (nn.Embedding, _fix_embedding),
     (nn.PReLU, _fix_prelu),
+    (nn.MultiheadAttention, _fix_attention),
 ):
     register_layer(_type, _fixup)
 
@@ -181,6 +196,9 @@ def register_layer_name(qualified_name: str, fixup: LayerFixup) -> None:
     if qualified_name in LAYER_NAMES:
         raise ValueError(f"layer {qualified_name!r} is already registered.")
     LAYER_NAMES[qualified_name] = fixup
+
+
+register_layer_name("lightning_prune.layers.PrunedMultiheadAttention", _fix_pruned_attention)
 
 
 def _fixup_for(module: nn.Module) -> LayerFixup | None:
@@ -353,8 +371,11 @@ class Undo:
     tensors: list[tuple[Tensor, Tensor, Tensor | None]] = field(default_factory=list)
     states: list[tuple[dict, str, Tensor]] = field(default_factory=list)
     attributes: list[tuple[nn.Module, dict]] = field(default_factory=list)
+    replaced: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
 
     def __call__(self) -> None:
+        for parent, name, module in self.replaced:
+            setattr(parent, name, module)
         for tensor, data, grad in self.tensors:
             tensor.data = data
             if isinstance(tensor, nn.Parameter) or tensor.grad is not None or grad is not None:
@@ -420,9 +441,23 @@ def apply_cuts(
                 tensor.grad = slice_tensor(grad, tensor_cuts)
     for module in modules.values():  # children before the layers that contain them
         fixup = _fixup_for(module)
-        if fixup is not None:
-            fixup(module)
+        replacement = fixup(module) if fixup is not None else None
+        if replacement is not None:
+            replaced = _replace_module(model, module, replacement)
+            if undo is not None:
+                undo.replaced.extend(replaced)
     return undo
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put ``new`` wherever ``old`` sits in ``model``; returns (parent, attribute, old) for undoing."""
+    replaced = []
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, name, new)
+                replaced.append((parent, name, old))
+    return replaced
 
 
 def cuts_to_step(cuts: Sequence[Cut]) -> dict:
@@ -430,3 +465,4 @@ def cuts_to_step(cuts: Sequence[Cut]) -> dict:
 
 
 from lightning_prune.integrations import huggingface as _huggingface  # noqa: E402,F401  (registers fixups)
+from lightning_prune.integrations import torchvision as _torchvision  # noqa: E402,F401

@@ -137,12 +137,50 @@ def test_hugging_face_models_prune_heads_ffn_and_stream_and_train(make) -> None:
     output.loss.backward()
 
 
-def test_multi_head_attention_is_left_whole_and_the_rest_prunes() -> None:
-    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
-    model = nn.Sequential(nn.Linear(8, 32), layer, nn.Linear(32, 3))
-    result = lp.prune(model, torch.randn(2, 5, 8), 0.5, scope="local")
-    assert result.unprunable["0"] == "unsupported op `multi_head_attention_forward` in `1.self_attn`"
-    assert layer.linear1.out_features == 32 and layer.self_attn.in_proj_weight.shape == (96, 32)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multi_head_attention_heads_are_removed_exactly(batch_first: bool) -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=batch_first)
+    model = nn.Sequential(nn.Linear(8, 32), layer, nn.Linear(32, 3)).eval()
+    x = torch.randn(2, 5, 8) if batch_first else torch.randn(5, 2, 8)
+    graph = lp.build_graph(model, x)
+    (heads,) = head_groups(graph, "self_attn.in_proj_weight")
+    assert heads.width == 4
+    scores = score(graph.groups, ScoringContext(model), get_criterion("l1"))
+    scores = [None if g.normalized else s for g, s in zip(graph.groups, scores, strict=True)]
+    plan = select(graph.groups, scores, 0.5, scope="local")
+    reference = removed_zeroed(model, graph, plan)
+    cuts = plan_cuts(graph, plan)
+    apply_cuts(model, cuts)
+    lp.verify_pruned(model, x, graph, cuts)
+    attention = model[1].self_attn
+    assert type(attention).__name__ == "PrunedMultiheadAttention" and attention.num_heads == 2
+    with torch.no_grad():
+        assert float((model(x) - reference(x)).norm() / reference(x).norm()) < 1e-5
+    stream = model[0](x)
+    with torch.no_grad():
+        explicit, weights = attention(stream, stream, stream)  # need_weights=True, like nn.MultiheadAttention
+        fused, none = attention(stream, stream, stream, need_weights=False)
+    assert weights.shape == (2, 5, 5) and none is None and torch.allclose(explicit, fused, atol=1e-6)
+
+
+def test_vision_transformer_heads_prune_and_restore() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, num_classes=10, image_size=64).eval()
+    dense = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    result = lp.prune(model, x, 0.4, scope="local")
+    assert [layer.self_attention.num_heads for layer in model.encoder.layers] == [8] * 12
+    assert model.hidden_dim == model.conv_proj.out_channels < 768 and result.macs_after < 0.5 * result.macs_before
+    fresh = torchvision.models.vit_b_16(weights=None, num_classes=10, image_size=64).eval()
+    fresh.load_state_dict(dense)
+    lp.restore(fresh, result.record)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    model.train()
+    model(x).sum().backward()
 
 
 @pytest.mark.parametrize("make", [llama, bert, gpt2], ids=["llama", "bert", "gpt2"])

@@ -57,3 +57,43 @@ def _rms_norm(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) ->
 
 
 register_atomic(_is_rms_norm, _rms_norm)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    from lightning_prune.layers import PrunedMultiheadAttention
+
+    if isinstance(module, PrunedMultiheadAttention):
+        return True
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        and module._qkv_same_embed_dim
+        and module.bias_k is None
+        and not module.add_zero_attn
+    )
+
+
+def _attention(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    """Multi-head attention over a fused projection: each head's q, k, v rows and out-projection columns go
+    together; the projection reads the query, key and value channels through the same columns."""
+    result = output[0] if isinstance(output, tuple) else output
+    if len(inputs) < 3 or not all(isinstance(t, Tensor) for t in inputs[:3]) or not isinstance(result, Tensor):
+        b.freeze_tensors([*inputs, *(output if isinstance(output, tuple) else [output])], "attention called oddly")
+        return
+    weight, bias, out_proj = module.in_proj_weight, module.in_proj_bias, module.out_proj
+    heads, head_dim = weight.shape[0] // (3 * module.head_dim), module.head_dim
+    rows = b.space(b.name_of(weight), 0, weight.shape[0]).view(3, heads, head_dim)
+    b.unify_rows(rows.permute(1, 0, 2).reshape(heads, -1))
+    b.slot(weight, 0, "out", rows.reshape(-1))
+    if bias is not None:
+        b.slot(bias, 0, "follow", rows.reshape(-1))
+    for source in inputs[:3]:
+        b.slot(weight, 1, "in", b.along(source, -1))
+    b.slot(out_proj.weight, 1, "in", rows[0].reshape(-1))
+    produced = b.space(b.name_of(out_proj.weight), 0, out_proj.weight.shape[0])
+    b.slot(out_proj.weight, 0, "out", produced)
+    if out_proj.bias is not None:
+        b.slot(out_proj.bias, 0, "follow", produced)
+    b.set(result, produced.view([1] * (result.ndim - 1) + [-1]))
+
+
+register_atomic(_is_attention, _attention)

@@ -1,0 +1,113 @@
+"""Replacement layers for modules whose class cannot express their pruned shape.
+
+``nn.MultiheadAttention`` derives its head size from ``embed_dim // num_heads`` and expects a fused
+projection of ``3 * embed_dim`` rows, so after heads (or stream channels) are removed it cannot hold
+its own weights. :class:`PrunedMultiheadAttention` holds the very same parameters (the optimizer keeps
+working) with an explicit head size, and is called exactly like the original.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_prune.errors import PruningError
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """Self- or cross-attention over a fused q/k/v projection of ``num_heads * head_dim`` rows each.
+
+    Drop-in for a pruned ``nn.MultiheadAttention`` (``_qkv_same_embed_dim``, no ``add_bias_kv``): same
+    parameter names and state_dict keys, same call signature and outputs.
+    """
+
+    def __init__(self, original: nn.MultiheadAttention, head_dim: int) -> None:
+        super().__init__()
+        self.in_proj_weight = original.in_proj_weight
+        self.in_proj_bias = original.in_proj_bias
+        self.out_proj = original.out_proj
+        self.head_dim = head_dim
+        self.dropout = original.dropout
+        self.batch_first = original.batch_first
+        self._qkv_same_embed_dim = False  # keeps TransformerEncoderLayer off its fused fast path
+        self.resize()
+
+    def resize(self) -> None:
+        self.num_heads = self.in_proj_weight.shape[0] // (3 * self.head_dim)
+        self.embed_dim = self.in_proj_weight.shape[1]
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        weights = self.in_proj_weight.chunk(3)
+        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        batch, length, heads = query.shape[0], query.shape[1], self.num_heads
+
+        def split(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+            return F.linear(x, weight, bias).view(batch, x.shape[1], heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = (split(x, w, b) for x, w, b in zip((query, key, value), weights, biases, strict=True))
+        mask = self._mask(attn_mask, key_padding_mask, batch, length, k.shape[2], q.dtype)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+            attention = F.dropout(scores.softmax(-1), dropout, self.training)
+            output = attention @ v
+            attention = attention.mean(1) if average_attn_weights else attention
+        else:
+            output = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None
+            )
+            attention = None
+        output = self.out_proj(output.transpose(1, 2).reshape(batch, length, heads * self.head_dim))
+        if not self.batch_first:
+            output = output.transpose(0, 1)
+        if not batched:
+            output = output.squeeze(1)
+            attention = attention.squeeze(0) if attention is not None else None
+        return output, attention
+
+    def _mask(
+        self, attn_mask: Tensor | None, padding: Tensor | None, batch: int, length: int, source: int, dtype: torch.dtype
+    ) -> Tensor | None:
+        """One additive mask of shape (batch, heads or 1, length, source) from PyTorch's two kinds."""
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 3:
+                if attn_mask.shape[0] != batch * self.num_heads:
+                    raise PruningError(
+                        f"a per-head `attn_mask` of {attn_mask.shape[0]} rows does not fit {batch} × "
+                        f"{self.num_heads} heads left after pruning; pass a (length, source) mask."
+                    )
+                attn_mask = attn_mask.view(batch, self.num_heads, length, source)
+            mask = _additive(attn_mask, dtype)
+        if padding is not None:
+            padded = _additive(padding, dtype).view(batch, 1, 1, source)
+            mask = padded if mask is None else mask + padded
+        return mask
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
