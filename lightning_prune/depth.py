@@ -10,7 +10,7 @@ that barely changes its input is the cheapest to drop. The remaining blocks are 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,7 @@ def prune_layers(
     *,
     count: int | None = None,
     blocks: str | None = None,
+    indices: Sequence[int] | None = None,
     importance: str | BlockScore = "block_influence",
     batches: Iterable[Any] | None = None,
     optimizers: Iterable[torch.optim.Optimizer] = (),
@@ -121,6 +122,7 @@ def prune_layers(
         model: the model; the stack is found by :func:`find_blocks` unless ``blocks`` names it.
         example_inputs: inputs for measuring; also the calibration batch when ``batches`` is None.
         amount, count: how many blocks go (one of the two). At least one block always stays.
+        indices: instead of ``amount``/``count`` and scores, exactly these blocks go.
         importance: ``"block_influence"`` (ShortGPT), ``"random"``, or ``score(model, blocks, batches)``
             returning one score per block (lowest go first).
         batches: model inputs (tensor, tuple or dict per batch) to measure block influence on.
@@ -130,8 +132,10 @@ def prune_layers(
         PruningError: a bad ``amount``/``count``, no stack of blocks, or a stack whose blocks all change
             their input's shape; the model is unchanged.
     """
-    if (amount is None) == (count is None):
-        raise PruningError("pass exactly one of `amount` (a fraction of the blocks) and `count` (a number of blocks).")
+    if sum(x is not None for x in (amount, count, indices)) != 1:
+        raise PruningError(
+            "pass exactly one of `amount` (a fraction of the blocks), `count` (a number of blocks) and `indices`."
+        )
     if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 <= amount < 1):
         raise PruningError(f"`amount` must be a fraction in [0, 1), got {amount!r}.")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
@@ -144,11 +148,22 @@ def prune_layers(
     if not isinstance(stack, nn.ModuleList | nn.Sequential):
         raise PruningError(f"`blocks` {blocks!r} is a {type(stack).__name__}, not an nn.ModuleList or nn.Sequential.")
     size = len(stack)
+    if indices is not None:
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size]
+        if bad or len(set(indices)) != len(indices):
+            raise PruningError(
+                f"`indices` {list(indices)} must be distinct block numbers of `{blocks}`, which has {size} blocks "
+                f"(0..{size - 1}); out of range: {bad}."
+            )
+        count = len(indices)
     wanted = count if count is not None else math.floor(amount * size + 1e-9)
     if wanted >= size:
         raise PruningError(f"cannot remove {wanted} of the {size} blocks of `{blocks}`: at least one must stay.")
     calibration = list(batches) if batches is not None else [example_inputs]
-    if importance == "block_influence":
+    if indices is not None:
+        scores = torch.ones(size, dtype=torch.float64)
+        scores[list(indices)] = 0.0
+    elif importance == "block_influence":
         scores = block_influence(model, blocks, calibration)
     elif importance == "random":
         scores = torch.rand(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -88,6 +88,12 @@ def test_channel_and_layer_pruning_compose_in_one_record() -> None:
         assert torch.equal(model(input_ids=ids()).logits, fresh(input_ids=ids()).logits)
 
 
+def test_chosen_blocks_go() -> None:
+    model = llama()
+    result = prune_layers(model, {"input_ids": ids()}, indices=[3, 0])
+    assert result.removed == [0, 3] and model.config.num_hidden_layers == 2
+
+
 def test_vision_transformer_blocks() -> None:
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.vit_b_16(weights=None, num_classes=10).eval()
@@ -109,6 +115,8 @@ def test_blocks_that_change_shape_cannot_go() -> None:
     ("kwargs", "message"),
     [
         ({"amount": 0.5, "count": 1}, "exactly one of `amount`"),
+        ({"indices": [1, 4]}, r"`indices` \[1, 4\] must be distinct block numbers of `model.layers`, which has 4"),
+        ({"indices": [2, 2]}, "must be distinct block numbers"),
         ({"amount": 1.0}, r"`amount` must be a fraction in \[0, 1\)"),
         ({"count": 4}, "cannot remove 4 of the 4 blocks of `model.layers`"),
         ({"count": 1, "blocks": "model.nothing"}, "`blocks` 'model.nothing' is not a submodule"),
