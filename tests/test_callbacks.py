@@ -291,3 +291,28 @@ def test_unsupported_strategy_is_named() -> None:
     fake = type("T", (), {"strategy": FSDPStrategy(), "max_epochs": 3})()
     with pytest.raises(PruningError, match="does not support `strategy` FSDPStrategy"):
         callback.setup(fake, small_model(), "fit")
+
+
+def test_broken_or_foreign_checkpoints_are_named_and_left_on_disk(tmp_path) -> None:
+    from lightning_prune.errors import RecordError
+
+    assert run_job(tmp_path).returncode == 0
+    good = tmp_path / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    size = truncated.stat().st_size
+    with pytest.raises(RecordError, match=r"checkpoint '.*truncated\.ckpt' could not be read as a checkpoint"):
+        load_from_checkpoint(ImageClassifier, truncated)
+    assert truncated.stat().st_size == size
+    checkpoint = torch.load(good, weights_only=True)
+    checkpoint["lightning_prune"]["record"]["version"] = 99
+    newer = tmp_path / "newer.ckpt"
+    torch.save(checkpoint, newer)
+    with pytest.raises(RecordError, match="version 99 is newer than this lightning-prune"):
+        load_from_checkpoint(ImageClassifier, newer)
+    before = good.read_bytes()
+    with pytest.raises(RecordError, match=r"last\.ckpt' step 0: `net\.\S+` has \d+ entries along dimension \d, the record expects"):
+        load_from_checkpoint(ImageClassifier, good, arch_kwargs={"channels": [32, 64, 128]})
+    assert good.read_bytes() == before
+    with pytest.raises(RecordError, match="does not exist"):
+        load_from_checkpoint(ImageClassifier, tmp_path / "missing.ckpt")
