@@ -10,6 +10,14 @@ From it, per channel and in O(channels) memory:
   of a coupled group, since one mask removes them together (group Fisher, Liu et al. 2021). Every
   producer channel stores its group element's value.
 
+Groups with no conv/linear/embedding producer whose output a hook can see (the heads of
+``nn.MultiheadAttention``, whose fused in-projection is a raw parameter used inside one functional
+call) are measured on the producer's weight instead: a tensor hook on the parameter sees each
+backward's gradient ``G`` and ``t = Σ W·G`` over a channel's rows is the derivative of the loss with
+respect to a mask on those rows (bias excluded). That value is already summed over the batch, so
+``fisher`` squares the batch sum; when the per-example terms are uncorrelated and centred this has
+the same expectation as the per-example sum of squares, so both kinds of group stay comparable.
+
 The hooks read and never write: the observed training steps compute exactly what they would without
 them. ``detach()`` removes every hook.
 """
@@ -53,6 +61,7 @@ class GradientStatistics:
         self.model = model
         owners = tensor_owners(model)
         self.producers: dict[str, tuple[nn.Module, int]] = {}
+        self.weights: dict[str, tuple[nn.Module, nn.Parameter, int]] = {}  # measured on W·G (see module doc)
         self.members: list[list[tuple[str, Tensor, Tensor]]] = []  # per group: (tensor, positions, elements)
         for group in graph.groups:
             entries = []
@@ -64,6 +73,8 @@ class GradientStatistics:
                     continue
                 self.producers[member.slot.tensor] = (module, dim)
                 entries.append((member.slot.tensor, member.positions, member.elements))
+            if not entries:
+                entries = self._weight_entries(model, owners, group)
             self.members.append(entries)
         self.widths = [group.width for group in graph.groups]
         self.taylor: dict[str, Tensor] = {}
@@ -72,10 +83,45 @@ class GradientStatistics:
         self._pending: dict[str, Tensor] = {}
         self._handles: list[Any] = []
 
+    def _weight_entries(
+        self, model: nn.Module, owners: dict[str, list[str]], group: Any
+    ) -> list[tuple[str, Tensor, Tensor]]:
+        entries = []
+        parameters = dict(model.named_parameters())
+        for member in group.slots("out"):
+            name = member.slot.tensor
+            parameter = parameters.get(name)
+            path = (owners.get(name) or [None])[0]
+            if parameter is None or not parameter.requires_grad or path is None or parameter.ndim < 2:
+                continue
+            self.weights[name] = (model.get_submodule(path), parameter, member.slot.dim)
+            entries.append((name, member.positions, member.elements))
+        return entries
+
     def attach(self) -> GradientStatistics:
         for name, (module, dim) in self.producers.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name, dim)))
+        for name, (module, parameter, dim) in self.weights.items():
+            self._handles.append(module.register_forward_pre_hook(self._flush_hook(name)))
+            self._handles.append(parameter.register_hook(self._weight_hook(name, parameter, dim)))
         return self
+
+    def _flush_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any) -> None:
+            if self._pending.get(name) is not None:
+                self.flush()
+
+        return hook
+
+    def _weight_hook(self, name: str, parameter: Tensor, dim: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            product = parameter.detach() * grad
+            reduce = [d for d in range(product.ndim) if d != dim]
+            per_channel = product.sum(reduce, dtype=torch.float32).detach().to("cpu", torch.float64).unsqueeze(0)
+            pending = self._pending.get(name)
+            self._pending[name] = per_channel if pending is None else pending + per_channel
+
+        return hook
 
     def _forward_hook(self, name: str, dim: int) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:

@@ -311,7 +311,9 @@ def test_broken_or_foreign_checkpoints_are_named_and_left_on_disk(tmp_path) -> N
     with pytest.raises(RecordError, match="version 99 is newer than this lightning-prune"):
         load_from_checkpoint(ImageClassifier, newer)
     before = good.read_bytes()
-    with pytest.raises(RecordError, match=r"last\.ckpt' step 0: `net\.\S+` has \d+ entries along dimension \d, the record expects"):
+    with pytest.raises(
+        RecordError, match=r"last\.ckpt' step 0: `net\.\S+` has \d+ entries along dimension \d, the record expects"
+    ):
         load_from_checkpoint(ImageClassifier, good, arch_kwargs={"channels": [32, 64, 128]})
     assert good.read_bytes() == before
     with pytest.raises(RecordError, match="does not exist"):

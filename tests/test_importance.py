@@ -123,6 +123,35 @@ def test_taylor_and_fisher_equal_a_hand_computation() -> None:
     assert torch.allclose(fisher, fisher_stream, rtol=1e-5)
 
 
+def test_heads_of_multihead_attention_get_the_derivative_of_a_head_mask() -> None:
+    # nn.MultiheadAttention's heads have no producer module a hook could see: their statistics come
+    # from W·G of the fused in-projection; a head's fisher is (dL/dm_head)² summed over batches.
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0)
+    data = [torch.randn(3, 5, 16) for _ in range(2)]
+    graph = lp.build_graph(model, data[0])
+    heads = next(g for g in graph.groups if g.width == 4)
+    statistics = collect_statistics(model, graph, data, lambda m, x: m(x).square().sum())
+
+    rows = torch.arange(48).remainder(16).div(4, rounding_mode="floor")  # q, k, v rows -> head
+    expected = torch.zeros(4, dtype=torch.float64)
+    weight = model.self_attn.in_proj_weight.detach()
+    for x in data:
+        mask = torch.ones(4, requires_grad=True)
+        masked = {"self_attn.in_proj_weight": weight * mask[rows].unsqueeze(1)}
+        torch.func.functional_call(model, masked, (x,)).square().sum().backward()
+        expected += mask.grad.double().square()
+    fisher = get_criterion("fisher")(heads, ScoringContext(model, statistics))
+    assert torch.allclose(fisher, expected, rtol=1e-4)
+    taylor = get_criterion("taylor")(heads, ScoringContext(model, statistics))
+    assert taylor.shape == (4,) and bool((taylor > 0).all())
+    pruned = copy.deepcopy(model)
+    lp.prune(pruned, data[0], amount=0.5, importance="fisher", batches=data, loss_fn=lambda m, x: m(x).square().sum())
+    kept = expected.argsort()[2:].sort().values  # the two heads with the largest fisher stay
+    assert pruned.self_attn.num_heads == 2
+    assert torch.equal(pruned.self_attn.in_proj_weight, weight[torch.isin(rows, kept)])
+
+
 def test_fpgm_ranks_filters_at_the_median_lowest() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 6, 3)
