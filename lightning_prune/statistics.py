@@ -10,13 +10,15 @@ From it, per channel and in O(channels) memory:
   of a coupled group, since one mask removes them together (group Fisher, Liu et al. 2021). Every
   producer channel stores its group element's value.
 
-Groups with no conv/linear/embedding producer whose output a hook can see (the heads of
-``nn.MultiheadAttention``, whose fused in-projection is a raw parameter used inside one functional
-call) are measured on the producer's weight instead: a tensor hook on the parameter sees each
-backward's gradient ``G`` and ``t = Σ W·G`` over a channel's rows is the derivative of the loss with
-respect to a mask on those rows (bias excluded). That value is already summed over the batch, so
-``fisher`` squares the batch sum; when the per-example terms are uncorrelated and centred this has
-the same expectation as the per-example sum of squares, so both kinds of group stay comparable.
+Weights used by a functional call instead of their module (torchvision's Swin attention calls
+``F.linear(x, self.qkv.weight)``; ``nn.MultiheadAttention`` keeps a raw fused in-projection) have no
+output a hook can see. They are measured on the weight: a tensor hook on the parameter sees each
+backward's gradient ``G``, and ``t = Σ W·G`` over a channel's rows is the derivative of the loss with
+respect to a mask on those rows (bias excluded), already summed over the batch. Both forms are
+registered until the first batch shows which one a weight gets; a group whose members mix the two
+folds its per-example values into batch sums, and ``fisher`` squares batch sums. When per-example
+terms are uncorrelated and centred that has the same expectation as the per-example sum of squares,
+so the scores of both kinds of group stay comparable.
 
 The hooks read and never write: the observed training steps compute exactly what they would without
 them. ``detach()`` removes every hook.
@@ -60,76 +62,65 @@ class GradientStatistics:
     def __init__(self, model: nn.Module, graph: DependencyGraph) -> None:
         self.model = model
         owners = tensor_owners(model)
-        self.producers: dict[str, tuple[nn.Module, int]] = {}
-        self.weights: dict[str, tuple[nn.Module, nn.Parameter, int]] = {}  # measured on W·G (see module doc)
+        parameters = dict(model.named_parameters())
+        self.producers: dict[str, tuple[nn.Module, int]] = {}  # measured on a·g of the module's output
+        self.weights: dict[str, tuple[list[nn.Module], Tensor, int]] = {}  # measured on W·G (see module doc)
         self.members: list[list[tuple[str, Tensor, Tensor]]] = []  # per group: (tensor, positions, elements)
         for group in graph.groups:
             entries = []
             for member in group.slots("out"):
-                path = (owners.get(member.slot.tensor) or [None])[0]
-                module = model.get_submodule(path) if path is not None else None
-                dim = _output_channel_dim(module) if module is not None else None
-                if dim is None or not member.slot.tensor.endswith(".weight"):
+                name, parameter = member.slot.tensor, parameters.get(member.slot.tensor)
+                path = (owners.get(name) or [None])[0]
+                if path is None or parameter is None or not parameter.requires_grad or parameter.ndim < 2:
                     continue
-                self.producers[member.slot.tensor] = (module, dim)
-                entries.append((member.slot.tensor, member.positions, member.elements))
-            if not entries:
-                entries = self._weight_entries(model, owners, group)
+                module = model.get_submodule(path)
+                dim = _output_channel_dim(module)
+                if dim is not None and name.endswith(".weight"):
+                    self.producers[name] = (module, dim)
+                parent = model.get_submodule(path.rpartition(".")[0]) if path else module
+                self.weights[name] = ([module, parent], parameter, member.slot.dim)
+                entries.append((name, member.positions, member.elements))
             self.members.append(entries)
         self.widths = [group.width for group in graph.groups]
         self.taylor: dict[str, Tensor] = {}
         self.fisher: dict[str, Tensor] = {}
         self.batches = 0
-        self._pending: dict[str, Tensor] = {}
+        self._pending: dict[str, Tensor] = {}  # per example, from outputs
+        self._pending_weights: dict[str, Tensor] = {}  # per batch, from weights
         self._handles: list[Any] = []
-
-    def _weight_entries(
-        self, model: nn.Module, owners: dict[str, list[str]], group: Any
-    ) -> list[tuple[str, Tensor, Tensor]]:
-        entries = []
-        parameters = dict(model.named_parameters())
-        for member in group.slots("out"):
-            name = member.slot.tensor
-            parameter = parameters.get(name)
-            path = (owners.get(name) or [None])[0]
-            if parameter is None or not parameter.requires_grad or path is None or parameter.ndim < 2:
-                continue
-            self.weights[name] = (model.get_submodule(path), parameter, member.slot.dim)
-            entries.append((name, member.positions, member.elements))
-        return entries
+        self._weight_handles: dict[str, Any] = {}
 
     def attach(self) -> GradientStatistics:
         for name, (module, dim) in self.producers.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name, dim)))
-        for name, (module, parameter, dim) in self.weights.items():
-            self._handles.append(module.register_forward_pre_hook(self._flush_hook(name)))
-            self._handles.append(parameter.register_hook(self._weight_hook(name, parameter, dim)))
+        flush_on = {id(m): m for modules, _, _ in self.weights.values() for m in modules}
+        for module in flush_on.values():
+            self._handles.append(module.register_forward_pre_hook(self._flush_hook))
+        for name, (_, parameter, dim) in self.weights.items():
+            self._weight_handles[name] = parameter.register_hook(self._weight_hook(name, parameter, dim))
         return self
 
-    def _flush_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any) -> None:
-            if self._pending.get(name) is not None:
-                self.flush()
+    def _forward_hook(self, name: str, dim: int) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            if self._pending.get(name) is not None or self._pending_weights:
+                self.flush()  # a new forward started: the previous backward is complete
+            if isinstance(output, Tensor) and output.requires_grad and torch.is_grad_enabled():
+                activation = output.detach()
+                output.register_hook(lambda grad: self._on_gradient(name, dim, activation, grad))
 
         return hook
+
+    def _flush_hook(self, module: nn.Module, inputs: Any) -> None:
+        if self._pending_weights:
+            self.flush()
 
     def _weight_hook(self, name: str, parameter: Tensor, dim: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             product = parameter.detach() * grad
             reduce = [d for d in range(product.ndim) if d != dim]
-            per_channel = product.sum(reduce, dtype=torch.float32).detach().to("cpu", torch.float64).unsqueeze(0)
-            pending = self._pending.get(name)
-            self._pending[name] = per_channel if pending is None else pending + per_channel
-
-        return hook
-
-    def _forward_hook(self, name: str, dim: int) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            if self._pending.get(name) is not None:
-                self.flush()  # a new forward started: the previous backward is complete
-            if isinstance(output, Tensor) and output.requires_grad and torch.is_grad_enabled():
-                activation = output.detach()
-                output.register_hook(lambda grad: self._on_gradient(name, dim, activation, grad))
+            per_channel = product.sum(reduce, dtype=torch.float32).to("cpu", torch.float64).unsqueeze(0)
+            pending = self._pending_weights.get(name)
+            self._pending_weights[name] = per_channel if pending is None else pending + per_channel
 
         return hook
 
@@ -146,34 +137,41 @@ class GradientStatistics:
         self._pending[name] = per_example if name not in self._pending else self._pending[name] + per_example
 
     def flush(self) -> None:
-        """Fold the last batch's per-example values into the accumulators."""
-        if not self._pending:
+        """Fold the last batch's values into the accumulators."""
+        if not self._pending and not self._pending_weights:
             return
+        for name in self._pending:  # seen through its output: the weight form is not needed
+            handle = self._weight_handles.pop(name, None)
+            if handle is not None:
+                handle.remove()
+        pending = {**self._pending_weights, **self._pending}
         for entries, width in zip(self.members, self.widths, strict=True):
-            seen = [(name, positions, elements) for name, positions, elements in entries if name in self._pending]
+            seen = [(pending[name], positions, elements) for name, positions, elements in entries if name in pending]
             if not seen:
                 continue
-            examples = self._pending[seen[0][0]].shape[0]
-            masks = torch.zeros(examples, width, dtype=torch.float64)
-            for name, positions, elements in seen:
-                values = self._pending[name]
-                if values.shape[0] != examples:
-                    continue
+            if len({values.shape[0] for values, _, _ in seen}) > 1:  # mixed forms: batch sums
+                seen = [(values.sum(0, keepdim=True), p, e) for values, p, e in seen]
+            masks = torch.zeros(seen[0][0].shape[0], width, dtype=torch.float64)
+            for values, positions, elements in seen:
                 masks.index_add_(1, elements, values[:, positions])
-                taylor = self.taylor.setdefault(name, torch.zeros(values.shape[1], dtype=torch.float64))
-                taylor += values.sum(0).abs()
             group_fisher = masks.square().sum(0)
-            for name, positions, elements in seen:
-                fisher = self.fisher.setdefault(name, torch.zeros(self._pending[name].shape[1], dtype=torch.float64))
+            for name, positions, elements in entries:
+                if name not in pending:
+                    continue
+                values = pending[name]
+                taylor = self.taylor.setdefault(name, torch.zeros(values.shape[1], dtype=torch.float64))
+                fisher = self.fisher.setdefault(name, torch.zeros(values.shape[1], dtype=torch.float64))
+                taylor[positions] += values[:, positions].sum(0).abs()
                 fisher[positions] += group_fisher[elements]
         self.batches += 1
         self._pending = {}
+        self._pending_weights = {}
 
     def detach(self) -> Statistics:
         """Remove every hook and return the statistics."""
-        for handle in self._handles:
+        for handle in [*self._handles, *self._weight_handles.values()]:
             handle.remove()
-        self._handles = []
+        self._handles, self._weight_handles = [], {}
         self.flush()
         return self.state()
 

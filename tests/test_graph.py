@@ -7,7 +7,7 @@ import torch
 from nets import SMALL_NETS, ConcatNet, GroupedNet, MobileNet, PlainCNN, ResidualNet, ShuffleNet, Unknown, small_input
 from torch import nn
 
-from lightning_prune import build_graph
+from lightning_prune import build_graph, prune
 from lightning_prune.graph.labels import connected_components
 
 
@@ -134,3 +134,25 @@ def test_connected_components_matches_a_union_find() -> None:
     for x, y in zip(a.tolist(), b.tolist(), strict=True):
         parent[max(find(x), find(y))] = min(find(x), find(y))
     assert root.tolist() == [find(x) for x in range(300)]
+
+
+def test_sync_batch_norm_is_traced_as_the_batch_norm_it_is() -> None:
+    # Under a process group SyncBatchNorm runs kernels without rules (and only on GPUs), so it is traced as a
+    # unit: the groups must be those of the same network with BatchNorm2d, and pruning must cut its statistics.
+    torch.manual_seed(0)
+    plain = PlainCNN()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(PlainCNN())
+    synced.load_state_dict(plain.state_dict())
+
+    def layout(model: nn.Module) -> list:
+        graph = build_graph(model, small_input())
+        return sorted((g.width, sorted((m.slot.tensor, m.slot.role) for m in g.members)) for g in graph.groups)
+
+    from lightning_prune.graph.modules import atomic_rule
+
+    assert atomic_rule(nn.SyncBatchNorm(4)) is not None  # the distributed path is never entered
+    assert layout(synced) == layout(plain)
+    result = prune(synced, small_input(), 0.5)
+    norms = [m for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert norms and all(m.running_mean.shape == m.weight.shape and m.num_features == m.weight.numel() for m in norms)
+    assert result.params_after < result.params_before

@@ -13,7 +13,7 @@ from torch import nn
 
 import lightning_prune as lp
 from lightning_prune.importance import ScoringContext, get_criterion, score
-from lightning_prune.selection import select
+from lightning_prune.selection import Plan, select
 from lightning_prune.surgery import apply_cuts, plan_cuts
 
 transformers = pytest.importorskip("transformers")
@@ -183,6 +183,83 @@ def test_vision_transformer_heads_prune_and_restore() -> None:
     model(x).sum().backward()
 
 
+def small_swin(v2: bool) -> nn.Module:
+    from torchvision.models import swin_transformer as swin
+
+    blocks = {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2} if v2 else {}
+    return swin.SwinTransformer([4, 4], 32, [2, 2], [2, 4], [4, 4], num_classes=10, **blocks)
+
+
+def small_maxvit() -> nn.Module:
+    from torchvision.models import maxvit
+
+    return maxvit.MaxVit((32, 32), 16, 2, [16, 32], [1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10)
+
+
+WINDOWED = {
+    "swin": (lambda: small_swin(False), 40),  # 10x10 tokens: padded to 12x12, shifted windows with a mask
+    "swin_v2": (lambda: small_swin(True), 32),
+    "maxvit": (small_maxvit, 32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWED))
+def test_windowed_attention_heads_are_removed_exactly(name: str) -> None:
+    # torchvision's Swin and MaxViT attention cannot run with fewer heads: a cut replaces it by a layer
+    # holding the same parameters, which must compute what the dense model computes with the heads zeroed.
+    pytest.importorskip("torchvision")
+    make, size = WINDOWED[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 3, size, size)
+    graph = lp.build_graph(model, x)
+    heads = [
+        g for g in graph.groups if g.width in (2, 4) and any("qkv.weight" in m.slot.tensor for m in g.slots("out"))
+    ]
+    assert len(heads) == 4
+    ffn = [g for g in graph.groups if g.width in (64, 128, 256) and not g.normalized]
+    plan = Plan({**{g.index: [g.width - 1] for g in heads}, **{g.index: list(range(0, g.width, 3)) for g in ffn}})
+    reference = removed_zeroed(model, graph, plan)
+    cuts = plan_cuts(graph, plan)
+    apply_cuts(model, cuts)
+    lp.verify_pruned(model, x, graph, cuts)
+    replaced = [m for m in model.modules() if type(m).__name__.startswith("Pruned")]
+    assert len(replaced) == 4 and sorted(getattr(m, "num_heads", getattr(m, "n_heads", 0)) for m in replaced) == [
+        1,
+        1,
+        3,
+        3,
+    ]
+    with torch.no_grad():
+        assert float((model(x) - reference(x)).norm() / reference(x).norm()) < 1e-5
+    assert set(model.state_dict()) == set(reference.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWED))
+def test_windowed_attention_prunes_trains_and_restores(name: str) -> None:
+    make, size = WINDOWED[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    dense = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, size, size)
+    result = lp.prune(model, x, 0.4, importance="taylor", batches=[x], loss_fn=lambda m, b: m(b).logsumexp(-1).mean())
+    assert not [reason for reason in result.unprunable.values() if "does not follow" in reason]
+    assert result.macs_after < 0.7 * result.macs_before
+    fresh = make().eval()
+    fresh.load_state_dict(dense)
+    lp.restore(fresh, result.record)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(x).logsumexp(-1).mean().backward()
+    optimizer.step()
+    lp.prune(model, x, 0.3, scope="local")  # a second step traces the replacement layers
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 10)
+
+
 @pytest.mark.parametrize("make", [llama, bert, gpt2], ids=["llama", "bert", "gpt2"])
 def test_uniform_pruning_round_trips_through_save_pretrained(make, tmp_path) -> None:
     torch.manual_seed(0)
@@ -222,3 +299,27 @@ def test_layers_of_different_widths_keep_the_dense_config_and_restore() -> None:
     ids = inputs()["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+
+
+def test_an_attention_implementation_without_rules_keeps_its_heads_and_says_where() -> None:
+    # A registered attention function calling an op the engine has no rule for: its heads stay whole
+    # (named with the op and the module in `unprunable`), the FFN neurons are still pruned, and the
+    # model keeps running with its own attention code.
+    def opaque(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        key, value = (t.repeat_interleave(module.num_key_value_groups, 1) for t in (key, value))
+        out, _ = torch.ops.aten._scaled_dot_product_attention_math(query, key, value, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    transformers.AttentionInterface.register("lightning_prune_test_opaque", opaque)
+    torch.manual_seed(0)
+    model = llama()
+    model.config._attn_implementation = "lightning_prune_test_opaque"
+    model.eval()
+    result = lp.prune(model, inputs(), 0.5, scope="local")
+    for index, layer in enumerate(model.model.layers):
+        assert layer.self_attn.q_proj.out_features == 64 and layer.self_attn.k_proj.out_features == 16
+        reason = result.unprunable[f"model.layers.{index}.self_attn.q_proj"]
+        assert reason == f"unsupported op `_scaled_dot_product_attention_math` in `model.layers.{index}.self_attn`"
+        assert layer.mlp.up_proj.out_features == 48
+    with torch.no_grad():
+        assert model(**inputs()).logits.shape == (2, 12, 97)

@@ -97,3 +97,70 @@ def _attention(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -
 
 
 register_atomic(_is_attention, _attention)
+
+
+def _is_window_attention(module: nn.Module) -> bool:
+    from lightning_prune.integrations.torchvision import PrunedWindowAttention
+
+    swin = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+    if isinstance(module, PrunedWindowAttention):
+        return True
+    return type(module).__module__ == "torchvision.models.swin_transformer" and type(module).__name__ in swin
+
+
+def _window_attention(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    """Swin's (shifted) window attention: a head is its q, k, v rows, its projection columns and its column of
+    the position-bias table (v1) or its row of the bias MLP's output and its logit scale (v2). The bias MLP's
+    hidden neurons are a group of their own."""
+    if len(inputs) != 1 or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
+        b.freeze_tensors([*inputs, output], f"{type(module).__name__} called oddly")
+        return
+    qkv, proj = module.qkv, module.proj
+    heads = module.num_heads
+    rows = b.space(b.name_of(qkv.weight), 0, qkv.weight.shape[0]).view(3, heads, -1)
+    head = b.unify_rows(rows.permute(1, 0, 2).reshape(heads, -1))
+    b.slot(qkv.weight, 0, "out", rows.reshape(-1))
+    if qkv.bias is not None:
+        b.slot(qkv.bias, 0, "follow", rows.reshape(-1))
+    b.slot(qkv.weight, 1, "in", b.along(inputs[0], -1))
+    b.slot(proj.weight, 1, "in", rows[0].reshape(-1))
+    if hasattr(module, "logit_scale"):
+        b.slot(module.logit_scale, 0, "follow", head)
+        hidden, last = module.cpb_mlp[0], module.cpb_mlp[2]
+        neurons = b.space(b.name_of(hidden.weight), 0, hidden.weight.shape[0])
+        b.slot(hidden.weight, 0, "out", neurons)
+        if hidden.bias is not None:
+            b.slot(hidden.bias, 0, "follow", neurons)
+        b.slot(last.weight, 1, "in", neurons)
+        b.slot(last.weight, 0, "follow", head)
+    else:
+        b.slot(module.relative_position_bias_table, 1, "follow", head)
+    produced = b.space(b.name_of(proj.weight), 0, proj.weight.shape[0])
+    b.slot(proj.weight, 0, "out", produced)
+    if proj.bias is not None:
+        b.slot(proj.bias, 0, "follow", produced)
+    b.set(output, produced.view([1] * (output.ndim - 1) + [-1]))
+
+
+register_atomic(_is_window_attention, _window_attention)
+
+
+def _sync_batch_norm(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    """``nn.SyncBatchNorm`` under a process group runs statistics kernels of its own (no rules); per channel
+    it is a BatchNorm: its weight, bias and running statistics follow the channels of dimension 1."""
+    source = inputs[0] if inputs else None
+    if not isinstance(source, Tensor) or not isinstance(output, Tensor) or source.ndim < 2:
+        b.freeze_tensors([*inputs, output], "SyncBatchNorm called oddly")
+        return
+    labels = b.label(source)
+    if L.varying_dims(labels) - {1}:
+        b.freeze(labels, "SyncBatchNorm over multi-dimensional channel labels")
+        return
+    channels = b.along(source, 1)
+    for tensor in (module.weight, module.bias, module.running_mean, module.running_var):
+        if tensor is not None:
+            b.slot(tensor, 0, "follow", channels)
+    b.set(output, labels)
+
+
+register_atomic(lambda module: isinstance(module, nn.SyncBatchNorm), _sync_batch_norm)

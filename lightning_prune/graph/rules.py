@@ -537,10 +537,12 @@ def _linear_like(b: TraceBuilder, call: Call, source: Tensor, weight: Tensor, bi
     b.slot(weight, 0, "in", b.along(source, -1))
     produced = b.space(b.name_of(weight), 1, weight.shape[1])
     b.slot(weight, 1, "out", produced)
-    if _named(b, bias) and bias.ndim == 1 and bias.shape[0] == weight.shape[1]:
-        b.slot(bias, 0, "follow", produced)
     out = call.outputs[0]
     b.set(out, produced.view([1] * (out.ndim - 1) + [-1]))
+    if _named(b, bias) and bias.ndim == 1 and bias.shape[0] == weight.shape[1]:
+        b.slot(bias, 0, "follow", produced)
+    elif bias is not None:
+        _add_computed_bias(b, call, bias)
 
 
 @rule("matmul", "mm", "bmm", "rmatmul", "baddbmm", "addmm", "addbmm", "mv", "addmv", "dot", "vdot", "inner")
@@ -686,6 +688,14 @@ def linear(b: TraceBuilder, call: Call) -> None:
         b.slot(bias, 0, "follow", produced)
     out = call.outputs[0]
     b.set(out, produced.view([1] * (out.ndim - 1) + [-1]))
+    if bias is not None and not _named(b, bias):  # a computed bias (Swin v2 zeroes a copy's key part)
+        _add_computed_bias(b, call, bias)
+
+
+def _add_computed_bias(b: TraceBuilder, call: Call, bias: Tensor) -> None:
+    out = call.outputs[0]
+    items = [(b.label(out), tuple(out.shape)), (b.label(bias), tuple(bias.shape))]
+    b.set(out, combine(b, items, tuple(out.shape), call.name))
 
 
 @rule("embedding")
