@@ -21,7 +21,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune import demo
-from lightning_prune.callbacks import NetworkSlimming, StructuredPruning
+from lightning_prune.callbacks import NetworkSlimming, StructuredPruning, load_from_checkpoint
 from lightning_prune.cli import (
     ConfigError,
     build_callbacks,
@@ -355,3 +355,17 @@ def test_default_run_reproduces_the_demo(tmp_path: Path) -> None:
     assert table["test accuracy"] == [f"{dense['test/acc']:.2%}", f"{final['test/acc']:.2%}"]
     assert table["parameters"] == [f"{dense['params']:,}", f"{final['params']:,}"]
     assert table["MACs per image"] == [f"{dense['macs']:,}", f"{final['macs']:,}"]
+
+
+def test_ddp_run_prunes_identically_and_writes_one_checkpoint(tmp_path: Path) -> None:
+    # trainer=ddp_cpu: two real gloo processes launched by Lightning from the Hydra entry point.
+    run_dir = tmp_path / "run"
+    done = run([*CLI, "trainer=ddp_cpu", "debug=smoke", *FAST, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_results(run_dir)
+    assert results["overrides"][0] == "trainer=ddp_cpu"
+    steps = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("StructuredPruning: epoch")]
+    assert len(steps) == 2  # reported once, by rank zero
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == ["epoch=2-step=6.ckpt", "last.ckpt"]
+    pruned = load_from_checkpoint(ImageClassifier, run_dir / "checkpoints" / "last.ckpt")  # in this single process
+    assert sum(p.numel() for p in pruned.parameters()) == results["final"]["params"]

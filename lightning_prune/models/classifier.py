@@ -68,7 +68,7 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         self.val_accuracy(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y))
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("val/acc", self.val_accuracy, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
