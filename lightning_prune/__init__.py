@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 # Lightning-facing names load on first use, so that the engine imports neither Lightning nor Hydra.
 _LAZY = {
+    "AtomicCheckpointIO": "lightning_prune.callbacks",
     "NetworkSlimming": "lightning_prune.callbacks",
     "StructuredPruning": "lightning_prune.callbacks",
     "load_from_checkpoint": "lightning_prune.callbacks",
@@ -39,6 +40,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AtomicCheckpointIO",
     "Cifar10DataModule",
     "Cut",
     "DependencyGraph",

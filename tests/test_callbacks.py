@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from jobs import run_job
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
@@ -20,7 +21,6 @@ from lightning_prune.errors import PruningError
 from lightning_prune.models import ImageClassifier
 from lightning_prune.schedules import schedule_amounts
 
-JOBS = Path(__file__).parent / "jobs.py"
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
@@ -151,23 +151,16 @@ def test_optimizer_state_survives_each_step(tmp_path) -> None:
 
 
 # --- checkpoints and resume ---------------------------------------------------------------------
-def run_job(root: Path, *arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(JOBS), str(root), *arguments], capture_output=True, text=True, timeout=600
-    )
-
-
 @pytest.mark.parametrize(
-    ("kill_at", "importance"),
-    [(2, "l1"), (4, "l1"), (3, "taylor")],
+    ("kill_at", "criterion"),
+    [(2, ()), (4, ()), (3, ("--importance", "taylor"))],
     ids=["between_steps", "after_last_step", "taylor_between_steps"],
 )
-def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, kill_at: int, importance: str) -> None:
-    reference = tmp_path / "reference"
+def test_sigkill_and_resume_equals_an_uninterrupted_run(
+    tmp_path, completed_job, kill_at: int, criterion: tuple[str, ...]
+) -> None:
+    reference = completed_job(*criterion)
     interrupted = tmp_path / "interrupted"
-    criterion = ("--importance", importance)
-    done = run_job(reference, *criterion)
-    assert done.returncode == 0, done.stderr[-2000:]
     killed = run_job(interrupted, "--kill-at-epoch", str(kill_at), *criterion)
     assert killed.returncode == -9 and not (interrupted / "final.pt").exists()
     resumed = run_job(interrupted, "--resume", *criterion)
@@ -181,9 +174,8 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, kill_at: int, 
         assert torch.equal(actual["state_dict"][key], value), key
 
 
-def test_resume_from_a_checkpoint_before_any_step(tmp_path) -> None:
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    assert run_job(reference).returncode == 0
+def test_resume_from_a_checkpoint_before_any_step(tmp_path, completed_job) -> None:
+    reference, interrupted = completed_job(), tmp_path / "interrupted"
     assert run_job(interrupted, "--kill-at-epoch", "1").returncode == -9
     assert run_job(interrupted, "--resume").returncode == 0
     expected = torch.load(reference / "final.pt", weights_only=True)
@@ -192,10 +184,9 @@ def test_resume_from_a_checkpoint_before_any_step(tmp_path) -> None:
     assert all(torch.equal(actual["state_dict"][k], v) for k, v in expected["state_dict"].items())
 
 
-def test_load_from_checkpoint_in_a_fresh_process(tmp_path) -> None:
-    assert run_job(tmp_path).returncode == 0
-    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
-    final = torch.load(tmp_path / "final.pt", weights_only=True)
+def test_load_from_checkpoint_in_a_fresh_process(tmp_path, completed_job) -> None:
+    checkpoint = completed_job() / "checkpoints" / "last.ckpt"
+    final = torch.load(completed_job() / "final.pt", weights_only=True)
     script = f"""
 import torch
 from lightning_prune.callbacks import load_from_checkpoint
@@ -293,11 +284,10 @@ def test_unsupported_strategy_is_named() -> None:
         callback.setup(fake, small_model(), "fit")
 
 
-def test_broken_or_foreign_checkpoints_are_named_and_left_on_disk(tmp_path) -> None:
+def test_broken_or_foreign_checkpoints_are_named_and_left_on_disk(tmp_path, completed_job) -> None:
     from lightning_prune.errors import RecordError
 
-    assert run_job(tmp_path).returncode == 0
-    good = tmp_path / "checkpoints" / "last.ckpt"
+    good = completed_job() / "checkpoints" / "last.ckpt"
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     size = truncated.stat().st_size

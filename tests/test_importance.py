@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +15,6 @@ from lightning_prune.errors import PruningError
 from lightning_prune.importance import CRITERIA, ScoringContext, get_criterion, score
 from lightning_prune.selection import normalize_scores
 from lightning_prune.statistics import GradientStatistics, collect_statistics
-
-JOBS = Path(__file__).parent / "jobs.py"
 
 
 def batches(count: int = 3, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -240,15 +235,9 @@ def test_structured_pruning_with_gradient_statistics_in_a_trainer(tmp_path, cali
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_ddp_ranks_make_the_same_cut_from_reduced_statistics(tmp_path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(JOBS), str(tmp_path), "--devices", "2", "--importance", "fisher"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"final-rank{r}.pt", weights_only=True) for r in (0, 1)]
+def test_ddp_ranks_make_the_same_cut_from_reduced_statistics(completed_job) -> None:
+    root = completed_job("--devices", "2", "--importance", "fisher")
+    ranks = [torch.load(root / f"final-rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["record"] == ranks[1]["record"] and len(ranks[0]["record"]["steps"]) == 3
     for key, value in ranks[0]["state_dict"].items():
         assert torch.equal(value, ranks[1]["state_dict"][key]), key  # still in sync after further training

@@ -77,10 +77,15 @@ def read_checkpoint(path: str | Path, trainer: pl.Trainer | None = None) -> dict
     except FileNotFoundError as error:
         raise RecordError(f"{where} does not exist.") from error
     except Exception as error:
-        raise RecordError(
-            f"{where} could not be read as a checkpoint ({type(error).__name__}: {str(error)[:200]}). "
-            "It may be truncated or corrupt, or contain pickled objects that weights_only=True refuses."
-        ) from error
+        raise unreadable(path, error) from error
+
+
+def unreadable(path: str | Path, error: Exception) -> RecordError:
+    """The error for a checkpoint file that exists but cannot be loaded."""
+    return RecordError(
+        f"checkpoint '{path}' could not be read as a checkpoint ({type(error).__name__}: {str(error)[:200]}). "
+        "It may be truncated or corrupt, or contain pickled objects that weights_only=True refuses."
+    )
 
 
 def load_from_checkpoint(

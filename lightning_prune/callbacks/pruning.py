@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
@@ -26,6 +27,7 @@ from lightning_prune.callbacks.checkpoint import (
     catch_up,
     read_checkpoint,
 )
+from lightning_prune.callbacks.io import AtomicCheckpointIO
 from lightning_prune.depth import find_blocks, prune_layers
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import build_graph, match_modules
@@ -63,7 +65,10 @@ class StructuredPruning(Callback):
     Checkpoints hold the record of the cuts, so ``trainer.fit(model, ckpt_path=...)`` from any
     checkpoint (before, between or after pruning steps) rebuilds the pruned architecture before the
     weights load and continues the schedule without repeating or skipping a step, and
-    :func:`lightning_prune.load_from_checkpoint` gives the pruned module for inference.
+    :func:`lightning_prune.load_from_checkpoint` gives the pruned module for inference. When the trainer
+    writes checkpoints with Lightning's default ``TorchCheckpointIO``, it is replaced at setup by
+    :class:`~lightning_prune.callbacks.AtomicCheckpointIO` (same files, written atomically), so that a job
+    killed at any moment, even while saving, resumes from a complete checkpoint.
 
     Args:
         amount: cumulative fraction removed by the end of the schedule, relative to the dense model (not
@@ -218,6 +223,8 @@ class StructuredPruning(Callback):
         self._hook = pl_module.register_load_state_dict_pre_hook(
             lambda module, state_dict, prefix, *_: self._restore_architecture(reference(), module, prefix)
         )
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
