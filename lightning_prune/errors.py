@@ -6,6 +6,11 @@ They subclass ``ValueError`` or ``TypeError`` so callers can catch them with the
 
 from __future__ import annotations
 
+import reprlib
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 8, 8, 80, 80
+
 
 class PruningError(ValueError):
     """Base class for errors about a pruning request (arguments, model, record).
@@ -28,3 +33,8 @@ class RecordError(PruningError):
 
 class VerificationError(PruningError):
     """The pruned model no longer computes what the plan promised; the model was rolled back."""
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` cut short, for messages about input that may be huge or nested beyond recursion limits."""
+    return _SHORT.repr(value)

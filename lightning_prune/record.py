@@ -4,7 +4,8 @@ A record is ``{"format": "lightning-prune/record", "version": 1, "steps": [{"cut
 each step lists the cuts of one pruning call (and ``"layers"``: blocks dropped from block stacks), in
 order, relative to the model as it was then.
 :func:`restore` replays a record on a freshly built dense model so that the pruned ``state_dict``
-loads into it. Records are validated completely before the first tensor changes.
+loads into it. Records are validated completely (and rehearsed on a meta copy of the model) before the
+first tensor changes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_prune.errors import RecordError
+from lightning_prune.errors import PruningError, RecordError, shown
+from lightning_prune.measure import meta_clone
 from lightning_prune.surgery import Cut, Drop, Step, apply_step, check_steps
 
 FORMAT = "lightning-prune/record"
@@ -44,10 +46,10 @@ def parse_record(record: Any, where: str = "record") -> list[Step]:
     if not isinstance(record, Mapping):
         raise RecordError(f"{where}: expected a dict with keys format, version, steps; got {type(record).__name__}.")
     if record.get("format") != FORMAT:
-        raise RecordError(f"{where}: `format` is {record.get('format')!r:.100}, expected {FORMAT!r}.")
+        raise RecordError(f"{where}: `format` is {shown(record.get('format'))}, expected {FORMAT!r}.")
     version = record.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise RecordError(f"{where}: `version` must be an integer, got {version!r:.100}.")
+        raise RecordError(f"{where}: `version` must be an integer, got {shown(version)}.")
     if version > VERSION:
         raise RecordError(
             f"{where}: record format version {version} is newer than this lightning-prune understands ({VERSION}); "
@@ -71,9 +73,26 @@ def parse_record(record: Any, where: str = "record") -> list[Step]:
 
 
 def check_record(model: nn.Module, record: Any, where: str = "record") -> list[Step]:
-    """Validate ``record`` against ``model`` (names, dimensions, sizes, indices) without changing it."""
+    """Validate ``record`` against ``model`` without changing it.
+
+    Names, dimensions, sizes and indices are checked first; then the steps are rehearsed on a copy of
+    the model on the meta device (no memory), where layers reject what shapes alone allow, e.g. query
+    heads that no longer divide evenly over their key/value heads.
+    """
     steps = parse_record(record, where)
     check_steps(model, steps, where)
+    rehearsal = meta_clone(model)
+    try:
+        for step in steps:
+            apply_step(rehearsal, step)
+    except PruningError as error:
+        raise RecordError(f"{where}: {error}", module=error.module) from error
+    except Exception as error:
+        raise RecordError(
+            f"{where}: the record passed its checks but failed on a copy of the model on the meta device "
+            f"({type(error).__name__}: {str(error)[:200]}). It does not fit this model (or a registered layer "
+            "fixup needs real tensors)."
+        ) from error
     return steps
 
 

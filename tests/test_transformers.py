@@ -323,3 +323,33 @@ def test_an_attention_implementation_without_rules_keeps_its_heads_and_says_wher
         assert layer.mlp.up_proj.out_features == 48
     with torch.no_grad():
         assert model(**inputs()).logits.shape == (2, 12, 97)
+
+
+def test_query_heads_that_no_longer_share_key_value_heads_evenly_are_named() -> None:
+    # 8 query heads over 2 key/value heads; a (crafted) record removes one query head only: 7 cannot be
+    # split evenly over 2 key/value heads. The error names the attention module; nothing is changed.
+    from lightning_prune.errors import PruningError
+    from lightning_prune.record import new_record
+    from lightning_prune.surgery import Cut
+
+    torch.manual_seed(0)
+    model = llama().eval()
+    before = copy.deepcopy(model.state_dict())
+    keep = list(range(8, 64))  # head 0 of layer 0 (rows 0-7, head size 8) goes
+    record = new_record(
+        [
+            [
+                Cut("model.layers.0.self_attn.q_proj.weight", 0, 64, keep),
+                Cut("model.layers.0.self_attn.o_proj.weight", 1, 64, keep),
+            ]
+        ]
+    )
+    message = r"`layers\.0\.self_attn` of LlamaModel: 56 query rows and 16 key rows"
+    with pytest.raises(PruningError, match=message) as error:
+        lp.restore(model, record)
+    assert error.value.module == "layers.0.self_attn"  # inside model.model, the LlamaModel
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and set(before) == set(after)
+    assert model.model.layers[0].self_attn.num_key_value_groups == 4 and model.config.num_attention_heads == 8
+    with torch.no_grad():
+        assert model(**inputs()).logits.shape == (2, 12, 97)

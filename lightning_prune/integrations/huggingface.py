@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_prune.errors import PruningError
 from lightning_prune.surgery import DROP_FIXUPS, Drop, register_layer_name
 
 
@@ -65,6 +66,7 @@ def _pretrained_model(model: nn.Module) -> None:
             found["num_attention_heads"].add(_out_features(module) // 3 // head_dim)
         elif leaf in FEED_FORWARD or name.endswith("intermediate.dense"):
             found["ffn"].add(_out_features(module))
+    _key_value_groups(model, head_dim)
     values = {"hidden_size": {embeddings.weight.shape[1]}, **found}
     ffn_key = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
     values[ffn_key] = values.pop("ffn")
@@ -73,6 +75,28 @@ def _pretrained_model(model: nn.Module) -> None:
             setattr(config, key, options.pop())
     if hasattr(config, "head_dim"):
         config.head_dim = head_dim
+
+
+def _key_value_groups(model: nn.Module, head_dim: int) -> None:
+    """Grouped-query attention repeats each key/value head ``num_key_value_groups`` times: it must follow."""
+    for name, module in model.named_modules():
+        if not hasattr(module, "num_key_value_groups"):
+            continue
+        query = next((getattr(module, n) for n in QUERY if hasattr(module, n)), None)
+        key = next((getattr(module, n) for n in KEY if hasattr(module, n)), None)
+        if query is None or key is None:
+            continue
+        rows, kv_rows = _out_features(query), _out_features(key)
+        heads, kv_heads = rows // head_dim, kv_rows // head_dim
+        if rows % head_dim or kv_rows % head_dim or kv_heads == 0 or heads % kv_heads:
+            raise PruningError(
+                f"`{name}` of {type(model).__name__}: {rows} query rows and {kv_rows} key rows are not "
+                f"{head_dim}-row heads in which every key/value head serves the same number of query heads; "
+                "remove whole heads, a key/value head together with its query heads (the record or cuts do "
+                "not fit this model).",
+                module=name,
+            )
+        module.num_key_value_groups = heads // kv_heads
 
 
 register_layer_name("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
