@@ -10,6 +10,7 @@ module type, which users extend with :func:`register_layer`.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.errors import RecordError
+from lightning_prune.errors import RecordError, shown
 from lightning_prune.graph.groups import DependencyGraph, tensor_owners
 from lightning_prune.selection import Plan, groups_by_index
 
@@ -44,20 +45,25 @@ class Cut:
     def from_dict(cls, data: dict, where: str = "record") -> Cut:
         if not isinstance(data, dict) or set(data) - {"tensor", "dim", "size", "keep", "groups"}:
             raise RecordError(
-                f"{where}: a cut must be a dict with keys tensor, dim, size, keep[, groups]; got {data!r:.200}"
+                f"{where}: a cut must be a dict with keys tensor, dim, size, keep[, groups]; got {shown(data)}"
             )
         tensor, dim, size, keep, groups = (data.get(k) for k in ("tensor", "dim", "size", "keep", "groups"))
         groups = 1 if groups is None else groups
         if not isinstance(tensor, str):
-            raise RecordError(f"{where}: `tensor` must be a string, got {tensor!r:.100}")
+            raise RecordError(f"{where}: `tensor` must be a string, got {shown(tensor)}")
         for key, value in (("dim", dim), ("size", size), ("groups", groups)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "dim" else 1):
                 raise RecordError(
-                    f"{where}: `{key}` of cut on `{tensor}` must be a non-negative integer, got {value!r:.100}"
+                    f"{where}: `{key}` of cut on `{tensor}` must be a non-negative integer, got {shown(value)}"
                 )
         if not isinstance(keep, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in keep):
             raise RecordError(f"{where}: `keep` of cut on `{tensor}` must be a list of integers.")
         return cls(tensor, dim, size, keep, groups)
+
+
+def _increasing_below(keep: Sequence[int], size: int) -> bool:
+    """Non-empty, strictly increasing, in [0, size); compared as Python integers, which cannot overflow."""
+    return bool(keep) and keep[0] >= 0 and keep[-1] < size and all(a < b for a, b in itertools.pairwise(keep))
 
 
 def _validate_cut(cut: Cut, shape: Sequence[int], where: str) -> None:
@@ -73,11 +79,17 @@ def _validate_cut(cut: Cut, shape: Sequence[int], where: str) -> None:
         raise RecordError(
             f"{where}: cut on `{cut.tensor}` keeps {len(cut.keep)} of {cut.size} entries; must keep 1..size."
         )
-    keep = torch.tensor(cut.keep)
-    if keep[0] < 0 or keep[-1] >= cut.size or (keep.numel() > 1 and bool((keep[1:] <= keep[:-1]).any())):
+    if not _increasing_below(cut.keep, cut.size):
         raise RecordError(
             f"{where}: `keep` of cut on `{cut.tensor}` must be strictly increasing indices in [0, {cut.size})."
         )
+    if cut.groups > 1 and (cut.dim != 1 or shape[0] % cut.groups):
+        raise RecordError(
+            f"{where}: a grouped cut (groups={cut.groups}) takes the inputs of a grouped convolution: dimension 1 of "
+            f"a weight whose rows split into the groups; `{cut.tensor}` has shape {list(shape)}, the record cuts "
+            f"dimension {cut.dim}."
+        )
+    keep = torch.tensor(cut.keep)
     if cut.groups > 1:
         if cut.size % cut.groups:
             raise RecordError(
@@ -88,19 +100,65 @@ def _validate_cut(cut: Cut, shape: Sequence[int], where: str) -> None:
             raise RecordError(f"{where}: grouped cut on `{cut.tensor}` keeps unequal channel counts per group.")
 
 
-def slice_tensor(tensor: Tensor, cuts: Sequence[Cut]) -> Tensor:
-    """``tensor`` with the cuts applied (grouped-input cuts first, on the original row layout)."""
-    for cut in sorted(cuts, key=lambda c: c.groups == 1):
-        keep = torch.tensor(cut.keep, device=tensor.device)
-        if cut.groups == 1:
-            tensor = tensor.index_select(cut.dim, keep)
-            continue
-        per_group = cut.size // cut.groups
-        local = (keep % per_group).view(cut.groups, -1)
-        rows = torch.arange(tensor.shape[0], device=tensor.device) // (tensor.shape[0] // cut.groups)
-        index = local[rows].view(tensor.shape[0], -1, *([1] * (tensor.ndim - 2)))
-        tensor = tensor.gather(1, index.expand(-1, -1, *tensor.shape[2:]))
+def _group_index(cut: Cut, positions: Tensor, shape: Sequence[int]) -> Tensor:
+    """``gather``/``scatter`` index along dim 1 of a grouped convolution's weight: each group of rows reads its
+    own inputs (``positions`` count input channels of the whole layer)."""
+    per_group = cut.size // cut.groups
+    local = (positions % per_group).view(cut.groups, -1)
+    rows = torch.arange(shape[0], device=positions.device) // (shape[0] // cut.groups)
+    return local[rows].view(shape[0], -1, *([1] * (len(shape) - 2))).expand(-1, -1, *shape[2:])
+
+
+def _take(tensor: Tensor, cut: Cut, positions: Tensor) -> Tensor:
+    if cut.groups == 1:
+        return tensor.index_select(cut.dim, positions)
+    return tensor.gather(1, _group_index(cut, positions, tensor.shape))
+
+
+def _put(target: Tensor, cut: Cut, positions: Tensor, values: Tensor) -> None:
+    if cut.groups == 1:
+        target.index_copy_(cut.dim, positions, values)
+    else:
+        target.scatter_(1, _group_index(cut, positions, target.shape), values)
+
+
+def _kept_indices(cut: Cut, device: torch.device) -> Tensor:
+    return torch.tensor(cut.keep, dtype=torch.long, device=device)
+
+
+def _removed_indices(cut: Cut, device: torch.device) -> Tensor:
+    gone = torch.ones(cut.size, dtype=torch.bool)
+    gone[cut.keep] = False
+    return torch.nonzero(gone).reshape(-1).to(device)
+
+
+def _in_order(cuts: Sequence[Cut]) -> list[Cut]:
+    return sorted(cuts, key=lambda c: c.groups == 1)  # grouped-input cuts first, on the original row layout
+
+
+def slice_tensor(tensor: Tensor, cuts: Sequence[Cut], removed: list[Tensor] | None = None) -> Tensor:
+    """``tensor`` with the cuts applied.
+
+    With ``removed``, the entries each cut takes away are appended to it: with the result, they are all
+    :func:`unslice_tensor` needs to rebuild ``tensor`` (a fraction of a full copy).
+    """
+    for cut in _in_order(cuts):
+        if removed is not None:
+            removed.append(_take(tensor, cut, _removed_indices(cut, tensor.device)))
+        tensor = _take(tensor, cut, _kept_indices(cut, tensor.device))
     return tensor.contiguous()
+
+
+def unslice_tensor(tensor: Tensor, cuts: Sequence[Cut], removed: Sequence[Tensor]) -> Tensor:
+    """The tensor that :func:`slice_tensor` turned into ``tensor``, removing ``removed``."""
+    for cut, gone in zip(reversed(_in_order(cuts)), reversed(removed), strict=True):
+        shape = list(tensor.shape)
+        shape[cut.dim] += gone.shape[cut.dim]
+        whole = tensor.new_empty(shape)
+        _put(whole, cut, _kept_indices(cut, tensor.device), tensor)
+        _put(whole, cut, _removed_indices(cut, tensor.device), gone)
+        tensor = whole
+    return tensor
 
 
 # --- layer attribute updates ---------------------------------------------------------------------
@@ -255,10 +313,10 @@ class Drop:
     @classmethod
     def from_dict(cls, data: dict, where: str = "record") -> Drop:
         if not isinstance(data, dict) or set(data) != {"module", "size", "keep"}:
-            raise RecordError(f"{where}: a layer drop must be a dict with keys module, size, keep; got {data!r:.200}")
+            raise RecordError(f"{where}: a layer drop must be a dict with keys module, size, keep; got {shown(data)}")
         module, size, keep = data["module"], data["size"], data["keep"]
         if not isinstance(module, str) or isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise RecordError(f"{where}: layer drop needs a module path and a positive size, got {data!r:.200}")
+            raise RecordError(f"{where}: layer drop needs a module path and a positive size, got {shown(data)}")
         if not isinstance(keep, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in keep):
             raise RecordError(f"{where}: `keep` of the layer drop on `{module}` must be a list of integers.")
         return cls(module, size, keep)
@@ -292,7 +350,9 @@ def _renamed(name: str, module: str, keep: Sequence[int]) -> str | None:
 def check_steps(model: nn.Module, steps: Iterable[Step], where: str = "record") -> None:
     """Validate steps in order against the model's current shapes and block stacks; nothing changes."""
     shapes = {name: list(t.shape) for name, t in named_tensors(model).items()}
-    stacks = {name: len(m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList | nn.Sequential)}
+    stacks = {  # the model itself cannot be replaced: its stacks are inside it
+        name: len(m) for name, m in model.named_modules() if name and isinstance(m, nn.ModuleList | nn.Sequential)
+    }
     for number, step in enumerate(steps):
         here = f"{where} step {number}"
         seen = set()
@@ -315,9 +375,7 @@ def check_steps(model: nn.Module, steps: Iterable[Step], where: str = "record") 
                     f"{here}: the record drops layers of `{drop.module}`, a stack of {drop.size} blocks; the model "
                     f"has {stacks.get(drop.module, 'no such stack')} there. Apply it to a freshly built model."
                 )
-            keep = torch.tensor(drop.keep, dtype=torch.long)
-            increasing = keep.numel() < 2 or bool((keep[1:] > keep[:-1]).all())
-            if not drop.keep or not increasing or int(keep[0]) < 0 or int(keep[-1]) >= drop.size:
+            if not _increasing_below(drop.keep, drop.size):
                 raise RecordError(f"{here}: `keep` of `{drop.module}` must be increasing indices in [0, {drop.size}).")
             shapes = {new: v for name, v in shapes.items() if (new := _renamed(name, drop.module, drop.keep))}
             stacks = {new: v for name, v in stacks.items() if (new := _renamed(name, drop.module, drop.keep))}
@@ -366,22 +424,27 @@ def apply_step(model: nn.Module, step: Step, optimizers: Iterable[torch.optim.Op
 
 @dataclass
 class Undo:
-    """Everything needed to put a model (and its optimizers) back as they were before surgery."""
+    """Everything needed to put a model (and its optimizers) back as they were before surgery.
 
-    tensors: list[tuple[Tensor, Tensor, Tensor | None]] = field(default_factory=list)
-    states: list[tuple[dict, str, Tensor]] = field(default_factory=list)
+    Only what the cuts removed is kept (see :func:`slice_tensor`), never a full copy of a tensor: undoing
+    rebuilds each tensor from its smaller self and its removed entries.
+    """
+
+    tensors: list[tuple[Tensor, list[Cut], list[Tensor], list[Tensor] | None]] = field(default_factory=list)
+    states: list[tuple[dict, str, list[Cut], list[Tensor]]] = field(default_factory=list)
     attributes: list[tuple[nn.Module, dict]] = field(default_factory=list)
     replaced: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
 
     def __call__(self) -> None:
         for parent, name, module in self.replaced:
             setattr(parent, name, module)
-        for tensor, data, grad in self.tensors:
-            tensor.data = data
-            if isinstance(tensor, nn.Parameter) or tensor.grad is not None or grad is not None:
-                tensor.grad = grad
-        for state, key, value in self.states:
-            state[key] = value
+        with torch.no_grad():
+            for tensor, cuts, removed, removed_grad in self.tensors:
+                tensor.data = unslice_tensor(tensor.data, cuts, removed)
+                if removed_grad is not None:
+                    tensor.grad = unslice_tensor(tensor.grad, cuts, removed_grad)
+            for state, key, cuts, removed in self.states:
+                state[key] = unslice_tensor(state[key], cuts, removed)
         for module, attributes in self.attributes:
             module.__dict__.update(attributes)
 
@@ -409,8 +472,8 @@ def apply_cuts(
 ) -> Undo | None:
     """Slice the model's tensors (and optimizer state, gradients) in place; update layer attributes.
 
-    All cuts are validated before anything changes. With ``undoable`` the previous tensors are kept
-    and an :class:`Undo` is returned.
+    All cuts are validated before anything changes. With ``undoable`` an :class:`Undo` is returned; it
+    holds the removed entries only, so each old tensor is freed as soon as its smaller self exists.
     """
     check_cuts(model, [cuts], "cuts")
     tensors = named_tensors(model)
@@ -430,15 +493,18 @@ def apply_cuts(
                 state = optimizer.state.get(tensor)
                 for key, value in (state or {}).items():
                     if isinstance(value, Tensor) and value.shape == old_shape and value.ndim > 0:
+                        removed = [] if undo is not None else None
+                        state[key] = slice_tensor(value, tensor_cuts, removed)
                         if undo is not None:
-                            undo.states.append((state, key, value))
-                        state[key] = slice_tensor(value, tensor_cuts)
+                            undo.states.append((state, key, tensor_cuts, removed))
             grad = tensor.grad
-            if undo is not None:
-                undo.tensors.append((tensor, tensor.data, grad))
-            tensor.data = slice_tensor(tensor.data, tensor_cuts)
+            removed = [] if undo is not None else None
+            removed_grad = [] if undo is not None and grad is not None else None
+            tensor.data = slice_tensor(tensor.data, tensor_cuts, removed)
             if grad is not None:
-                tensor.grad = slice_tensor(grad, tensor_cuts)
+                tensor.grad = slice_tensor(grad, tensor_cuts, removed_grad)
+            if undo is not None:
+                undo.tensors.append((tensor, tensor_cuts, removed, removed_grad))
     for module in modules.values():  # children before the layers that contain them
         fixup = _fixup_for(module)
         replacement = fixup(module) if fixup is not None else None

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from nets import GroupedNet, MobileNet, PlainCNN, ResidualNet, small_input
+from nets import SMALL_NETS, GroupedNet, MobileNet, PlainCNN, ResidualNet, small_input
 from torch import nn
 
 import lightning_prune as lp
@@ -62,6 +62,34 @@ def test_optimizer_state_is_sliced_bit_identically(make_optimizer) -> None:
             assert torch.equal(value, slice_tensor(before_state[name][key], tensor_cuts))
         assert torch.equal(param.grad, slice_tensor(before_grad[name], tensor_cuts))
     train_steps(model, optimizer)  # the optimizer keeps working on the smaller parameters
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_NETS))
+def test_undo_rebuilds_weights_gradients_and_optimizer_state_from_the_removed_entries_only(name: str) -> None:
+    torch.manual_seed(0)
+    model, x = SMALL_NETS[name](), small_input()
+    optimizer = torch.optim.Adam(model.parameters())
+    train_steps(model, optimizer)
+    model(x).sum().backward()
+    before, layers = copy.deepcopy(model.state_dict()), repr(model)
+    grads = {key: p.grad.clone() for key, p in model.named_parameters() if p.grad is not None}
+    state = copy.deepcopy(optimizer.state_dict()["state"])
+    cuts = parse_record(lp.prune(copy.deepcopy(model), x, 0.5, scope="local").record)[0].cuts
+    entries = sum(t.numel() for t in model.state_dict().values())
+
+    undo = lp.apply_cuts(model, cuts, [optimizer], undoable=True)
+
+    kept = sum(t.numel() for t in model.state_dict().values())
+    assert sum(part.numel() for _, _, removed, _ in undo.tensors for part in removed) == entries - kept  # no copies
+    undo()
+    assert repr(model) == layers  # widths, groups and replaced modules are back
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert all(torch.equal(grads[key], p.grad) for key, p in model.named_parameters() if key in grads)
+    after = optimizer.state_dict()["state"]
+    assert all(
+        torch.equal(value, after[index][key]) for index, values in state.items() for key, value in values.items()
+    )
+    train_steps(model, optimizer)
 
 
 def test_grouped_slicing_keeps_each_groups_own_columns() -> None:
