@@ -164,6 +164,15 @@ def test_multi_head_attention_heads_are_removed_exactly(batch_first: bool) -> No
     assert weights.shape == (2, 5, 5) and none is None and torch.allclose(explicit, fused, atol=1e-6)
 
 
+def assert_restores(fresh: nn.Module, dense: dict, result: lp.PruningResult, model: nn.Module, x: torch.Tensor) -> None:
+    """A freshly built dense model with the dense weights, given the record and the pruned weights, equals ``model``."""
+    fresh.eval().load_state_dict(dense)
+    lp.restore(fresh, result.record)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
 def test_vision_transformer_heads_prune_and_restore() -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -173,12 +182,7 @@ def test_vision_transformer_heads_prune_and_restore() -> None:
     result = lp.prune(model, x, 0.4, scope="local")
     assert [layer.self_attention.num_heads for layer in model.encoder.layers] == [8] * 12
     assert model.hidden_dim == model.conv_proj.out_channels < 768 and result.macs_after < 0.5 * result.macs_before
-    fresh = torchvision.models.vit_b_16(weights=None, num_classes=10, image_size=64).eval()
-    fresh.load_state_dict(dense)
-    lp.restore(fresh, result.record)
-    fresh.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        assert torch.equal(fresh(x), model(x))
+    assert_restores(torchvision.models.vit_b_16(weights=None, num_classes=10, image_size=64), dense, result, model, x)
     model.train()
     model(x).sum().backward()
 
@@ -245,12 +249,7 @@ def test_windowed_attention_prunes_trains_and_restores(name: str) -> None:
     result = lp.prune(model, x, 0.4, importance="taylor", batches=[x], loss_fn=lambda m, b: m(b).logsumexp(-1).mean())
     assert not [reason for reason in result.unprunable.values() if "does not follow" in reason]
     assert result.macs_after < 0.7 * result.macs_before
-    fresh = make().eval()
-    fresh.load_state_dict(dense)
-    lp.restore(fresh, result.record)
-    fresh.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        assert torch.equal(fresh(x), model(x))
+    assert_restores(make(), dense, result, model, x)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(x).logsumexp(-1).mean().backward()

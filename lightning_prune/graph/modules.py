@@ -89,11 +89,16 @@ def _attention(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -
     for source in inputs[:3]:
         b.slot(weight, 1, "in", b.along(source, -1))
     b.slot(out_proj.weight, 1, "in", rows[0].reshape(-1))
-    produced = b.space(b.name_of(out_proj.weight), 0, out_proj.weight.shape[0])
-    b.slot(out_proj.weight, 0, "out", produced)
-    if out_proj.bias is not None:
-        b.slot(out_proj.bias, 0, "follow", produced)
-    b.set(result, produced.view([1] * (result.ndim - 1) + [-1]))
+    _output_projection(b, out_proj, result)
+
+
+def _output_projection(b: TraceBuilder, linear: nn.Linear, output: Tensor) -> None:
+    """The module's output is produced by ``linear`` (called functionally inside it) along its last dimension."""
+    produced = b.space(b.name_of(linear.weight), 0, linear.weight.shape[0])
+    b.slot(linear.weight, 0, "out", produced)
+    if linear.bias is not None:
+        b.slot(linear.bias, 0, "follow", produced)
+    b.set(output, produced.view([1] * (output.ndim - 1) + [-1]))
 
 
 register_atomic(_is_attention, _attention)
@@ -135,11 +140,7 @@ def _window_attention(b: TraceBuilder, module: nn.Module, inputs: tuple, output:
         b.slot(last.weight, 0, "follow", head)
     else:
         b.slot(module.relative_position_bias_table, 1, "follow", head)
-    produced = b.space(b.name_of(proj.weight), 0, proj.weight.shape[0])
-    b.slot(proj.weight, 0, "out", produced)
-    if proj.bias is not None:
-        b.slot(proj.bias, 0, "follow", produced)
-    b.set(output, produced.view([1] * (output.ndim - 1) + [-1]))
+    _output_projection(b, proj, output)
 
 
 register_atomic(_is_window_attention, _window_attention)

@@ -82,7 +82,8 @@ class PrunedWindowAttention(nn.Module):
 
         bias = self.qkv.bias
         if self.cosine and bias is not None:  # v2 has no key bias
-            bias = torch.cat([bias.chunk(3)[0], torch.zeros_like(bias.chunk(3)[1]), bias.chunk(3)[2]])
+            query_bias, key_bias, value_bias = bias.chunk(3)
+            bias = torch.cat([query_bias, torch.zeros_like(key_bias), value_bias])
         qkv = F.linear(windows, self.qkv.weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [windows, heads, tokens, head_dim]
         if self.cosine:
