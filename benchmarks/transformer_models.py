@@ -35,7 +35,7 @@ def only(kind: str):
     l1 = get_criterion("l1")
 
     def criterion(group, context):
-        tensors = {m.slot.tensor for m in group.slots("out")}
+        tensors = {m.slot.tensor for m in group.members_with_role("out")}
         heads = any(t.endswith(("query.weight", "q_proj.weight")) for t in tensors)
         if group.normalized or (kind == "heads" and not heads):
             return None

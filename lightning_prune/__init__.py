@@ -1,21 +1,31 @@
 """lightning-prune: structured pruning that leaves smaller dense models, as PyTorch Lightning callbacks.
 
 The core (everything here except the callbacks, data, models, ``cli`` and ``report``) is plain
-PyTorch: trace → groups, score, select → plan, cut, verify.
+PyTorch: trace → groups, score, select → plan, cut, verify. ``docs/ARCHITECTURE.md`` maps the folders.
 """
 
 from lightning_prune.api import LayerChange, PruningResult, prune
+from lightning_prune.budget import DenseSize
+from lightning_prune.cuts import Cut, Drop, Step
 from lightning_prune.depth import LayerPruningResult, find_blocks, prune_layers
 from lightning_prune.errors import PruningError, RecordError, TraceError, VerificationError
+from lightning_prune.fixups import register_layer
 from lightning_prune.graph.groups import DependencyGraph, Group, Slot, build_graph
+from lightning_prune.graph.module_rules import register_module_rule
 from lightning_prune.importance import ScoringContext, get_criterion, register_criterion, score
+from lightning_prune.integrations import load_integrations
 from lightning_prune.measure import count_macs, count_params, latency
+from lightning_prune.planning import plan_cuts
 from lightning_prune.record import check_record, merge_records, restore
-from lightning_prune.selection import Plan, select
-from lightning_prune.surgery import Cut, Drop, Step, apply_cuts, plan_cuts, register_layer, slice_tensor
+from lightning_prune.registry import Registry, RegistryError
+from lightning_prune.selection import Plan, SelectionOptions, select
+from lightning_prune.slicing import slice_tensor
+from lightning_prune.surgery import apply_cuts
 from lightning_prune.verify import verify_pruned
 
 __version__ = "0.1.0"
+
+load_integrations()  # each layer family registers its rules and fixups; third-party ones by entry point
 
 # Lightning-facing names load on first use, so that the engine imports neither Lightning nor Hydra.
 _LAZY = {
@@ -43,6 +53,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "Cifar10DataModule",
     "Cut",
+    "DenseSize",
     "DependencyGraph",
     "DigitsDataModule",
     "Drop",
@@ -55,7 +66,10 @@ __all__ = [
     "PruningError",
     "PruningResult",
     "RecordError",
+    "Registry",
+    "RegistryError",
     "ScoringContext",
+    "SelectionOptions",
     "Slot",
     "Step",
     "StructuredPruning",
@@ -78,6 +92,7 @@ __all__ = [
     "prune_layers",
     "register_criterion",
     "register_layer",
+    "register_module_rule",
     "restore",
     "score",
     "select",

@@ -9,18 +9,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.budget import Budget, DenseSize, plan_for_goal
+from lightning_prune.cuts import Cut
 from lightning_prune.errors import PruningError, VerificationError
-from lightning_prune.graph.groups import DependencyGraph, group_trace, match_modules, tensor_owners
-from lightning_prune.graph.tracer import ExampleInputs, record
+from lightning_prune.graph.groups import DependencyGraph, group_trace, match_modules
+from lightning_prune.graph.tracer import trace_model
 from lightning_prune.importance import Criterion, ScoringContext, get_criterion, needs_gradients, score
-from lightning_prune.measure import count_macs, count_params, meta_clone, to_device
+from lightning_prune.measure import count_macs, count_params
+from lightning_prune.planning import plan_cuts
 from lightning_prune.record import new_record
-from lightning_prune.selection import Plan, check_selection_arguments, select
+from lightning_prune.running import ExampleInputs, meta_clone, tensor_owners, to_device
+from lightning_prune.selection import Plan, SelectionOptions, select
 from lightning_prune.statistics import collect_statistics
-from lightning_prune.surgery import Cut, apply_cuts, plan_cuts
+from lightning_prune.surgery import apply_cuts
 from lightning_prune.verify import verify_pruned
 
-TARGETS = ("channels", "macs", "params")
 MAX_ATTEMPTS = 6
 
 
@@ -34,7 +37,11 @@ class LayerChange:
 
 @dataclass
 class PruningResult:
-    """What one pruning call did. ``record`` replays it on a fresh dense model (:func:`restore`)."""
+    """What one pruning call did. ``record`` replays it on a fresh dense model (:func:`restore`).
+
+    ``dense`` is the dense model's size with this call's removals counted: pass it as ``dense=`` to the
+    next call so that its ``amount`` is again relative to the dense model.
+    """
 
     record: dict[str, Any]
     params_before: int
@@ -45,6 +52,7 @@ class PruningResult:
     unprunable: dict[str, str]
     channels_before: int
     channels_removed: int
+    dense: DenseSize
     graph: DependencyGraph = field(repr=False)
 
     @property
@@ -88,44 +96,35 @@ def _count_macs_cheaply(model: nn.Module, example_inputs: ExampleInputs) -> int:
         return count_macs(model, example_inputs)
 
 
-def _measure(model: nn.Module, cuts: list[Cut], example_inputs: ExampleInputs, target: str) -> int:
-    clone = meta_clone(model)
-    apply_cuts(clone, cuts)
-    return count_params(clone) if target == "params" else count_macs(clone, to_device(example_inputs, "meta"))
+@dataclass
+class _Planner:
+    """Scores a traced model and chooses what goes to meet the budget; remembers the dense measurements."""
 
+    model: nn.Module
+    example_inputs: ExampleInputs
+    budget: Budget
+    dense: DenseSize | None
+    selection: SelectionOptions
+    criterion: Criterion
+    statistics: Mapping[str, Any] | None
+    calibration: tuple[Iterable[Any] | None, Callable[[nn.Module, Any], torch.Tensor] | None]
+    params_before: int = 0
+    macs_before: int | None = None
 
-def _search(
-    model: nn.Module,
-    graph: DependencyGraph,
-    scores: list,
-    example_inputs: ExampleInputs,
-    target: str,
-    goal: int,
-    selection: Mapping[str, Any],
-) -> Plan:
-    """Smallest channel fraction whose plan brings ``target`` (params or MACs) to at most ``goal``."""
-    low, high = 0.0, 0.999
-    best: Plan | None = None
-    reached = None
-    for _ in range(16):
-        middle = (low + high) / 2
-        plan = select(graph.groups, scores, middle, **selection)
-        value = _measure(model, plan_cuts(graph, plan), example_inputs, target)
-        if value <= goal:
-            best, high = plan, middle
-        else:
-            low = middle
-            reached = value
-    if best is None:
-        plan = select(graph.groups, scores, high, **selection)
-        value = _measure(model, plan_cuts(graph, plan), example_inputs, target)
-        if value > goal:
-            raise PruningError(
-                f"`target={target!r}` cannot reach {goal:,}: removing everything the constraints allow leaves "
-                f"{value:,} (last try {reached}). Lower `amount`, raise `max_fraction` or shrink `ignore`."
+    def __call__(self, graph: DependencyGraph) -> Plan:
+        if self.macs_before is None:
+            self.macs_before = (
+                graph.trace.macs if graph.trace.macs is not None else count_macs(self.model, self.example_inputs)
             )
-        best = plan
-    return best
+        if needs_gradients(self.criterion) and self.statistics is None:
+            self.statistics = collect_statistics(self.model, graph, *self.calibration)
+        scores = score(graph.groups, ScoringContext(self.model, self.statistics or {}), self.criterion)
+        current = self.params_before if self.budget.target == "params" else self.macs_before
+        fraction = self.budget.fraction_now(self.dense, current)
+        if self.budget.target == "channels" or fraction == 0:
+            return select(graph.groups, scores, fraction, self.selection)
+        goal = int((1 - fraction) * current)
+        return plan_for_goal(self.model, graph, scores, self.example_inputs, self.budget.target, goal, self.selection)
 
 
 def prune(
@@ -134,12 +133,13 @@ def prune(
     amount: float,
     importance: str | Criterion = "l1",
     *,
-    scope: str = "global",
-    ignore: Iterable[str] = (),
-    round_to: int = 1,
     target: str = "channels",
+    dense: DenseSize | None = None,
+    scope: str = "global",
+    round_to: int = 1,
     max_fraction: float = 0.9,
     normalize: str = "mean",
+    ignore: Iterable[str] = (),
     aggregate: str = "sum",
     seed: int = 0,
     optimizers: Iterable[torch.optim.Optimizer] = (),
@@ -160,11 +160,11 @@ def prune(
             (``amount=0.5`` with ``target="macs"`` prunes until MACs ≤ 50% of what they were).
         importance: a criterion name (``"l1"``, ``"l2"``, ``"bn_scale"``, ``"taylor"``, ``"fisher"``,
             ``"fpgm"``, ``"random"``) or a callable ``criterion(group, context) -> scores``.
-        scope: ``"global"`` ranks all channels together, ``"local"`` removes ``amount`` of every group.
+        target: what ``amount`` is a fraction of: ``"channels"``, ``"macs"`` or ``"params"``.
+        dense: the ``result.dense`` of an earlier call on this model: ``amount`` is then cumulative and
+            relative to the model as it was before its first pruning step.
+        scope, round_to, max_fraction, normalize: how elements are selected (see :class:`SelectionOptions`).
         ignore: module names or glob patterns whose parameters keep their shapes.
-        round_to: widths that remain are multiples of this.
-        max_fraction: at most this fraction of any group is removed.
-        normalize: how global ranking makes groups comparable (``"mean"``, ``"max"``, ``"sum"``, ``"none"``).
         aggregate: how a group's producers' scores combine (``"sum"``, ``"mean"``, ``"max"``).
         seed: seed of the ``"random"`` criterion.
         optimizers: optimizers whose per-parameter state (momentum, Adam moments) is sliced alike.
@@ -182,9 +182,8 @@ def prune(
         PruningError: bad arguments (before anything runs), untraceable model or inputs; the model
             is left unchanged.
     """
-    check_selection_arguments(amount, scope, round_to, max_fraction, normalize)
-    if target not in TARGETS:
-        raise PruningError(f"`target` must be one of {', '.join(TARGETS)}; got {target!r}.")
+    budget = Budget(amount, target)
+    selection = SelectionOptions(scope, round_to, max_fraction, normalize)
     criterion = get_criterion(importance, aggregate=aggregate, seed=seed)
     if needs_gradients(criterion) and statistics is None and (batches is None or loss_fn is None):
         missing = " and ".join(f"`{n}`" for n, v in (("batches", batches), ("loss_fn", loss_fn)) if v is None)
@@ -193,58 +192,73 @@ def prune(
             "of batches) and `loss_fn(model, batch) -> scalar loss`, or precomputed `statistics`."
         )
     ignored = dict.fromkeys(match_modules(model, ignore), "which is listed in `ignore`")
-    optimizers = list(optimizers)
-    modes = tuple(modes)
-    selection = {"scope": scope, "round_to": round_to, "max_fraction": max_fraction, "normalize": normalize}
-    params_before = count_params(model)
-    macs_before: int | None = None
-    left_alone: dict[str, str] = {}
-    for _ in range(MAX_ATTEMPTS):
-        graph = group_trace(model, record(model, example_inputs, modes), {**ignored, **left_alone})
-        if macs_before is None:
-            macs_before = graph.trace.macs if graph.trace.macs is not None else count_macs(model, example_inputs)
-        if needs_gradients(criterion) and statistics is None:
-            statistics = collect_statistics(model, graph, batches, loss_fn)
-        scores = score(graph.groups, ScoringContext(model, statistics or {}), criterion)
-        if target == "channels" or amount == 0:
-            plan = select(graph.groups, scores, amount, **selection)
-        else:
-            dense = params_before if target == "params" else macs_before
-            plan = _search(model, graph, scores, example_inputs, target, int((1 - amount) * dense), selection)
-        cuts = plan_cuts(graph, plan)
-        undo = apply_cuts(model, cuts, optimizers, undoable=verify)
-        macs_after = None if cuts else macs_before
-        if not verify or not cuts:
-            break
-        try:
-            macs_after = verify_pruned(model, example_inputs, graph, cuts, modes).macs
-            break
-        except PruningError as error:
-            undo()
-            culprits = _same_code(model, error.module)
-            if not culprits or set(culprits) <= set(left_alone):
-                raise VerificationError(
-                    f"the pruned model deviates from the plan and was restored: {error} "
-                    "Add the module named here to `ignore`, and please report the model.",
-                    module=error.module,
-                ) from error
-            cause = error.__cause__ or error
-            reason = f"whose code does not follow a pruned width ({type(cause).__name__}: {str(cause)[:160]})"
-            left_alone.update(dict.fromkeys(culprits, reason))
-    else:
-        raise VerificationError(f"gave up after {MAX_ATTEMPTS} attempts to find a plan that verifies.")
+    planner = _Planner(
+        model, example_inputs, budget, dense, selection, criterion, statistics, (batches, loss_fn), count_params(model)
+    )
+    graph, plan, cuts, macs_after, left_alone = _cut_until_verified(
+        model, example_inputs, planner, ignored, list(optimizers), verify, tuple(modes)
+    )
+    macs_before = planner.macs_before
+    if not cuts:
+        macs_after = macs_before
+    channels = sum(g.width for g in graph.groups)
     return PruningResult(
         new_record([cuts]),
-        params_before,
+        planner.params_before,
         count_params(model),
         macs_before,
         macs_after if macs_after is not None else _count_macs_cheaply(model, example_inputs),
         _layer_changes(model, cuts, graph),
         {**graph.unprunable, **left_alone},
-        sum(g.width for g in graph.groups),
+        channels,
         plan.count,
+        (dense or DenseSize(planner.params_before, macs_before, channels)).after(plan.count),
         graph,
     )
+
+
+def _cut_until_verified(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    choose: Callable[[DependencyGraph], Plan],
+    ignored: dict[str, str],
+    optimizers: list[torch.optim.Optimizer],
+    verify: bool,
+    modes: tuple[str, ...],
+) -> tuple[DependencyGraph, Plan, list[Cut], int | None, dict[str, str]]:
+    """Trace, plan and cut; if the cut model deviates from the plan, undo, leave the culprit's class whole, retry.
+
+    Returns the graph, plan and cuts that held, the pruned model's MACs when verification counted them
+    (None otherwise), and the modules left whole with their reasons.
+    """
+    left_alone: dict[str, str] = {}
+    for _ in range(MAX_ATTEMPTS):
+        graph = group_trace(model, trace_model(model, example_inputs, modes), {**ignored, **left_alone})
+        plan = choose(graph)
+        cuts = plan_cuts(graph, plan)
+        undo = apply_cuts(model, cuts, optimizers, undoable=verify)
+        if not verify or not cuts:
+            return graph, plan, cuts, None, left_alone
+        try:
+            return graph, plan, cuts, verify_pruned(model, example_inputs, graph, cuts, modes).macs, left_alone
+        except PruningError as error:
+            undo()
+            left_alone.update(_leave_alone(model, error, left_alone))
+    raise VerificationError(f"gave up after {MAX_ATTEMPTS} attempts to find a plan that verifies.")
+
+
+def _leave_alone(model: nn.Module, error: PruningError, left_alone: Mapping[str, str]) -> dict[str, str]:
+    """The modules to keep whole after ``error``: every module running the culprit's code; raises if none is new."""
+    culprits = _same_code(model, error.module)
+    if not culprits or set(culprits) <= set(left_alone):
+        raise VerificationError(
+            f"the pruned model deviates from the plan and was restored: {error} "
+            "Add the module named here to `ignore`, and please report the model.",
+            module=error.module,
+        ) from error
+    cause = error.__cause__ or error
+    reason = f"whose code does not follow a pruned width ({type(cause).__name__}: {str(cause)[:160]})"
+    return dict.fromkeys(culprits, reason)
 
 
 def _same_code(model: nn.Module, path: str | None) -> list[str]:

@@ -30,8 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from lightning_prune.callbacks import StructuredPruning
+from lightning_prune.callbacks.snapshot import KeepDense
 from lightning_prune.data import SplitDataModule
-from lightning_prune.demo import KeepDense
 from lightning_prune.measure import count_macs, count_params, latency
 from lightning_prune.report import RESULTS
 

@@ -13,7 +13,6 @@ parameters, MACs and measured CPU latency.
 from __future__ import annotations
 
 import argparse
-import copy
 import warnings
 from pathlib import Path
 
@@ -22,20 +21,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_prune.callbacks import NetworkSlimming, StructuredPruning
+from lightning_prune.callbacks.snapshot import KeepDense
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.measure import count_macs, count_params, latency
 from lightning_prune.models import ImageClassifier
-
-
-class KeepDense(Callback):
-    """Keeps a copy of the model as it is right before the first pruning step (listed before it)."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch, self.model = epoch, None
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            self.model = copy.deepcopy(pl_module)
 
 
 def accuracy(model: pl.LightningModule, data: DigitsDataModule) -> float:

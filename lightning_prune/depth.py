@@ -18,13 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune.api import LayerChange
+from lightning_prune.budget import DenseSize
+from lightning_prune.cuts import Drop, Step
 from lightning_prune.errors import PruningError
-from lightning_prune.graph.tracer import ExampleInputs, preserved_state, run_model
 from lightning_prune.measure import count_macs, count_params
 from lightning_prune.record import new_record
-from lightning_prune.surgery import Drop, Step, apply_drops
+from lightning_prune.registry import Registry
+from lightning_prune.running import ExampleInputs, preserved_state, run_model
+from lightning_prune.selection import check_amount
+from lightning_prune.surgery import apply_drops
 
 BlockScore = Callable[[nn.Module, str, Iterable[Any]], Tensor]
+BLOCK_SCORES: Registry[str, Callable[..., BlockScore]] = Registry(
+    "block score", "Pass `importance=` a callable score(model, blocks, batches), or register a factory here."
+)
 
 
 def find_blocks(model: nn.Module) -> str:
@@ -83,6 +91,18 @@ def block_influence(model: nn.Module, blocks: str, batches: Iterable[Any]) -> Te
     return scores.masked_fill(changes_shape | (counts == 0), math.inf)
 
 
+def _random_blocks(seed: int = 0, **_: Any) -> BlockScore:
+    def scores(model: nn.Module, blocks: str, batches: Iterable[Any]) -> Tensor:
+        size = len(model.get_submodule(blocks))
+        return torch.rand(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    return scores
+
+
+BLOCK_SCORES.register("block_influence", lambda **_: block_influence)
+BLOCK_SCORES.register("random", _random_blocks)
+
+
 @dataclass
 class LayerPruningResult:
     """What one depth-pruning call removed; ``record`` replays it (:func:`lightning_prune.restore`)."""
@@ -95,6 +115,13 @@ class LayerPruningResult:
     params_after: int
     macs_before: int
     macs_after: int
+    dense: DenseSize
+
+    @property
+    def layers(self) -> list[LayerChange]:
+        """The block stack's length, before → after."""
+        before = len(self.scores)
+        return [LayerChange(self.blocks, "", before, before - len(self.removed))] if self.removed else []
 
     def __str__(self) -> str:
         return (
@@ -115,6 +142,7 @@ def prune_layers(
     batches: Iterable[Any] | None = None,
     optimizers: Iterable[torch.optim.Optimizer] = (),
     seed: int = 0,
+    dense: DenseSize | None = None,
 ) -> LayerPruningResult:
     """Remove the least important ``amount`` (a fraction) or ``count`` of the blocks of a block stack, in place.
 
@@ -127,6 +155,9 @@ def prune_layers(
             returning one score per block (lowest go first).
         batches: model inputs (tensor, tuple or dict per batch) to measure block influence on.
         optimizers: the removed blocks' parameters leave these optimizers.
+        seed: seed of ``importance="random"``.
+        dense: the ``result.dense`` of an earlier call on this model: ``amount`` is then cumulative and
+            relative to the number of blocks the model had before its first call.
 
     Raises:
         PruningError: a bad ``amount``/``count``, no stack of blocks, or a stack whose blocks all change
@@ -136,8 +167,8 @@ def prune_layers(
         raise PruningError(
             "pass exactly one of `amount` (a fraction of the blocks), `count` (a number of blocks) and `indices`."
         )
-    if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 <= amount < 1):
-        raise PruningError(f"`amount` must be a fraction in [0, 1), got {amount!r}.")
+    if amount is not None:
+        check_amount(amount)
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
         raise PruningError(f"`count` must be a non-negative integer, got {count!r}.")
     blocks = blocks or find_blocks(model)
@@ -156,21 +187,21 @@ def prune_layers(
                 f"(0..{size - 1}); out of range: {bad}."
             )
         count = len(indices)
-    wanted = count if count is not None else math.floor(amount * size + 1e-9)
+    if count is None:
+        count = math.floor(amount * (dense.units if dense else size) + 1e-9) - (dense.removed if dense else 0)
+    wanted = max(count, 0)
     if wanted >= size:
         raise PruningError(f"cannot remove {wanted} of the {size} blocks of `{blocks}`: at least one must stay.")
     calibration = list(batches) if batches is not None else [example_inputs]
     if indices is not None:
         scores = torch.ones(size, dtype=torch.float64)
         scores[list(indices)] = 0.0
-    elif importance == "block_influence":
-        scores = block_influence(model, blocks, calibration)
-    elif importance == "random":
-        scores = torch.rand(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    elif callable(importance):
-        scores = torch.as_tensor(importance(model, blocks, calibration), dtype=torch.float64).reshape(-1)
+    elif callable(importance) or importance in BLOCK_SCORES:
+        scorer = importance if callable(importance) else BLOCK_SCORES[importance](seed=seed)
+        scores = torch.as_tensor(scorer(model, blocks, calibration), dtype=torch.float64).reshape(-1)
     else:
-        raise PruningError(f"`importance` must be 'block_influence', 'random' or a callable, got {importance!r}.")
+        known = ", ".join(repr(name) for name in BLOCK_SCORES)
+        raise PruningError(f"`importance` must be {known} or a callable, got {importance!r}.")
     if scores.numel() != size or torch.isnan(scores).any():
         raise PruningError(f"block scores for `{blocks}` must be {size} numbers without NaN, got {scores.tolist()}.")
     removable = int(torch.isfinite(scores).sum())
@@ -192,4 +223,5 @@ def prune_layers(
         count_params(model),
         macs_before,
         count_macs(model, example_inputs),
+        (dense or DenseSize(params_before, macs_before, size)).after(len(removed)),
     )

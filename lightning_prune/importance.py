@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import Group, Member
+from lightning_prune.registry import Registry
 
 AGGREGATES = ("sum", "mean", "max")
 
@@ -95,7 +96,10 @@ class Magnitude:
     aggregate: str = "sum"
 
     def __call__(self, group: Group, context: ScoringContext) -> Tensor | None:
-        values = [(m, _per_index_norm(context.tensor(m.slot.tensor), m.slot.dim, self.p)) for m in group.slots("out")]
+        values = [
+            (m, _per_index_norm(context.tensor(m.slot.tensor), m.slot.dim, self.p))
+            for m in group.members_with_role("out")
+        ]
         return aggregate_members(group, values, self.aggregate)
 
 
@@ -107,7 +111,7 @@ class BNScale:
 
     def __call__(self, group: Group, context: ScoringContext) -> Tensor | None:
         values = []
-        for member in group.slots("follow"):
+        for member in group.members_with_role("follow"):
             name = member.slot.tensor
             owner, _, local = name.rpartition(".")
             if local == "weight" and isinstance(context.module(owner), nn.modules.batchnorm._BatchNorm):
@@ -131,7 +135,9 @@ class GradientImportance:
                 "`loss_fn(model, batch) -> loss` to `prune`, or use it in `StructuredPruning`, which accumulates "
                 "them during training."
             )
-        values = [(m, accumulated[m.slot.tensor]) for m in group.slots("out") if m.slot.tensor in accumulated]
+        values = [
+            (m, accumulated[m.slot.tensor]) for m in group.members_with_role("out") if m.slot.tensor in accumulated
+        ]
         if not values:
             return None
         how = "mean" if self.kind == "fisher" else self.aggregate  # every fisher member holds its element's value
@@ -146,7 +152,7 @@ class GeometricMedian:
 
     def __call__(self, group: Group, context: ScoringContext) -> Tensor | None:
         values = []
-        for member in group.slots("out"):
+        for member in group.members_with_role("out"):
             tensor = context.tensor(member.slot.tensor).detach()
             rows = tensor.transpose(0, member.slot.dim).reshape(tensor.shape[member.slot.dim], -1).to(torch.float64)
             values.append((member, torch.cdist(rows, rows).sum(1)))
@@ -166,26 +172,28 @@ class RandomImportance:
         return torch.rand(group.width, generator=self._generator, dtype=torch.float64)
 
 
-CRITERIA: dict[str, Callable[..., Criterion]] = {
-    "l1": lambda aggregate="sum", **_: Magnitude(1, aggregate),
-    "l2": lambda aggregate="sum", **_: Magnitude(2, aggregate),
-    "bn_scale": lambda aggregate="sum", **_: BNScale(aggregate),
-    "random": lambda seed=0, **_: RandomImportance(seed),
-    "taylor": lambda aggregate="sum", **_: GradientImportance("taylor", aggregate),
-    "fisher": lambda aggregate="sum", **_: GradientImportance("fisher", aggregate),
-    "fpgm": lambda aggregate="sum", **_: GeometricMedian(aggregate),
-}
+CRITERIA: Registry[str, Callable[..., Criterion]] = Registry(
+    "criterion", "Register one with lightning_prune.register_criterion(name, factory)."
+)
+for _name, _factory in (
+    ("l1", lambda aggregate="sum", **_: Magnitude(1, aggregate)),
+    ("l2", lambda aggregate="sum", **_: Magnitude(2, aggregate)),
+    ("bn_scale", lambda aggregate="sum", **_: BNScale(aggregate)),
+    ("random", lambda seed=0, **_: RandomImportance(seed)),
+    ("taylor", lambda aggregate="sum", **_: GradientImportance("taylor", aggregate)),
+    ("fisher", lambda aggregate="sum", **_: GradientImportance("fisher", aggregate)),
+    ("fpgm", lambda aggregate="sum", **_: GeometricMedian(aggregate)),
+):
+    CRITERIA.register(_name, _factory)
 
 
 def needs_gradients(criterion: Criterion) -> bool:
     return bool(getattr(criterion, "needs_gradients", False))
 
 
-def register_criterion(name: str, factory: Callable[..., Criterion]) -> None:
-    """Make ``factory(**options)`` available as ``importance=name``."""
-    if name in CRITERIA:
-        raise PruningError(f"criterion {name!r} is already registered; choose another name.")
-    CRITERIA[name] = factory
+def register_criterion(name: str, factory: Callable[..., Criterion], *, replace: bool = False) -> None:
+    """Make ``factory(**options)`` available as ``importance=name`` (options: ``aggregate``, ``seed``)."""
+    CRITERIA.register(name, factory, replace=replace)
 
 
 def get_criterion(importance: str | Criterion, *, aggregate: str = "sum", seed: int = 0) -> Criterion:

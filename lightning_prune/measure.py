@@ -7,15 +7,12 @@ they were.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_prune.graph.tracer import ExampleInputs, preserved_state, run_model
+from lightning_prune.running import ExampleInputs, preserved_state, run_model
 
 
 def count_params(model: nn.Module) -> int:
@@ -38,25 +35,6 @@ def count_macs(model: nn.Module, example_inputs: ExampleInputs) -> int:
         with counter, _Plain():
             run_model(model, example_inputs)
     return counter.get_total_flops() // 2
-
-
-def meta_clone(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model`` whose parameters and buffers live on the meta device (no memory)."""
-    memo: dict[int, Any] = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        meta = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
-
-
-def to_device(inputs: Any, device: str | torch.device) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, tuple | list):
-        return type(inputs)(to_device(v, device) for v in inputs)
-    return inputs
 
 
 def latency(

@@ -15,9 +15,10 @@ from typing import Any
 
 from torch import nn
 
+from lightning_prune.cuts import Cut, Drop, Step, check_steps
 from lightning_prune.errors import PruningError, RecordError, shown
-from lightning_prune.measure import meta_clone
-from lightning_prune.surgery import Cut, Drop, Step, apply_step, check_steps
+from lightning_prune.running import meta_clone
+from lightning_prune.surgery import apply_step
 
 FORMAT = "lightning-prune/record"
 VERSION = 1

@@ -8,8 +8,9 @@ GroupNorm, ``chunk``), and no producer layer is ever emptied.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,6 +20,53 @@ from lightning_prune.graph.groups import Group
 
 SCOPES = ("global", "local")
 NORMALIZERS = ("mean", "max", "sum", "lamp", "none")
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """How elements are chosen, validated on construction; mirrored 1:1 by the yaml keys of the callbacks.
+
+    Args:
+        scope: ``"global"`` ranks all elements together, ``"local"`` removes the same fraction of every group.
+        round_to: widths that remain are multiples of this.
+        max_fraction: at most this fraction of any group is removed.
+        normalize: how global ranking makes groups comparable: ``"mean"``, ``"max"``, ``"sum"``, ``"lamp"``,
+            ``"none"``.
+    """
+
+    scope: str = "global"
+    round_to: int = 1
+    max_fraction: float = 0.9
+    normalize: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise PruningError(f"`scope` must be one of {', '.join(SCOPES)}; got {self.scope!r}.")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise PruningError(f"`round_to` must be a positive integer, got {self.round_to!r}.")
+        fraction = self.max_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 < fraction <= 1.0:
+            raise PruningError(f"`max_fraction` must be in (0, 1], got {fraction!r}.")
+        if self.normalize not in NORMALIZERS:
+            raise PruningError(f"`normalize` must be one of {', '.join(NORMALIZERS)}; got {self.normalize!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SelectionOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PruningError(f"unknown selection option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        return cls(**data)
+
+
+def check_amount(amount: object, argument: str = "amount") -> float:
+    """``amount`` as a float if it is a fraction in [0, 1), else an error naming ``argument``."""
+    if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0.0 <= amount < 1.0:
+        raise PruningError(f"`{argument}` must be a fraction in [0, 1), got {amount!r}.")
+    return float(amount)
 
 
 @dataclass
@@ -128,18 +176,18 @@ def select(
     groups: Sequence[Group],
     scores: Sequence[Tensor | None],
     amount: float,
-    *,
-    scope: str = "global",
-    round_to: int = 1,
-    max_fraction: float = 0.9,
-    normalize: str = "mean",
+    options: SelectionOptions | None = None,
+    **option_fields: Any,
 ) -> Plan:
     """Choose ``amount`` (a fraction) of the scored elements to remove.
 
-    ``scope="local"`` removes the same fraction from every group; ``"global"`` ranks all elements
-    together after ``normalize`` made each group's scores comparable.
+    ``options`` (or its fields as keywords, e.g. ``scope="local"``) say how: ``"local"`` removes the same
+    fraction from every group; ``"global"`` ranks all elements together after ``normalize`` made each
+    group's scores comparable.
     """
-    check_selection_arguments(amount, scope, round_to, max_fraction, normalize)
+    amount = check_amount(amount)
+    options = replace(options or SelectionOptions(), **option_fields)
+    scope, round_to, max_fraction, normalize = options.scope, options.round_to, options.max_fraction, options.normalize
     scored = [(g, s) for g, s in zip(groups, scores, strict=True) if s is not None]
     removed: dict[int, list[int]] = {}
     if scope == "local":
@@ -182,16 +230,3 @@ def select(
 
 def groups_by_index(groups: Sequence[Group]) -> dict[int, Group]:
     return {g.index: g for g in groups}
-
-
-def check_selection_arguments(amount: float, scope: str, round_to: int, max_fraction: float, normalize: str) -> None:
-    if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0.0 <= amount < 1.0:
-        raise PruningError(f"`amount` must be a fraction in [0, 1), got {amount!r}.")
-    if scope not in SCOPES:
-        raise PruningError(f"`scope` must be one of {', '.join(SCOPES)}; got {scope!r}.")
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise PruningError(f"`round_to` must be a positive integer, got {round_to!r}.")
-    if isinstance(max_fraction, bool) or not isinstance(max_fraction, int | float) or not 0.0 < max_fraction <= 1.0:
-        raise PruningError(f"`max_fraction` must be in (0, 1], got {max_fraction!r}.")
-    if normalize not in NORMALIZERS:
-        raise PruningError(f"`normalize` must be one of {', '.join(NORMALIZERS)}; got {normalize!r}.")

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.errors import PruningError
-from lightning_prune.graph.groups import DependencyGraph, tensor_owners
-from lightning_prune.graph.tracer import preserved_state
+from lightning_prune.graph.groups import DependencyGraph
+from lightning_prune.running import preserved_state, tensor_owners
 
 KINDS = ("taylor", "fisher")
 Statistics = dict[str, Any]
@@ -68,7 +68,7 @@ class GradientStatistics:
         self.members: list[list[tuple[str, Tensor, Tensor]]] = []  # per group: (tensor, positions, elements)
         for group in graph.groups:
             entries = []
-            for member in group.slots("out"):
+            for member in group.members_with_role("out"):
                 name, parameter = member.slot.tensor, parameters.get(member.slot.tensor)
                 path = (owners.get(name) or [None])[0]
                 if path is None or parameter is None or not parameter.requires_grad or parameter.ndim < 2:

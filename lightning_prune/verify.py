@@ -14,10 +14,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.cuts import Cut
 from lightning_prune.errors import VerificationError
+from lightning_prune.graph.builder import Trace
 from lightning_prune.graph.groups import DependencyGraph
-from lightning_prune.graph.tracer import ExampleInputs, Trace, record
-from lightning_prune.surgery import Cut, slice_tensor
+from lightning_prune.graph.tracer import trace_model
+from lightning_prune.running import ExampleInputs
+from lightning_prune.slicing import slice_tensor
 
 
 def _owner_of(graph: DependencyGraph, element: int) -> tuple[str, str | None]:
@@ -52,7 +55,7 @@ def verify_pruned(
     for name, ids in trace.raw.items():
         tensor_cuts = [cut for cut in cuts if cut.tensor == name]
         space_init[name] = slice_tensor(ids, tensor_cuts) if tensor_cuts else ids
-    retrace = record(model, example_inputs, modes, space_init, num_elements=trace.num_elements)
+    retrace = trace_model(model, example_inputs, modes, space_init, num_elements=trace.num_elements)
 
     for reason, module in retrace.freeze_sites:
         if (reason, module) not in trace.freeze_sites:

@@ -195,7 +195,7 @@ def removed_zeroed(dense: nn.Module, graph: DependencyGraph, plan: Plan) -> nn.M
         for index, elements in plan.removed.items():
             gone = torch.zeros(groups[index].width, dtype=torch.bool)
             gone[elements] = True
-            for member in groups[index].slots("in"):
+            for member in groups[index].members_with_role("in"):
                 positions = member.positions[gone[member.elements]]
                 weight = tensors[member.slot.tensor]
                 if member.slot.groups == 1:

@@ -219,3 +219,30 @@ def test_amount_zero_changes_nothing(name: str) -> None:
     before = copy.deepcopy(model.state_dict())
     result = lp.prune(model, small_input(), 0.0)
     assert result.layers == [] and unchanged(model, before)
+
+
+@pytest.mark.parametrize("target", ["channels", "params", "macs"])
+def test_a_second_call_given_the_dense_size_reaches_the_amount_of_the_dense_model(target: str) -> None:
+    torch.manual_seed(0)
+    model, x = ResidualNet(), small_input()
+    first = lp.prune(model, x, 0.3, target=target)
+    second = lp.prune(model, x, 0.6, target=target, dense=first.dense)
+    dense = second.dense
+    assert (dense.params, dense.macs, dense.units) == (first.params_before, first.macs_before, first.channels_before)
+    assert dense.removed == first.channels_removed + second.channels_removed
+    if target == "channels":
+        assert dense.removed == round(0.6 * dense.units)
+    else:
+        reached = second.params_after if target == "params" else second.macs_after
+        reference = dense.params if target == "params" else dense.macs
+        assert 0.35 * reference < reached <= 0.4 * reference  # 60% of the dense model gone, not 60% of the rest
+    assert lp.DenseSize.from_dict(dense.to_dict()) == dense
+
+
+def test_a_dense_size_reads_what_release_0_1_stored_in_callback_state() -> None:
+    assert lp.DenseSize.from_dict({"channels": 80, "params": 9202, "macs": 924160}, removed=13) == lp.DenseSize(
+        9202, 924160, 80, 13
+    )
+    assert lp.DenseSize.from_dict({"blocks": 4, "params": 35242, "macs": 4213248}).units == 4
+    with pytest.raises(PruningError, match="a dense size needs `params`, `macs` and `units`"):
+        lp.DenseSize.from_dict({"params": 1})

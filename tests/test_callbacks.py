@@ -123,7 +123,7 @@ def test_params_drop_exactly_at_the_scheduled_epochs(tmp_path) -> None:
     trainer(tmp_path, [pruning, probe], epochs=5).fit(small_model(), DigitsDataModule())
     p = probe.after_epoch
     assert p[0] > p[1] == p[2] > p[3] == p[4]
-    assert pruning.removed_channels == round(0.6 * pruning.dense["channels"])
+    assert pruning.dense.removed == round(0.6 * pruning.dense.units)
     assert pruning.done[1]["amount"] == 0.2 and pruning.done[3]["amount"] == 0.6
 
 

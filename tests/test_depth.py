@@ -154,7 +154,7 @@ def test_structured_pruning_drops_layers_on_schedule_and_checkpoints_them(tmp_pa
         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[pruning, checkpoint],
     )  # fmt: skip
     trainer.fit(model, DigitsDataModule())
-    assert len(model.net.blocks) == 2 and [s["blocks_removed"] for s in pruning.done.values()] == [1, 1]
+    assert len(model.net.blocks) == 2 and [s["removed"] for s in pruning.done.values()] == [1, 1]
     loaded = load_from_checkpoint(ImageClassifier, tmp_path / "last.ckpt").eval()
     x = torch.randn(3, 1, 8, 8)
     assert len(loaded.net.blocks) == 2 and torch.equal(loaded(x), model.eval()(x))

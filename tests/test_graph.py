@@ -12,7 +12,7 @@ from lightning_prune.graph.labels import connected_components
 
 
 def producers(group) -> set[str]:
-    return {m.slot.tensor for m in group.slots("out")}
+    return {m.slot.tensor for m in group.members_with_role("out")}
 
 
 def group_of(graph, tensor: str):
@@ -37,7 +37,7 @@ def test_residual_sum_ties_all_producers_of_the_stream() -> None:
     second = group_of(graph, "shortcut.0.weight")
     assert producers(second) == {"shortcut.0.weight", "block2.3.weight"}
     # every BN of the stream follows the same elements
-    follow = {m.slot.tensor for m in stem.slots("follow")}
+    follow = {m.slot.tensor for m in stem.members_with_role("follow")}
     assert {"stem.1.weight", "stem.1.running_mean", "block1.4.weight", "block1.4.running_var"} <= follow
 
 
@@ -95,7 +95,7 @@ def test_training_only_branch_is_traced() -> None:
 
     graph = build_graph(Aux(), small_input())
     body = group_of(graph, "body.weight")
-    assert "aux.weight" in {m.slot.tensor for m in body.slots("in")}
+    assert "aux.weight" in {m.slot.tensor for m in body.members_with_role("in")}
     assert "aux" in graph.unprunable  # its outputs are model outputs in training mode
 
 
@@ -148,9 +148,9 @@ def test_sync_batch_norm_is_traced_as_the_batch_norm_it_is() -> None:
         graph = build_graph(model, small_input())
         return sorted((g.width, sorted((m.slot.tensor, m.slot.role) for m in g.members)) for g in graph.groups)
 
-    from lightning_prune.graph.modules import atomic_rule
+    from lightning_prune.graph.module_rules import module_rule
 
-    assert atomic_rule(nn.SyncBatchNorm(4)) is not None  # the distributed path is never entered
+    assert module_rule(nn.SyncBatchNorm(4)) is not None  # the distributed path is never entered
     assert layout(synced) == layout(plain)
     result = prune(synced, small_input(), 0.5)
     norms = [m for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)]

@@ -231,7 +231,7 @@ def test_structured_pruning_with_gradient_statistics_in_a_trainer(tmp_path, cali
         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[pruning],
     )  # fmt: skip
     trainer.fit(model, DigitsDataModule())
-    assert pruning.done[1]["channels_removed"] > 0
+    assert pruning.done[1]["removed"] > 0
     assert all(not m._forward_hooks for m in model.modules())
 
 

@@ -20,10 +20,11 @@ from nets import SMALL_NETS, removed_zeroed, small_input
 from torch import Tensor, nn
 
 import lightning_prune as lp
+from lightning_prune import apply_cuts, plan_cuts
 from lightning_prune.errors import PruningError, RecordError
+from lightning_prune.fixups import LAYER_FIXUPS
 from lightning_prune.importance import ScoringContext, get_criterion, score
 from lightning_prune.selection import select
-from lightning_prune.surgery import apply_cuts, plan_cuts
 
 KINDS = ["conv", "residual", "concat", "depthwise", "grouped", "gate", "pool"]
 
@@ -343,9 +344,6 @@ def _even_outputs(module: nn.Module) -> None:
         raise PruningError(f"EvenLinear needs an even width, got {module.out_features}", module="0")
 
 
-lp.register_layer(EvenLinear, _even_outputs, replace=True)
-
-
 def test_a_record_its_layers_reject_is_refused_before_any_step_is_applied() -> None:
     def cuts(width: int, keep: int) -> list[lp.Cut]:
         kept = list(range(keep))
@@ -358,7 +356,10 @@ def test_a_record_its_layers_reject_is_refused_before_any_step_is_applied() -> N
     model = nn.Sequential(EvenLinear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     before = copy.deepcopy(model.state_dict())
     record = lp.record.new_record([cuts(6, 4), cuts(4, 3)])  # step 0 fits; step 1 leaves an odd width
-    with pytest.raises(RecordError, match="record: EvenLinear needs an even width, got 3") as error:
+    with (
+        LAYER_FIXUPS.registered(EvenLinear, _even_outputs),
+        pytest.raises(RecordError, match="record: EvenLinear needs an even width, got 3") as error,
+    ):
         lp.restore(model, record)
     assert error.value.module == "0"
     assert model[0].out_features == 6 and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -11,9 +11,11 @@ from nets import SMALL_NETS, GroupedNet, MobileNet, PlainCNN, ResidualNet, small
 from torch import nn
 
 import lightning_prune as lp
+from lightning_prune.cuts import Cut
 from lightning_prune.errors import RecordError
+from lightning_prune.fixups import LAYER_FIXUPS
 from lightning_prune.record import parse_record
-from lightning_prune.surgery import Cut, slice_tensor
+from lightning_prune.slicing import slice_tensor
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 2) -> None:
@@ -128,11 +130,15 @@ def test_registered_layer_updates_its_attributes() -> None:
         module.channels = module.weight.shape[0]
 
     lp.register_layer(Scale, fixup)
-    with pytest.raises(ValueError, match="already registered"):
-        lp.register_layer(Scale, fixup)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), Scale(8), nn.Conv2d(8, 4, 3))
-    lp.prune(model, small_input(), 0.5, scope="local")
-    assert model[1].channels == model[1].weight.shape[0] == model[0].out_channels == 4
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            lp.register_layer(Scale, fixup)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), Scale(8), nn.Conv2d(8, 4, 3))
+        lp.prune(model, small_input(), 0.5, scope="local")
+        assert model[1].channels == model[1].weight.shape[0] == model[0].out_channels == 4
+    finally:
+        LAYER_FIXUPS.unregister(Scale)
+    assert Scale not in LAYER_FIXUPS
 
 
 def test_record_is_plain_data_and_restores_after_several_steps(tmp_path) -> None:

@@ -12,9 +12,9 @@ from nets import removed_zeroed
 from torch import nn
 
 import lightning_prune as lp
+from lightning_prune import apply_cuts, plan_cuts
 from lightning_prune.importance import ScoringContext, get_criterion, score
 from lightning_prune.selection import Plan, select
-from lightning_prune.surgery import apply_cuts, plan_cuts
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", ".*token_id.*")
@@ -81,7 +81,7 @@ def inputs() -> dict:
 
 
 def head_groups(graph: lp.DependencyGraph, projection: str) -> list:
-    return [g for g in graph.groups if any(m.slot.tensor.endswith(projection) for m in g.slots("out"))]
+    return [g for g in graph.groups if any(m.slot.tensor.endswith(projection) for m in g.members_with_role("out"))]
 
 
 def test_grouped_query_heads_are_one_group_per_key_value_head() -> None:
@@ -218,7 +218,9 @@ def test_windowed_attention_heads_are_removed_exactly(name: str) -> None:
     x = torch.randn(2, 3, size, size)
     graph = lp.build_graph(model, x)
     heads = [
-        g for g in graph.groups if g.width in (2, 4) and any("qkv.weight" in m.slot.tensor for m in g.slots("out"))
+        g
+        for g in graph.groups
+        if g.width in (2, 4) and any("qkv.weight" in m.slot.tensor for m in g.members_with_role("out"))
     ]
     assert len(heads) == 4
     ffn = [g for g in graph.groups if g.width in (64, 128, 256) and not g.normalized]
@@ -327,9 +329,9 @@ def test_an_attention_implementation_without_rules_keeps_its_heads_and_says_wher
 def test_query_heads_that_no_longer_share_key_value_heads_evenly_are_named() -> None:
     # 8 query heads over 2 key/value heads; a (crafted) record removes one query head only: 7 cannot be
     # split evenly over 2 key/value heads. The error names the attention module; nothing is changed.
+    from lightning_prune.cuts import Cut
     from lightning_prune.errors import PruningError
     from lightning_prune.record import new_record
-    from lightning_prune.surgery import Cut
 
     torch.manual_seed(0)
     model = llama().eval()

@@ -10,10 +10,10 @@ from nets import SMALL_NETS, removed_zeroed, small_input
 from torch import nn
 
 import lightning_prune as lp
+from lightning_prune import apply_cuts, plan_cuts
 from lightning_prune.graph.groups import build_graph
 from lightning_prune.importance import ScoringContext, get_criterion, score
 from lightning_prune.selection import select
-from lightning_prune.surgery import apply_cuts, plan_cuts
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -123,9 +123,12 @@ def test_small_nets_equal_their_zeroed_reference(name: str) -> None:
 def test_layer_norm_groups_are_marked_inexact() -> None:
     model, x = build("convnext_tiny")
     graph = build_graph(model, x)
-    stream = next(g for g in graph.groups if "features.0.0.weight" in {m.slot.tensor for m in g.slots("out")})
+    producers = [{m.slot.tensor for m in g.members_with_role("out")} for g in graph.groups]
+    stream = next(g for g, names in zip(graph.groups, producers, strict=True) if "features.0.0.weight" in names)
     assert stream.normalized
-    hidden = [g for g in graph.groups if any(m.slot.tensor.endswith("block.3.weight") for m in g.slots("out"))]
+    hidden = [
+        g for g, names in zip(graph.groups, producers, strict=True) if any(n.endswith("block.3.weight") for n in names)
+    ]
     assert len(hidden) == 18 and not any(g.normalized for g in hidden)  # MLP widths of the 18 blocks
 
 

@@ -1,25 +1,26 @@
-"""Scheduled structured pruning inside a Lightning run, with fine-tuning, checkpoints and exact resume."""
+"""Scheduled structured pruning inside a Lightning run, with fine-tuning, checkpoints and exact resume.
+
+The callback decides *when*; what a step does is a method of :mod:`lightning_prune.methods`, gradient
+statistics come from :mod:`.calibration`, multi-process agreement from :mod:`.distributed`, the log lines
+from :mod:`.reporting` and the pruned architecture in checkpoints from :mod:`.checkpoint`.
+"""
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import json
-import warnings
+import inspect
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_prune.api import TARGETS, LayerChange, prune
+from lightning_prune.budget import DenseSize
+from lightning_prune.callbacks.calibration import StepStatistics
 from lightning_prune.callbacks.checkpoint import (
     CHECKPOINT_KEY,
     add_to_applied,
@@ -27,20 +28,18 @@ from lightning_prune.callbacks.checkpoint import (
     catch_up,
     read_checkpoint,
 )
+from lightning_prune.callbacks.distributed import check_same_cut, check_strategy, rewrap_distributed
 from lightning_prune.callbacks.io import AtomicCheckpointIO
-from lightning_prune.depth import find_blocks, prune_layers
+from lightning_prune.callbacks.reporting import report_step
 from lightning_prune.errors import PruningError
-from lightning_prune.graph.groups import build_graph, match_modules
-from lightning_prune.importance import get_criterion, needs_gradients
-from lightning_prune.measure import count_macs, count_params, to_device
+from lightning_prune.graph.groups import build_graph
+from lightning_prune.measure import count_params
+from lightning_prune.methods import METHODS
+from lightning_prune.running import to_device
 from lightning_prune.schedules import schedule_amounts
-from lightning_prune.selection import check_selection_arguments
-from lightning_prune.statistics import GradientStatistics, Statistics, collect_statistics, reduce_statistics
+from lightning_prune.selection import SelectionOptions
 
 WHEN = ("train_epoch_end", "validation_end")
-STRUCTURES = ("channels", "layers")
-LAYER_IMPORTANCE = ("block_influence", "random")
-UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 EXAMPLE_BATCH = 8
 
 
@@ -84,9 +83,10 @@ class StructuredPruning(Callback):
         when: ``"train_epoch_end"`` or ``"validation_end"`` (after that epoch's validation).
         batch_input: where the model's input sits in a training batch (an index or a key; ``None``: the
             whole batch). Used for tracing when ``pl_module.example_input_array`` is not set.
-        structure: ``"channels"`` (channels, heads, neurons, the stream: everything :func:`lightning_prune.prune`
-            finds) or ``"layers"``: whole blocks of the model's block stack leave (``amount`` is then a
-            fraction of the blocks; ``importance`` is ``"block_influence"`` or ``"random"``).
+        structure: the pruning method (:mod:`lightning_prune.methods`): ``"channels"`` (channels, heads, neurons,
+            the stream: everything :func:`lightning_prune.prune` finds) or ``"layers"``: whole blocks of the
+            model's block stack leave (``amount`` is then a fraction of the blocks; ``importance`` is
+            ``"block_influence"`` or ``"random"``). Each method takes the arguments here that apply to it.
         blocks: with ``structure="layers"``, the path of the block stack (found automatically if None).
         calibration_batches: for gradient criteria (``"taylor"``, ``"fisher"``): ``0`` accumulates their
             statistics from the training steps of each pruning epoch (hooks, no extra passes); ``n > 0``
@@ -141,46 +141,26 @@ class StructuredPruning(Callback):
         log_table: bool = True,
     ) -> None:
         self.steps = schedule_amounts(schedule, amount, start_epoch, end_epoch, every)
-        final = max(self.steps.values())
-        check_selection_arguments(final, scope, round_to, max_fraction, normalize)
-        if structure not in STRUCTURES:
-            raise PruningError(f"`structure` must be one of {', '.join(STRUCTURES)}; got {structure!r}.")
-        if structure == "layers" and importance not in LAYER_IMPORTANCE:
-            raise PruningError(
-                f"`importance` for structure='layers' must be one of {', '.join(LAYER_IMPORTANCE)}; got {importance!r}."
-            )
-        self._gradients = structure == "channels" and needs_gradients(
-            get_criterion(importance, aggregate=aggregate, seed=seed)
-        )
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 0:
-            raise PruningError(f"`calibration_batches` must be a non-negative integer, got {calibration_batches!r}.")
-        if target not in TARGETS:
-            raise PruningError(f"`target` must be one of {', '.join(TARGETS)}; got {target!r}.")
+        selection = SelectionOptions(scope, round_to, max_fraction, normalize)
+        if structure not in METHODS:
+            raise PruningError(f"`structure` must be one of {', '.join(METHODS)}; got {structure!r}.")
+        factory = METHODS[structure]
+        offered = {
+            "importance": importance, "target": target, "selection": selection, "ignore": ignore,
+            "aggregate": aggregate, "seed": seed, "verify": verify, "blocks": blocks,
+        }  # fmt: skip
+        accepted = inspect.signature(factory).parameters
+        self.method = factory(**{name: value for name, value in offered.items() if name in accepted})
+        self.statistics = StepStatistics(calibration_batches, self._graph)
         if when not in WHEN:
             raise PruningError(f"`when` must be one of {', '.join(WHEN)}; got {when!r}.")
-        if isinstance(ignore, str):
-            raise PruningError(f"`ignore` is a list of module names or glob patterns; got the string {ignore!r}.")
-        self.importance, self.target, self.when = importance, target, when
-        self.options = {
-            "scope": scope,
-            "ignore": list(ignore),
-            "round_to": round_to,
-            "max_fraction": max_fraction,
-            "normalize": normalize,
-            "aggregate": aggregate,
-            "seed": seed,
-            "verify": verify,
-        }
+        self.importance, self.target, self.when, self.structure = importance, target, when, structure
+        self.ignore = list(ignore)
         self.batch_input, self.reset_best, self.log_table = batch_input, reset_best, log_table
-        self.calibration_batches = calibration_batches
-        self.structure, self.blocks = structure, blocks
         self.done: dict[int, dict[str, Any]] = {}
-        self.dense: dict[str, int] = {}
-        self.removed_channels = 0
+        self.dense: DenseSize | None = None
         self._example: Any = None
         self._hook: Any = None
-        self._collector: GradientStatistics | None = None
-        self._statistics: Statistics | None = None
 
     @property
     @override
@@ -188,6 +168,11 @@ class StructuredPruning(Callback):
         return self._generate_state_key(
             importance=self.importance, target=self.target, steps=self.steps, structure=self.structure
         )
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's configuration, as plain data."""
+        return self.method.to_dict()
 
     @property
     def amount_done(self) -> float:
@@ -198,12 +183,7 @@ class StructuredPruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy in UNSUPPORTED_STRATEGIES:
-            raise PruningError(
-                f"StructuredPruning does not support `strategy` {strategy}: the cut needs every parameter "
-                "whole on every rank. Use strategy='ddp' (or 'ddp_spawn'), or prune before sharding."
-            )
+        check_strategy(trainer)
         last = max(self.steps)
         if trainer.max_epochs is not None and trainer.max_epochs >= 0 and last >= trainer.max_epochs:
             raise PruningError(
@@ -211,14 +191,7 @@ class StructuredPruning(Callback):
                 f"(epochs are 0-based): no step would run at or after epoch {trainer.max_epochs}. Lower "
                 "`end_epoch`/`start_epoch`/the schedule epochs or raise `max_epochs`."
             )
-        match_modules(pl_module, self.options["ignore"])
-        if self.importance == "bn_scale" and not any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()
-        ):
-            raise PruningError(
-                f"`importance='bn_scale'` scores channels by BatchNorm scales, but {type(pl_module).__name__} has "
-                "no BatchNorm layer. Choose another criterion, e.g. 'l1'."
-            )
+        self.method.check(pl_module, None)
         reference = weakref.ref(trainer)
         self._hook = pl_module.register_load_state_dict_pre_hook(
             lambda module, state_dict, prefix, *_: self._restore_architecture(reference(), module, prefix)
@@ -241,13 +214,8 @@ class StructuredPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.structure == "channels" and pl_module.example_input_array is not None and not self.done:
-            graph = build_graph(pl_module, self._example_inputs(pl_module), ignore=self.options["ignore"])
-            if not graph.groups:
-                reasons = "; ".join(f"{k}: {v}" for k, v in list(graph.unprunable.items())[:5])
-                raise PruningError(
-                    f"StructuredPruning found nothing prunable in {type(pl_module).__name__} ({reasons})."
-                )
+        if pl_module.example_input_array is not None and not self.done:
+            self.method.check(pl_module, self._example_inputs(pl_module))
 
     # --- example inputs ----------------------------------------------------------------------
     @override
@@ -257,13 +225,9 @@ class StructuredPruning(Callback):
         if self._example is None and pl_module.example_input_array is None:
             self._example = _first_rows(self._select_input(batch), EXAMPLE_BATCH)
         epoch = trainer.current_epoch
-        observing = self._gradients and not self.calibration_batches and epoch in self.steps and epoch not in self.done
-        if observing and self._collector is None:
-            graph = build_graph(pl_module, self._example_inputs(pl_module), ignore=self.options["ignore"])
-            self._collector = GradientStatistics(pl_module, graph)
-            if self._statistics is not None:
-                self._collector.load(self._statistics)
-            self._collector.attach()
+        due = epoch in self.steps and epoch not in self.done
+        if due and self.method.needs_gradients and self.statistics.observes_training:
+            self.statistics.observe(pl_module)
 
     def _select_input(self, batch: Any) -> Any:
         if self.batch_input is None:
@@ -285,6 +249,9 @@ class StructuredPruning(Callback):
             )
         return to_device(example, pl_module.device)
 
+    def _graph(self, pl_module: pl.LightningModule) -> Any:
+        return build_graph(pl_module, self._example_inputs(pl_module), ignore=self.ignore)
+
     # --- the schedule ------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -299,7 +266,7 @@ class StructuredPruning(Callback):
         pl_module.log_dict(
             {
                 "prune/params": float(count_params(pl_module)),
-                "prune/macs": float(self.done[max(self.done)]["macs"] if self.done else self.dense.get("macs", 0)),
+                "prune/macs": float(self.done[max(self.done)]["macs"] if self.done else 0),
                 "prune/amount": self.amount_done,
             },
             on_epoch=True,
@@ -315,135 +282,37 @@ class StructuredPruning(Callback):
         if epoch in self.steps and epoch not in self.done:
             self._step(trainer, pl_module, epoch)
 
-    def _engine_amount(self, cumulative: float, pl_module: pl.LightningModule, example: Any) -> float:
-        """The fraction of the *current* model that brings the total to ``cumulative`` of the dense one."""
-        if self.target == "channels":
-            if not self.dense:
-                return cumulative
-            total = self.dense["channels"]
-            return max(0.0, (cumulative * total - self.removed_channels) / max(total - self.removed_channels, 1))
-        current = count_params(pl_module) if self.target == "params" else count_macs(pl_module, example)
-        dense = self.dense.get(self.target, current)
-        return max(0.0, 1.0 - (1.0 - cumulative) * dense / current)
-
-    def _gradient_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, example: Any) -> Statistics:
-        if self.calibration_batches:
-            graph = build_graph(pl_module, example, ignore=self.options["ignore"])
-            batches = (move_data_to_device(b, pl_module.device) for b in _take(trainer, self.calibration_batches))
-            statistics = collect_statistics(pl_module, graph, batches, _training_loss)
-        elif self._collector is not None:
-            statistics = self._collector.detach()
-        elif self._statistics is not None:
-            statistics = self._statistics
-        else:
-            raise PruningError(
-                f"`importance={self.importance!r}` has no statistics for this step (no training batch was seen "
-                "in the pruning epoch); set `calibration_batches` to compute them at the step."
-            )
-        self._collector, self._statistics = None, None
-
-        def reduce(tensor: Tensor) -> Tensor:
-            return trainer.strategy.reduce(tensor.to(pl_module.device), reduce_op="sum").cpu()
-
-        return reduce_statistics(statistics, reduce) if trainer.world_size > 1 else statistics
-
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        if self.structure == "layers":
-            self._drop_layers(trainer, pl_module, epoch)
-            return
         example = self._example_inputs(pl_module)
-        cumulative = self.steps[epoch]
-        amount = min(self._engine_amount(cumulative, pl_module, example), 0.999)
-        statistics = self._gradient_statistics(trainer, pl_module, example) if self._gradients else None
-        result = prune(
-            pl_module,
-            example,
-            amount,
-            self.importance,
-            target=self.target,
-            optimizers=trainer.optimizers,
-            statistics=statistics,
-            **self.options,
+        statistics = self.statistics.take(trainer, pl_module, self.importance) if self.method.needs_gradients else None
+        result = self.method.step(
+            pl_module, example, self.steps[epoch], self.dense, optimizers=trainer.optimizers, statistics=statistics
         )
-        _check_same_cut(trainer, result.record)
-        _rewrap_distributed(trainer, pl_module)
-        if not self.dense:
-            self.dense = {
-                "channels": result.channels_before,
-                "params": result.params_before,
-                "macs": result.macs_before,
-            }
-        self.removed_channels += result.channels_removed
-        add_to_applied(pl_module, result.record)
-        self.done[epoch] = {
-            "amount": cumulative,
-            "params": result.params_after,
-            "macs": result.macs_after,
-            "channels_removed": result.channels_removed,
-        }
-        self._report(trainer, epoch, result.params_after, result.macs_after, result.layers)
-
-    def _drop_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
-        example = self._example_inputs(pl_module)
-        blocks = self.blocks or find_blocks(pl_module)
-        if not self.dense:
-            self.dense = {
-                "blocks": len(pl_module.get_submodule(blocks)),
-                "params": count_params(pl_module),
-                "macs": count_macs(pl_module, example),
-            }
-        gone = sum(summary["blocks_removed"] for summary in self.done.values())
-        count = max(0, round(self.steps[epoch] * self.dense["blocks"]) - gone)
-        result = prune_layers(
-            pl_module, example, count=count, blocks=blocks, importance=self.importance,
-            optimizers=trainer.optimizers, seed=self.options["seed"],
-        )  # fmt: skip
-        _check_same_cut(trainer, result.record)
-        _rewrap_distributed(trainer, pl_module)
+        check_same_cut(trainer, result.record)
+        rewrap_distributed(trainer, pl_module)
+        before = self.dense.removed if self.dense is not None else 0
+        self.dense = result.dense
         add_to_applied(pl_module, result.record)
         self.done[epoch] = {
             "amount": self.steps[epoch],
             "params": result.params_after,
             "macs": result.macs_after,
-            "blocks_removed": len(result.removed),
+            "removed": result.dense.removed - before,
         }
-        self._report(trainer, epoch, result.params_after, result.macs_after, [])
+        number = sorted(self.steps).index(epoch) + 1
+        what = "blocks" if self.structure == "layers" else self.target
+        title = f"StructuredPruning: epoch {epoch} step {number}/{len(self.steps)}"
+        report_step(
+            trainer, title, what, self.amount_done, self.dense, result.params_after, result.macs_after,
+            result.layers, self.log_table,
+        )  # fmt: skip
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The checkpoint written at the end of a pruning epoch holds the pruned model but a score measured
         # before the cut; forgetting best scores one epoch later keeps it and every dense one from winning.
         if self.reset_best and trainer.current_epoch - 1 in self.done:
-            self._reset_best_checkpoints(trainer)
-
-    def _reset_best_checkpoints(self, trainer: pl.Trainer) -> None:
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.monitor is not None:
-                callback.best_k_models = {}
-                callback.best_model_score = None
-                callback.best_model_path = ""
-                callback.kth_best_model_path = ""
-                callback.kth_value = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)
-
-    def _report(self, trainer: pl.Trainer, epoch: int, params: int, macs: int, layers: list[LayerChange]) -> None:
-        number = sorted(self.steps).index(epoch) + 1
-        what = "blocks" if self.structure == "layers" else self.target
-        rank_zero_info(
-            f"StructuredPruning: epoch {epoch} step {number}/{len(self.steps)}: {self.amount_done:.1%} of "
-            f"{what} removed; params {self.dense['params']:,} -> {params:,} "
-            f"({params / self.dense['params']:.1%}), MACs {self.dense['macs']:,} -> "
-            f"{macs:,} ({macs / max(self.dense['macs'], 1):.1%})"
-        )
-        if self.log_table and trainer.is_global_zero and layers:
-            from rich.console import Console
-            from rich.table import Table
-
-            table = Table(title=f"StructuredPruning step {number} (epoch {epoch})")
-            for column in ("layer", "before", "after"):
-                table.add_column(column, justify="left" if column == "layer" else "right")
-            for change in layers:
-                table.add_row(change.module, str(change.before), str(change.after))
-            Console().print(table)
+            _reset_best_checkpoints(trainer)
 
     # --- checkpoints -------------------------------------------------------------------------
     @override
@@ -454,73 +323,31 @@ class StructuredPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        statistics = self._collector.state() if self._collector is not None else self._statistics
         return {
             "done": {str(epoch): dict(summary) for epoch, summary in self.done.items()},
-            "dense": dict(self.dense),
-            "removed_channels": self.removed_channels,
-            "statistics": statistics,
+            "dense": self.dense.to_dict() if self.dense is not None else {},
+            "statistics": self.statistics.state(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.done = {int(epoch): dict(summary) for epoch, summary in state_dict.get("done", {}).items()}
-        self.dense = dict(state_dict.get("dense", {}))
-        self.removed_channels = int(state_dict.get("removed_channels", 0))
-        self._statistics = state_dict.get("statistics")
+        done = {int(epoch): dict(summary) for epoch, summary in state_dict.get("done", {}).items()}
+        for summary in done.values():  # 0.1 counted channels_removed or blocks_removed
+            for legacy in ("channels_removed", "blocks_removed"):
+                if legacy in summary:
+                    summary["removed"] = summary.pop(legacy)
+        self.done = done
+        dense = state_dict.get("dense") or {}
+        removed = sum(summary.get("removed", 0) for summary in done.values())
+        self.dense = DenseSize.from_dict(dense, removed) if dense else None
+        self.statistics.load(state_dict.get("statistics"))
 
 
-def _take(trainer: pl.Trainer, count: int) -> Iterator[Any]:
-    loader = trainer.train_dataloader
-    if loader is None:
-        raise PruningError("`calibration_batches` needs the trainer's training dataloader.")
-    for index, batch in enumerate(loader):
-        if index >= count:
-            return
-        yield batch
-
-
-def _training_loss(pl_module: nn.Module, batch: Any) -> Tensor:
-    """The module's own training loss, with its logging detached (these passes are not training steps)."""
-    trainer, pl_module._trainer = pl_module._trainer, None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            output = pl_module.training_step(batch, 0)
-    finally:
-        pl_module._trainer = trainer
-    return output["loss"] if isinstance(output, Mapping) else output
-
-
-def _check_same_cut(trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
-    """Under several processes, fail loudly unless every rank cut exactly the same channels."""
-    if trainer.world_size == 1:
-        return
-    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).digest()[:7]
-    local = torch.tensor([int.from_bytes(digest, "big")], dtype=torch.long, device=trainer.strategy.root_device)
-    gathered = trainer.strategy.all_gather(local).reshape(-1)
-    if not bool((gathered == gathered[0]).all()):
-        raise PruningError(
-            f"ranks made different cuts (record digests {gathered.tolist()}): their scores differ. With gradient "
-            "criteria statistics are all-reduced; check that every rank holds the same weights."
-        )
-
-
-def _rewrap_distributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Wrap the pruned module in a new DistributedDataParallel.
-
-    The old wrapper's buckets have the old shapes, and its reducer keeps the parameters' gradient
-    accumulators alive, which remember the old shapes too: it must be gone before the next backward.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    strategy = trainer.strategy
-    old = getattr(strategy, "model", None)
-    if not isinstance(old, DistributedDataParallel):
-        return
-    old._remove_autograd_hooks()
-    del old.reducer
-    strategy.model = pl_module
-    del old
-    gc.collect()
-    strategy.configure_ddp()
+def _reset_best_checkpoints(trainer: pl.Trainer) -> None:
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor is not None:
+            callback.best_k_models = {}
+            callback.best_model_score = None
+            callback.best_model_path = ""
+            callback.kth_best_model_path = ""
+            callback.kth_value = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)

@@ -17,8 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.errors import PruningError
+from lightning_prune.graph.builder import Trace
 from lightning_prune.graph.labels import FROZEN, connected_components
-from lightning_prune.graph.tracer import ExampleInputs, Trace, record
+from lightning_prune.graph.tracer import trace_model
+from lightning_prune.running import ExampleInputs, tensor_owners
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,12 @@ class Group:
     def width(self) -> int:
         return int(self.classes.numel())
 
-    def slots(self, role: str | None = None) -> list[Member]:
+    def members_with_role(self, role: str | None = None) -> list[Member]:
+        """Members whose slot has ``role`` (``"out"``, ``"in"``, ``"follow"``; all if None)."""
         return [m for m in self.members if role is None or m.slot.role == role]
 
     def __repr__(self) -> str:
-        producers = sorted({m.slot.tensor.rsplit(".", 1)[0] for m in self.slots("out")})
+        producers = sorted({m.slot.tensor.rsplit(".", 1)[0] for m in self.members_with_role("out")})
         shown = ", ".join(producers[:4]) + (f", ... ({len(producers)} producers)" if len(producers) > 4 else "")
         return f"Group({self.index}: {self.width} channels of {shown})"
 
@@ -94,21 +97,6 @@ class DependencyGraph:
             f"DependencyGraph({len(self.groups)} prunable groups, {sum(g.width for g in self.groups)} channels, "
             f"{len(self.unprunable)} layers left unpruned)"
         )
-
-
-def tensor_owners(model: nn.Module) -> dict[str, list[str]]:
-    """Module paths owning each parameter and buffer (more than one when tied)."""
-    owners: dict[int, list[str]] = {}
-    names: dict[int, str] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for local, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if tensor is None:
-                continue
-            names.setdefault(id(tensor), f"{module_name}.{local}" if module_name else local)
-            owners.setdefault(id(tensor), [])
-            if module_name not in owners[id(tensor)]:
-                owners[id(tensor)].append(module_name)
-    return {names[key]: value for key, value in owners.items()}
 
 
 def match_modules(model: nn.Module, patterns: Iterable[str], argument: str = "ignore") -> list[str]:
@@ -145,7 +133,7 @@ def build_graph(
         modes: tracing in both modes covers branches that run only in training (auxiliary heads).
     """
     ignored = dict.fromkeys(match_modules(model, ignore), "which is listed in `ignore`")
-    trace = record(model, example_inputs, modes)
+    trace = trace_model(model, example_inputs, modes)
     return group_trace(model, trace, ignored)
 
 
@@ -251,7 +239,7 @@ def group_trace(model: nn.Module, trace: Trace, ignored: Mapping[str, str] | Non
     groups = [g for g in groups if g.width > 1 or (g.width == 1 and g.frozen_channels > 0)]
     for new_index, group in enumerate(groups):
         group.index = new_index
-        producers = [m.slot.modules[0] if m.slot.modules else m.slot.tensor for m in group.slots("out")]
+        producers = [m.slot.modules[0] if m.slot.modules else m.slot.tensor for m in group.members_with_role("out")]
         group.name = producers[0] if producers else group.spaces[0][0]
     unprunable = _unprunable(root, spaces, frozen, owners, reasons)
     return DependencyGraph(groups, slots, trace.num_elements, unprunable, trace, root)

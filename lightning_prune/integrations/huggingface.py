@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_prune.cuts import Drop
 from lightning_prune.errors import PruningError
-from lightning_prune.surgery import DROP_FIXUPS, Drop, register_layer_name
+from lightning_prune.fixups import DROP_FIXUPS, register_layer
 
 
 def _conv1d(module: nn.Module) -> None:
@@ -27,8 +28,8 @@ def _gpt2_attention(module: nn.Module) -> None:
     module.embed_dim = module.split_size
 
 
-register_layer_name("transformers.pytorch_utils.Conv1D", _conv1d)
-register_layer_name("transformers.models.gpt2.modeling_gpt2.GPT2Attention", _gpt2_attention)
+register_layer("transformers.pytorch_utils.Conv1D", _conv1d)
+register_layer("transformers.models.gpt2.modeling_gpt2.GPT2Attention", _gpt2_attention)
 
 
 QUERY = ("q_proj", "query")
@@ -99,7 +100,7 @@ def _key_value_groups(model: nn.Module, head_dim: int) -> None:
         module.num_key_value_groups = heads // kv_heads
 
 
-register_layer_name("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
+register_layer("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
 
 
 def _dropped_layers(model: nn.Module, drop: Drop) -> None:
@@ -113,4 +114,4 @@ def _dropped_layers(model: nn.Module, drop: Drop) -> None:
         config.layer_types = [types[i] for i in drop.keep]
 
 
-DROP_FIXUPS.append(_dropped_layers)
+DROP_FIXUPS.register("transformers.config.num_hidden_layers", _dropped_layers)

@@ -1,4 +1,5 @@
-"""torchvision layers after surgery: attribute updates and replacements (registered by class name).
+"""torchvision layers: how Swin's window attention is traced, and attribute updates and replacements after
+surgery (registered by class name; nothing here imports torchvision).
 
 Swin's ``ShiftedWindowAttention`` (v1 and v2) computes its head size as ``channels // num_heads``
 from its *input*, and MaxViT's ``RelativePositionalMultiHeadAttention`` reshapes its heads' output to
@@ -11,12 +12,15 @@ They compute exactly what the original computes with the removed heads' or chann
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_prune.surgery import register_layer_name
+from lightning_prune.fixups import register_layer
+from lightning_prune.graph.builder import TraceBuilder
+from lightning_prune.graph.module_rules import register_module_rule
 
 SWIN = "torchvision.models.swin_transformer."
 MAXVIT = "torchvision.models.maxvit."
@@ -146,8 +150,46 @@ def _resize(module: nn.Module) -> None:
     module.resize()
 
 
-register_layer_name("torchvision.models.vision_transformer.VisionTransformer", _vision_transformer)
-register_layer_name(SWIN + "ShiftedWindowAttention", _swin_attention)
-register_layer_name(MAXVIT + "RelativePositionalMultiHeadAttention", PrunedRelativeAttention)
-register_layer_name(__name__ + ".PrunedWindowAttention", _resize)
-register_layer_name(__name__ + ".PrunedRelativeAttention", _resize)
+def _is_window_attention(module: nn.Module) -> bool:
+    swin = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+    if isinstance(module, PrunedWindowAttention):
+        return True
+    return type(module).__module__ == SWIN.rstrip(".") and type(module).__name__ in swin
+
+
+def _trace_window_attention(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    """Swin's (shifted) window attention: a head is its q, k, v rows, its projection columns and its column of
+    the position-bias table (v1) or its row of the bias MLP's output and its logit scale (v2). The bias MLP's
+    hidden neurons are a group of their own."""
+    if len(inputs) != 1 or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
+        b.freeze_tensors([*inputs, output], f"{type(module).__name__} called oddly")
+        return
+    qkv, proj = module.qkv, module.proj
+    heads = module.num_heads
+    rows = b.space(b.name_of(qkv.weight), 0, qkv.weight.shape[0]).view(3, heads, -1)
+    head = b.unify_rows(rows.permute(1, 0, 2).reshape(heads, -1))
+    b.slot(qkv.weight, 0, "out", rows.reshape(-1))
+    if qkv.bias is not None:
+        b.slot(qkv.bias, 0, "follow", rows.reshape(-1))
+    b.slot(qkv.weight, 1, "in", b.along(inputs[0], -1))
+    b.slot(proj.weight, 1, "in", rows[0].reshape(-1))
+    if hasattr(module, "logit_scale"):
+        b.slot(module.logit_scale, 0, "follow", head)
+        hidden, last = module.cpb_mlp[0], module.cpb_mlp[2]
+        neurons = b.space(b.name_of(hidden.weight), 0, hidden.weight.shape[0])
+        b.slot(hidden.weight, 0, "out", neurons)
+        if hidden.bias is not None:
+            b.slot(hidden.bias, 0, "follow", neurons)
+        b.slot(last.weight, 1, "in", neurons)
+        b.slot(last.weight, 0, "follow", head)
+    else:
+        b.slot(module.relative_position_bias_table, 1, "follow", head)
+    b.linear_output(proj, output)
+
+
+register_module_rule("torchvision.swin.window_attention", _is_window_attention, _trace_window_attention)
+register_layer("torchvision.models.vision_transformer.VisionTransformer", _vision_transformer)
+register_layer(SWIN + "ShiftedWindowAttention", _swin_attention)
+register_layer(MAXVIT + "RelativePositionalMultiHeadAttention", PrunedRelativeAttention)
+register_layer(PrunedWindowAttention, _resize)
+register_layer(PrunedRelativeAttention, _resize)

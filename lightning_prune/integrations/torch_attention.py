@@ -1,20 +1,25 @@
-"""Replacement layers for modules whose class cannot express their pruned shape.
+"""``torch.nn.MultiheadAttention``: heads traced as units, and the layer that holds it once heads are cut.
 
-``nn.MultiheadAttention`` derives its head size from ``embed_dim // num_heads`` and expects a fused
-projection of ``3 * embed_dim`` rows, so after heads (or stream channels) are removed it cannot hold
-its own weights. :class:`PrunedMultiheadAttention` holds the very same parameters (the optimizer keeps
-working) with an explicit head size, and is called exactly like the original.
+A head of a fused projection is its q, k and v rows and its out-projection columns. ``nn.MultiheadAttention``
+derives its head size from ``embed_dim // num_heads`` and expects a fused projection of ``3 * embed_dim``
+rows, so after heads (or stream channels) are removed it cannot hold its own weights: the cut replaces it
+by :class:`PrunedMultiheadAttention`, which holds the very same parameters (the optimizer keeps working)
+with an explicit head size, and is called exactly like the original.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_prune.errors import PruningError
+from lightning_prune.fixups import register_layer
+from lightning_prune.graph.builder import TraceBuilder
+from lightning_prune.graph.module_rules import register_module_rule
 
 
 class PrunedMultiheadAttention(nn.Module):
@@ -111,3 +116,50 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
     return mask.to(dtype)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    if isinstance(module, PrunedMultiheadAttention):
+        return True
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        and module._qkv_same_embed_dim
+        and module.bias_k is None
+        and not module.add_zero_attn
+    )
+
+
+def _trace_attention(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    """Each head's q, k, v rows and out-projection columns go together; the projection reads the query, key and
+    value channels through the same columns."""
+    result = output[0] if isinstance(output, tuple) else output
+    if len(inputs) < 3 or not all(isinstance(t, Tensor) for t in inputs[:3]) or not isinstance(result, Tensor):
+        b.freeze_tensors([*inputs, *(output if isinstance(output, tuple) else [output])], "attention called oddly")
+        return
+    weight, bias, out_proj = module.in_proj_weight, module.in_proj_bias, module.out_proj
+    heads, head_dim = weight.shape[0] // (3 * module.head_dim), module.head_dim
+    rows = b.space(b.name_of(weight), 0, weight.shape[0]).view(3, heads, head_dim)
+    b.unify_rows(rows.permute(1, 0, 2).reshape(heads, -1))
+    b.slot(weight, 0, "out", rows.reshape(-1))
+    if bias is not None:
+        b.slot(bias, 0, "follow", rows.reshape(-1))
+    for source in inputs[:3]:
+        b.slot(weight, 1, "in", b.along(source, -1))
+    b.slot(out_proj.weight, 1, "in", rows[0].reshape(-1))
+    b.linear_output(out_proj, result)
+
+
+def _fix_attention(module: nn.MultiheadAttention) -> nn.Module | None:
+    """A pruned ``nn.MultiheadAttention`` cannot hold its weights: hand them to a layer that can."""
+    if module.in_proj_weight.shape == (3 * module.embed_dim, module.embed_dim):
+        return None
+    return PrunedMultiheadAttention(module, module.head_dim)
+
+
+def _resize(module: PrunedMultiheadAttention) -> None:
+    module.resize()
+
+
+register_module_rule("torch.nn.MultiheadAttention", _is_attention, _trace_attention)
+register_layer(nn.MultiheadAttention, _fix_attention)
+register_layer(PrunedMultiheadAttention, _resize)

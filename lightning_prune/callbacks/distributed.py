@@ -1,0 +1,72 @@
+"""What pruning under several processes needs: every rank makes the same cut, and DDP wraps the new shapes."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_prune.errors import PruningError
+from lightning_prune.statistics import Statistics, reduce_statistics
+
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def check_strategy(trainer: pl.Trainer) -> None:
+    strategy = type(trainer.strategy).__name__
+    if strategy in UNSUPPORTED_STRATEGIES:
+        raise PruningError(
+            f"StructuredPruning does not support `strategy` {strategy}: the cut needs every parameter "
+            "whole on every rank. Use strategy='ddp' (or 'ddp_spawn'), or prune before sharding."
+        )
+
+
+def summed_over_ranks(trainer: pl.Trainer, statistics: Statistics, device: torch.device) -> Statistics:
+    """Gradient statistics summed over all ranks (unchanged in one process)."""
+    if trainer.world_size == 1:
+        return statistics
+
+    def reduce(tensor: Tensor) -> Tensor:
+        return trainer.strategy.reduce(tensor.to(device), reduce_op="sum").cpu()
+
+    return reduce_statistics(statistics, reduce)
+
+
+def check_same_cut(trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
+    """Under several processes, fail loudly unless every rank cut exactly the same channels."""
+    if trainer.world_size == 1:
+        return
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).digest()[:7]
+    local = torch.tensor([int.from_bytes(digest, "big")], dtype=torch.long, device=trainer.strategy.root_device)
+    gathered = trainer.strategy.all_gather(local).reshape(-1)
+    if not bool((gathered == gathered[0]).all()):
+        raise PruningError(
+            f"ranks made different cuts (record digests {gathered.tolist()}): their scores differ. With gradient "
+            "criteria statistics are all-reduced; check that every rank holds the same weights."
+        )
+
+
+def rewrap_distributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Wrap the pruned module in a new DistributedDataParallel.
+
+    The old wrapper's buckets have the old shapes, and its reducer keeps the parameters' gradient
+    accumulators alive, which remember the old shapes too: it must be gone before the next backward.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    old = getattr(strategy, "model", None)
+    if not isinstance(old, DistributedDataParallel):
+        return
+    old._remove_autograd_hooks()
+    del old.reducer
+    strategy.model = pl_module
+    del old
+    gc.collect()
+    strategy.configure_ddp()

@@ -1,0 +1,95 @@
+"""Modules traced as a whole: their internals are not followed, a rule maps their inputs to their output.
+
+Used where a module's own ops would say less than the module means: a hand-written RMSNorm (Hugging Face,
+timm) computes ``x * rsqrt(mean(x²))``, a reduction over channels that is really a normalisation (pruning a
+channel changes the statistic slightly, like LayerNorm), not a mixing of channels; an attention layer
+over a fused projection is a set of heads. Each rule is registered under a name with the predicate that
+picks its modules; the first registered rule whose predicate holds is used. The rules here cover
+``torch.nn`` and hand-written norms; libraries' layers are registered by :mod:`lightning_prune.integrations`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_prune.graph import labels as L
+from lightning_prune.graph.builder import TraceBuilder
+from lightning_prune.registry import Registry
+
+Trace = Callable[[TraceBuilder, nn.Module, tuple, Any], None]
+
+
+@dataclass(frozen=True)
+class ModuleRule:
+    """``trace(builder, module, inputs, output)`` for every module for which ``matches(module)`` holds."""
+
+    matches: Callable[[nn.Module], bool]
+    trace: Trace
+
+
+MODULE_RULES: Registry[str, ModuleRule] = Registry("module rule")
+
+
+def register_module_rule(
+    name: str, matches: Callable[[nn.Module], bool], trace: Trace, *, replace: bool = False
+) -> None:
+    """Trace modules for which ``matches(module)`` holds as a whole, with ``trace(builder, module, inputs, output)``."""
+    MODULE_RULES.register(name, ModuleRule(matches, trace), replace=replace)
+
+
+def module_rule(module: nn.Module) -> Trace | None:
+    for entry in MODULE_RULES.values():
+        if entry.matches(module):
+            return entry.trace
+    return None
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and not isinstance(module, nn.RMSNorm)
+        and isinstance(weight, nn.Parameter)
+        and weight.ndim == 1
+    )
+
+
+def _rms_norm(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    source = inputs[0] if inputs else None
+    if not isinstance(source, Tensor) or not isinstance(output, Tensor):
+        b.freeze_tensors([*inputs, output], f"{type(module).__name__} with unexpected inputs")
+        return
+    labels = b.label(source)
+    if L.varying_dims(labels) - {source.ndim - 1}:
+        b.freeze(labels, f"{type(module).__name__} over multi-dimensional channel labels")
+        return
+    channels = b.along(source, -1)
+    b.normalized.append(channels)
+    b.slot(module.weight, 0, "follow", channels)
+    b.set(output, labels)
+
+
+def _sync_batch_norm(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    """``nn.SyncBatchNorm`` under a process group runs statistics kernels of its own (no rules); per channel
+    it is a BatchNorm: its weight, bias and running statistics follow the channels of dimension 1."""
+    source = inputs[0] if inputs else None
+    if not isinstance(source, Tensor) or not isinstance(output, Tensor) or source.ndim < 2:
+        b.freeze_tensors([*inputs, output], "SyncBatchNorm called oddly")
+        return
+    labels = b.label(source)
+    if L.varying_dims(labels) - {1}:
+        b.freeze(labels, "SyncBatchNorm over multi-dimensional channel labels")
+        return
+    channels = b.along(source, 1)
+    for tensor in (module.weight, module.bias, module.running_mean, module.running_var):
+        if tensor is not None:
+            b.slot(tensor, 0, "follow", channels)
+    b.set(output, labels)
+
+
+register_module_rule("rms_norm", _is_rms_norm, _rms_norm)
+register_module_rule("sync_batch_norm", lambda module: isinstance(module, nn.SyncBatchNorm), _sync_batch_norm)

@@ -1,0 +1,198 @@
+"""Ops that move data around: views, permutations, selections, indexing, concatenation and splits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_prune.graph import labels as L
+from lightning_prune.graph.builder import TraceBuilder
+from lightning_prune.graph.rules.base import Call, dims_argument, leaves, names_in, rule
+
+
+def _replay(b: TraceBuilder, call: Call, data: list[Tensor]) -> list[Tensor] | None:
+    """Run the op again with label tensors in place of ``data``; None if it cannot run on integers."""
+    substitutes = {id(t): b.expanded(t) for t in data}
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, Tensor) and id(value) in substitutes:
+            return substitutes[id(value)]
+        if isinstance(value, list | tuple) and any(isinstance(v, Tensor) for v in value):
+            return type(value)(swap(v) for v in value)
+        return value
+
+    try:
+        result = call.func(*[swap(a) for a in call.args], **{k: swap(v) for k, v in call.kwargs.items()})
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    produced = [value for value in leaves(result) if isinstance(value, Tensor)]
+    return produced if len(produced) == len(call.outputs) else None
+
+
+def _moved(b: TraceBuilder, call: Call, data: list[Tensor], selected: Iterable[int] = ()) -> None:
+    """Set output labels by replaying the op on labels, and record what a smaller model must still satisfy.
+
+    Selecting part of dimension ``selected`` (slicing, ``select``, indexing) stays valid only if whole
+    rows along it are removed; a view that splits a channel dimension into several stays valid if
+    channels go by whole blocks (attention heads) or by the same index of every block (a channel
+    shuffle). Both are checked on the final classes (see ``Requirement``).
+    """
+    replayed = _replay(b, call, data)
+    if replayed is None:
+        b.freeze_tensors(data, f"`{call.name}` could not be replayed on channel labels")
+        return
+    before = max(len(L.varying_dims(b.label(t))) for t in data)
+    selected = list(selected)
+    for tensor in data:
+        b.require(b.label(tensor), selected, f"`{call.name}` selects part of a channel dimension")
+    for output, labels in zip(call.outputs, replayed, strict=True):
+        labels = L.compress(labels)
+        if len(L.varying_dims(labels)) > before:
+            b.require(labels, L.varying_dims(labels), f"`{call.name}` splits a channel dimension", split=True)
+        b.set(output, labels)
+
+
+_MOVEMENT = names_in(
+    """
+view reshape flatten unflatten permute transpose swapaxes swapdims movedim moveaxis t T mT H mH adjoint
+squeeze unsqueeze expand broadcast_to flip fliplr flipud repeat tile repeat_interleave pixel_shuffle
+pixel_unshuffle channel_shuffle native_channel_shuffle diagonal unfold atleast_1d atleast_2d atleast_3d
+"""
+)
+
+
+@rule(*_MOVEMENT)
+def movement(b: TraceBuilder, call: Call) -> None:
+    _moved(b, call, [call.inputs[0]])
+
+
+@rule("view_as", "reshape_as", "expand_as")
+def movement_as(b: TraceBuilder, call: Call) -> None:
+    _moved(b, call, [call.args[0]])
+
+
+@rule("roll")
+def roll(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    _moved(b, call, [source], selected=dims_argument(call.arg(2, "dims", None), source.ndim))
+
+
+@rule("narrow", "select", "index_select", "gather")
+def along_one_dim(b: TraceBuilder, call: Call) -> None:
+    _moved(b, call, [call.args[0]], selected=[call.arg(1, "dim")])
+
+
+@rule("take_along_dim")
+def take_along_dim(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    _moved(b, call, [source], selected=dims_argument(call.arg(2, "dim", None), source.ndim))
+
+
+@rule("masked_select", "take")
+def flattening_selection(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    _moved(b, call, [source], selected=range(source.ndim))
+
+
+def _indexed_dims(index: Any, ndim: int) -> set[int] | None:
+    """Source dimensions an index selects part of (ints, tensors, slices other than ``:``); None if unparsed."""
+    entries = list(index) if isinstance(index, tuple) else [index]
+    if sum(1 for e in entries if e is Ellipsis) > 1:
+        return None
+
+    def width(entry: Any) -> int:
+        if entry is None:
+            return 0
+        return entry.ndim if isinstance(entry, Tensor) and entry.dtype == torch.bool else 1
+
+    explicit = sum(width(e) for e in entries if e is not Ellipsis)
+    dims: set[int] = set()
+    position = 0
+    for entry in entries:
+        if entry is None:
+            continue
+        if entry is Ellipsis:
+            position += ndim - explicit
+            continue
+        if isinstance(entry, slice):
+            if entry != slice(None):
+                dims.add(position)
+        elif isinstance(entry, int | Tensor | list) or hasattr(entry, "__index__"):
+            dims.update(range(position, position + width(entry)))
+        else:
+            return None
+        position += width(entry)
+    return dims
+
+
+@rule("getitem")
+def getitem(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    dims = _indexed_dims(call.args[1], source.ndim)
+    if dims is None:
+        b.freeze(b.label(source), "an index the engine cannot parse")
+        return
+    _moved(b, call, [source], selected=dims)
+
+
+@rule("setitem")
+def setitem(b: TraceBuilder, call: Call) -> None:
+    b.freeze_tensors([call.args[0], call.args[2]], "in-place assignment into a tensor")
+
+
+@rule("cat", "concat", "concatenate", "stack")
+def join(b: TraceBuilder, call: Call) -> None:
+    """Concatenation: the pieces keep their labels along ``dim`` and are coupled along the other dimensions.
+
+    A channel concatenation (inception, densenet) couples nothing; concatenating tokens couples their
+    channels (a class token and the patch embeddings); halves of an attention head's features
+    (rotary embeddings) couple within the head.
+    """
+    tensors = [t for t in call.args[0] if isinstance(t, Tensor) and not (t.ndim == 1 and t.numel() == 0)]
+    out = call.outputs[0]
+    dim = call.arg(1, "dim", 0) % out.ndim
+    stack = call.name == "stack"
+    compressed = [b.label(t).unsqueeze(dim) if stack else b.label(t) for t in tensors]
+    varying = set().union(*(L.varying_dims(p) for p in compressed))
+    others = sorted(varying - {dim})
+    pieces = [
+        p.expand(
+            *[
+                (1 if stack else t.shape[d]) if d == dim else (out.shape[d] if d in varying else 1)
+                for d in range(out.ndim)
+            ]
+        )
+        for p, t in zip(compressed, tensors, strict=True)
+    ]
+    if others and len(pieces) > 1:
+        rest = [d for d in range(out.ndim) if d not in others]
+        rows = [
+            p.permute(*others, *rest).reshape(torch.Size([out.shape[d] for d in others]).numel(), -1) for p in pieces
+        ]
+        b.unify_rows(torch.cat(rows, dim=1))
+    b.set(out, torch.cat(pieces, dim=dim))
+
+
+@rule("split", "chunk", "tensor_split", "unbind", "split_with_sizes", "hsplit", "vsplit")
+def partition(b: TraceBuilder, call: Call) -> None:
+    source = call.args[0]
+    default = {"unbind": 0, "hsplit": 1 if source.ndim > 1 else 0, "vsplit": 0}.get(call.name, 0)
+    dim = call.arg(1 if call.name == "unbind" else 2, "dim", default) % source.ndim
+    if call.name in ("hsplit", "vsplit"):
+        dim = default
+    if dim not in L.varying_dims(b.label(source)):
+        _moved(b, call, [source])
+        return
+    if call.name == "unbind":
+        _moved(b, call, [source], selected=[dim])
+        return
+    sizes = {output.shape[dim] for output in call.outputs}
+    if len(sizes) != 1 or len(call.outputs) < 2:
+        _moved(b, call, [source], selected=[dim])
+        return
+    _moved(b, call, [source])
+    blocks = [b.along(output, dim) for output in call.outputs]
+    b.partitions.append((blocks, f"`{call.name}` in `{b.where}`"))

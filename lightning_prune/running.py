@@ -1,0 +1,85 @@
+"""Running and inspecting a model without changing it: the helpers every layer of the engine shares.
+
+``run_model`` calls a model on example inputs of any form; ``preserved_state`` puts training flags,
+buffers and the RNG back afterwards; ``meta_clone`` copies a model's structure without its memory;
+``named_tensors`` and ``tensor_owners`` map parameter and buffer names to tensors and their modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ExampleInputs = Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
+
+
+def run_model(model: nn.Module, example_inputs: ExampleInputs) -> Any:
+    """``model(inputs)``, ``model(*inputs)`` or ``model(**inputs)`` for a tensor, a tuple/list or a mapping."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, tuple | list):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore training flags, buffers and the RNG after running ``model``."""
+    modes = [(module, module.training) for module in model.modules()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if buffer.shape == saved.shape:
+                    buffer.copy_(saved)
+
+
+def meta_clone(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers live on the meta device (no memory)."""
+    memo: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def to_device(inputs: Any, device: str | torch.device) -> Any:
+    """``inputs`` (tensors, possibly nested in dicts, tuples and lists) moved to ``device``."""
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
+def named_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``model`` by its name."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def tensor_owners(model: nn.Module) -> dict[str, list[str]]:
+    """Module paths owning each parameter and buffer (more than one when tied)."""
+    owners: dict[int, list[str]] = {}
+    names: dict[int, str] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for local, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor is None:
+                continue
+            names.setdefault(id(tensor), f"{module_name}.{local}" if module_name else local)
+            owners.setdefault(id(tensor), [])
+            if module_name not in owners[id(tensor)]:
+                owners[id(tensor)].append(module_name)
+    return {names[key]: value for key, value in owners.items()}

@@ -1,0 +1,76 @@
+"""Slicing tensors by cuts, and putting them back.
+
+One function slices a parameter, its gradient and every optimizer state tensor shaped like it (momentum,
+Adam moments), so the same cut applies to all of them. For undoing, the entries a cut removes are kept
+(a fraction of a full copy) and :func:`unslice_tensor` rebuilds the tensor from its smaller self.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_prune.cuts import Cut
+
+
+def _group_index(cut: Cut, positions: Tensor, shape: Sequence[int]) -> Tensor:
+    """``gather``/``scatter`` index along dim 1 of a grouped convolution's weight: each group of rows reads its
+    own inputs (``positions`` count input channels of the whole layer)."""
+    per_group = cut.size // cut.groups
+    local = (positions % per_group).view(cut.groups, -1)
+    rows = torch.arange(shape[0], device=positions.device) // (shape[0] // cut.groups)
+    return local[rows].view(shape[0], -1, *([1] * (len(shape) - 2))).expand(-1, -1, *shape[2:])
+
+
+def _take(tensor: Tensor, cut: Cut, positions: Tensor) -> Tensor:
+    if cut.groups == 1:
+        return tensor.index_select(cut.dim, positions)
+    return tensor.gather(1, _group_index(cut, positions, tensor.shape))
+
+
+def _put(target: Tensor, cut: Cut, positions: Tensor, values: Tensor) -> None:
+    if cut.groups == 1:
+        target.index_copy_(cut.dim, positions, values)
+    else:
+        target.scatter_(1, _group_index(cut, positions, target.shape), values)
+
+
+def _kept_indices(cut: Cut, device: torch.device) -> Tensor:
+    return torch.tensor(cut.keep, dtype=torch.long, device=device)
+
+
+def _removed_indices(cut: Cut, device: torch.device) -> Tensor:
+    gone = torch.ones(cut.size, dtype=torch.bool)
+    gone[cut.keep] = False
+    return torch.nonzero(gone).reshape(-1).to(device)
+
+
+def _in_order(cuts: Sequence[Cut]) -> list[Cut]:
+    return sorted(cuts, key=lambda c: c.groups == 1)  # grouped-input cuts first, on the original row layout
+
+
+def slice_tensor(tensor: Tensor, cuts: Sequence[Cut], removed: list[Tensor] | None = None) -> Tensor:
+    """``tensor`` with the cuts applied.
+
+    With ``removed``, the entries each cut takes away are appended to it: with the result, they are all
+    :func:`unslice_tensor` needs to rebuild ``tensor`` (a fraction of a full copy).
+    """
+    for cut in _in_order(cuts):
+        if removed is not None:
+            removed.append(_take(tensor, cut, _removed_indices(cut, tensor.device)))
+        tensor = _take(tensor, cut, _kept_indices(cut, tensor.device))
+    return tensor.contiguous()
+
+
+def unslice_tensor(tensor: Tensor, cuts: Sequence[Cut], removed: Sequence[Tensor]) -> Tensor:
+    """The tensor that :func:`slice_tensor` turned into ``tensor``, removing ``removed``."""
+    for cut, gone in zip(reversed(_in_order(cuts)), reversed(removed), strict=True):
+        shape = list(tensor.shape)
+        shape[cut.dim] += gone.shape[cut.dim]
+        whole = tensor.new_empty(shape)
+        _put(whole, cut, _kept_indices(cut, tensor.device), tensor)
+        _put(whole, cut, _removed_indices(cut, tensor.device), gone)
+        tensor = whole
+    return tensor
