@@ -14,6 +14,7 @@ from lightning_prune.graph.groups import DependencyGraph, Group, Slot, build_gra
 from lightning_prune.graph.module_rules import register_module_rule
 from lightning_prune.importance import ScoringContext, get_criterion, register_criterion, score
 from lightning_prune.integrations import load_integrations
+from lightning_prune.language import perplexity
 from lightning_prune.measure import count_macs, count_params, latency
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import check_record, merge_records, restore
@@ -34,6 +35,8 @@ _LAZY = {
     "StructuredPruning": "lightning_prune.callbacks",
     "load_from_checkpoint": "lightning_prune.callbacks",
     "applied_record": "lightning_prune.callbacks",
+    "CausalLM": "lightning_prune.models",
+    "CausalLMDataModule": "lightning_prune.data",
     "Cifar10DataModule": "lightning_prune.data",
     "DigitsDataModule": "lightning_prune.data",
     "SyntheticDataModule": "lightning_prune.data",
@@ -51,6 +54,8 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AtomicCheckpointIO",
+    "CausalLM",
+    "CausalLMDataModule",
     "Cifar10DataModule",
     "Cut",
     "DenseSize",
@@ -87,6 +92,7 @@ __all__ = [
     "latency",
     "load_from_checkpoint",
     "merge_records",
+    "perplexity",
     "plan_cuts",
     "prune",
     "prune_layers",

@@ -44,7 +44,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 LAYERS = [
     ["errors", "registry"],
     ["running", "graph.labels"],
-    ["measure", "cuts", "slicing"],
+    ["measure", "language", "cuts", "slicing"],
     ["graph.builder"],
     ["graph.rules", "graph.module_rules"],
     ["graph.tracer"],

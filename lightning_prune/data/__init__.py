@@ -1,8 +1,16 @@
-"""Data modules: the embedded digits default, CIFAR-10 from a local folder, and synthetic images."""
+"""Data modules: the embedded digits default, CIFAR-10 from a local folder, synthetic images, and text."""
 
 from lightning_prune.data.cifar10 import Cifar10DataModule
 from lightning_prune.data.digits import DigitsDataModule
 from lightning_prune.data.splits import EpochSeededSampler, SplitDataModule
 from lightning_prune.data.synthetic import SyntheticDataModule
+from lightning_prune.data.text import CausalLMDataModule
 
-__all__ = ["Cifar10DataModule", "DigitsDataModule", "EpochSeededSampler", "SplitDataModule", "SyntheticDataModule"]
+__all__ = [
+    "CausalLMDataModule",
+    "Cifar10DataModule",
+    "DigitsDataModule",
+    "EpochSeededSampler",
+    "SplitDataModule",
+    "SyntheticDataModule",
+]

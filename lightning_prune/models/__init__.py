@@ -1,6 +1,7 @@
-"""Models: networks by name and the classifier LightningModule used by the demo and the Hydra entry point."""
+"""Models: networks by name, the image classifier of the demo and the Hydra entry point, and a causal LM."""
 
+from lightning_prune.models.causal_lm import DEFAULT_CONFIG, CausalLM
 from lightning_prune.models.classifier import ImageClassifier
 from lightning_prune.models.nets import ARCHITECTURES, DigitsCNN, build_network
 
-__all__ = ["ARCHITECTURES", "DigitsCNN", "ImageClassifier", "build_network"]
+__all__ = ["ARCHITECTURES", "DEFAULT_CONFIG", "CausalLM", "DigitsCNN", "ImageClassifier", "build_network"]

@@ -1,0 +1,195 @@
+"""Language models end to end: text sources, a tokenizer trained offline, packed windows, the CausalLM module,
+perplexity, and a pruning step inside a real Trainer on a Hugging Face Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import lightning_prune as lp
+from lightning_prune.callbacks import StructuredPruning
+from lightning_prune.data.text import default_tokenizer, pack, read_documents, train_tokenizer
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+TINY = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": False,
+}  # fmt: skip
+PROSE = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A text file, a JSON-lines file and a tokenizer trained on them, written by the test."""
+    root = tmp_path_factory.mktemp("corpus")
+    text = root / "a.txt"
+    text.write_text(PROSE * 40)
+    lines = root / "b.jsonl"
+    lines.write_text("\n".join(json.dumps({"text": f"{PROSE} Line {i}.", "id": i}) for i in range(60)) + "\n")
+    tokenizer = train_tokenizer(read_documents([text, lines]), root / "tokenizer", vocabulary=300)
+    return {"text": text, "lines": lines, "tokenizer": tokenizer}
+
+
+def data_module(corpus: dict[str, Path], **kwargs) -> lp.CausalLMDataModule:
+    options = {"files": [corpus["text"], corpus["lines"]], "tokenizer": corpus["tokenizer"], "window": 16}
+    return lp.CausalLMDataModule(**{**options, **kwargs})
+
+
+def test_documents_come_from_text_and_json_lines_and_datasets(corpus, tmp_path) -> None:
+    import datasets
+
+    assert read_documents(corpus["text"]) == [PROSE * 40]
+    lines = read_documents(corpus["lines"])
+    assert len(lines) == 60 and lines[3].endswith("Line 3.")
+    table = datasets.Dataset.from_dict({"body": ["first text", "second text", " "]})
+    assert read_documents(table, text_field="body") == ["first text", "second text"]
+    splits = datasets.DatasetDict({"train": table, "test": table})
+    assert read_documents(splits, text_field="body") == ["first text", "second text"]  # the train split only
+    table.save_to_disk(tmp_path / "saved")
+    assert read_documents(tmp_path / "saved", text_field="body") == ["first text", "second text"]
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "message"),
+    [
+        (None, "missing.txt", r"`files` entry '.*missing.txt' does not exist"),
+        ("some text", "notes.csv", r"has suffix '.csv'; expected one of .txt, .md, .rst, .jsonl"),
+        ('{"text": "ok"}\nnot json\n', "broken.jsonl", r"broken.jsonl' line 2 is not JSON"),
+        (
+            '{"body": "no text field"}\n',
+            "other.jsonl",
+            r"line 1 has no string field `text_field`='text' \(it has \['body'\]\)",
+        ),
+        ("   \n", "empty.txt", r"empty.txt' holds no text"),
+    ],
+)
+def test_bad_text_sources_are_named(tmp_path, content: str | None, name: str, message: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_documents(path)
+
+
+def test_the_trained_tokenizer_loads_with_auto_tokenizer_and_round_trips(corpus) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(corpus["tokenizer"])
+    text = "Sphinx of black quartz, judge my vow!\n  Indented: ünïcode too."
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.eos_token == "<|endoftext|>" and len(tokenizer) == 300
+
+
+def test_windows_are_packed_and_the_splits_are_disjoint_and_in_order(corpus) -> None:
+    data = data_module(corpus)
+    data.setup()
+    stream = torch.cat([data.tokens[name] for name in ("train", "val", "test")])
+    windows = torch.cat([data.splits[name].windows.reshape(-1) for name in ("train", "val", "test")])
+    assert torch.equal(stream, windows)  # every window is a distinct, consecutive stretch of the stream
+    assert {name: data.splits[name].windows.shape[1] for name in data.splits} == {"train": 16, "val": 16, "test": 16}
+    assert len(data.splits["val"]) == len(data.splits["test"]) == round(0.05 * (stream.numel() // 16))
+    full = pack(read_documents([corpus["text"], corpus["lines"]]), data.tokenizer)
+    assert torch.equal(full[: stream.numel()], stream) and full.numel() - stream.numel() < 16  # only a tail is left
+    assert int((full == data.tokenizer.eos_token_id).sum()) == 61  # an end-of-text token after each document
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == (16, 16) and batch["input_ids"].dtype == torch.long
+
+
+def test_calibration_windows_are_seeded_and_come_from_the_training_text(corpus) -> None:
+    data = data_module(corpus)
+    first, again, other = data.calibration(10, 12, seed=1), data.calibration(10, 12, seed=1), data.calibration(10, 12)
+    assert first.shape == (10, 12) and torch.equal(first, again) and not torch.equal(first, other)
+    train = data.tokens["train"].tolist()
+    for window in first.tolist():
+        assert any(train[i : i + 12] == window for i in range(len(train) - 11))
+    with pytest.raises(ValueError, match=r"calibration `length` must be 2\.\."):
+        data.calibration(4, 10**7)
+
+
+def test_text_shorter_than_the_splits_need_is_refused_before_training(corpus, tmp_path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    with pytest.raises(ValueError, match=r"windows of `window`=16, fewer than the 3 the train/validation/test"):
+        lp.CausalLMDataModule(files=short, tokenizer=corpus["tokenizer"], window=16).setup()
+    with pytest.raises(ValueError, match="`window` must be an integer of at least 2"):
+        lp.CausalLMDataModule(window=1)
+    with pytest.raises(ValueError, match=r"`tokenizer` '.*nowhere' is not a folder"):
+        lp.CausalLMDataModule(files=short, tokenizer=tmp_path / "nowhere").setup()
+
+
+def test_the_default_text_and_tokenizer_work_offline(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LIGHTNING_PRUNE_CACHE", str(tmp_path))
+    folder = default_tokenizer(vocabulary=512)
+    assert folder == tmp_path / "tokenizer-pydoc-bpe512" and (folder / "tokenizer.json").is_file()
+    assert default_tokenizer(vocabulary=512) == folder  # cached: not trained again
+    data = lp.CausalLMDataModule(tokenizer=folder, window=256)
+    data.setup()
+    assert data.vocabulary == 512 and len(data.splits["train"]) > 400
+
+
+def test_a_model_and_a_tokenizer_that_do_not_belong_together_are_refused(tmp_path) -> None:
+    model = lp.CausalLM(config=TINY, vocabulary=300)
+    model.model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="the tokenizer has 500 tokens but the model embeds only 300"):
+        lp.CausalLM(pretrained=str(tmp_path / "model"), vocabulary=500)
+    with pytest.raises(ValueError, match=r"`pretrained` '.*nothing' is not a folder written by `save_pretrained`"):
+        lp.CausalLM(pretrained=str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="`config` needs a `model_type`"):
+        lp.CausalLM(config={"hidden_size": 32})
+    reloaded = lp.CausalLM(pretrained=str(tmp_path / "model"), vocabulary=300)
+    ids = torch.randint(0, 300, (2, 9))
+    assert torch.equal(reloaded.eval()(ids), model.eval()(ids))
+
+
+def test_perplexity_is_token_weighted_deterministic_and_what_validation_logs(corpus) -> None:
+    pl.seed_everything(0, verbose=False)
+    data = data_module(corpus)
+    data.setup()
+    model = lp.CausalLM(config=TINY, vocabulary=data.vocabulary)
+    windows = data.splits["val"].windows
+    value = lp.perplexity(model.model, windows, batch_size=2)
+    assert value == lp.perplexity(model.model, windows, batch_size=2)  # deterministic
+    assert math.isclose(value, lp.perplexity(model.model, windows, batch_size=5), rel_tol=1e-6)  # batch-independent
+    assert 0.5 * data.vocabulary < value < 2 * data.vocabulary  # an untrained model is nearly uniform
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(model, data, verbose=False)[0]
+    assert math.isclose(logged["val/ppl"], value, rel_tol=1e-4)
+    with pytest.raises(TypeError, match="perplexity needs a causal language model"):
+        lp.perplexity(
+            torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten()), torch.zeros(1, 4, dtype=torch.long)
+        )
+
+
+def test_structured_pruning_cuts_a_causal_lm_during_training_and_it_reloads_with_from_pretrained(
+    corpus, tmp_path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    pl.seed_everything(0, verbose=False)
+    data = data_module(corpus, batch_size=8)
+    data.setup()
+    model = lp.CausalLM(config=TINY, vocabulary=data.vocabulary, warmup_steps=2)
+    pruning = StructuredPruning(0.5, "l1", schedule="oneshot", start_epoch=0, scope="local", log_table=False)
+    trainer = pl.Trainer(
+        max_epochs=2, limit_train_batches=4, limit_val_batches=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning],
+    )  # fmt: skip
+    trainer.fit(model, data)
+    config = model.model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (2, 1, 32)
+    assert config.hidden_size == 16 and pruning.done[0]["removed"] > 0
+    model.model.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    ids = data.splits["test"].windows[:2]
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, model.eval()(ids), atol=1e-5)
+    assert math.isfinite(trainer.callback_metrics["val/ppl"].item())
