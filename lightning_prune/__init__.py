@@ -16,6 +16,7 @@ from lightning_prune.importance import ScoringContext, get_criterion, register_c
 from lightning_prune.integrations import load_integrations
 from lightning_prune.language import perplexity
 from lightning_prune.measure import count_macs, count_params, latency
+from lightning_prune.methods.llm_pruner import llm_pruner
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import check_record, merge_records, restore
 from lightning_prune.registry import Registry, RegistryError
@@ -90,6 +91,7 @@ __all__ = [
     "find_blocks",
     "get_criterion",
     "latency",
+    "llm_pruner",
     "load_from_checkpoint",
     "merge_records",
     "perplexity",

@@ -117,7 +117,8 @@ class _Planner:
                 graph.trace.macs if graph.trace.macs is not None else count_macs(self.model, self.example_inputs)
             )
         if needs_gradients(self.criterion) and self.statistics is None:
-            self.statistics = collect_statistics(self.model, graph, *self.calibration)
+            collect = getattr(self.criterion, "collect", collect_statistics)
+            self.statistics = collect(self.model, graph, *self.calibration)
         scores = score(graph.groups, ScoringContext(self.model, self.statistics or {}), self.criterion)
         current = self.params_before if self.budget.target == "params" else self.macs_before
         fraction = self.budget.fraction_now(self.dense, current)

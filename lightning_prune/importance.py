@@ -16,7 +16,9 @@ element of the group (``None`` leaves the group unpruned). Built-ins are chosen 
 - ``"random"``: a seeded random score, the floor every other criterion must beat.
 
 Gradient criteria (``needs_gradients = True``) read ``ScoringContext.statistics``, which
-:mod:`lightning_prune.statistics` accumulates from training or calibration batches.
+:mod:`lightning_prune.statistics` accumulates from training or calibration batches; a criterion with a
+``collect(model, graph, batches, loss_fn)`` method gathers statistics of its own kind on calibration batches
+(LLM-Pruner's parameter gradients, see :mod:`lightning_prune.methods.llm_pruner`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import Group, Member
 from lightning_prune.registry import Registry
 
-AGGREGATES = ("sum", "mean", "max")
+AGGREGATES = ("sum", "mean", "max", "prod", "last")
 
 
 @dataclass
@@ -60,7 +62,9 @@ def aggregate_members(group: Group, values: list[tuple[Member, Tensor]], how: st
     """Per-element scores from per-position values of several slots.
 
     Positions of one slot that belong to the same element are summed; slots are then combined by
-    ``how`` (sum, mean or max) over the slots that hold the element. Elements held by none score +inf.
+    ``how`` over the slots that hold the element: ``"sum"``, ``"mean"``, ``"max"``, ``"prod"``, or ``"last"``
+    (the value of the last slot in ``values`` that holds it: in trace order, the most downstream layer).
+    Elements held by none score +inf.
     """
     rows, masks = [], []
     for member, per_position in values:
@@ -78,6 +82,11 @@ def aggregate_members(group: Group, values: list[tuple[Member, Tensor]], how: st
         result = stacked.sum(0)
     elif how == "mean":
         result = stacked.sum(0) / count.clamp(min=1)
+    elif how == "prod":
+        result = stacked.masked_fill(~covered, 1.0).prod(0)
+    elif how == "last":
+        last = (covered * torch.arange(1, len(rows) + 1)[:, None]).argmax(0)
+        result = stacked.gather(0, last[None]).reshape(-1)
     else:
         result = stacked.masked_fill(~covered, float("-inf")).amax(0)
     return result.masked_fill(count == 0, float("inf"))

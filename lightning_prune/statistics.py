@@ -185,31 +185,31 @@ class GradientStatistics:
 
 
 def reduce_statistics(statistics: Statistics, reduce: Callable[[Tensor], Tensor]) -> Statistics:
-    """Apply ``reduce`` (an all-reduce sum across ranks) to every accumulated tensor."""
-    return {
-        "taylor": {k: reduce(v) for k, v in sorted(statistics.get("taylor", {}).items())},
-        "fisher": {k: reduce(v) for k, v in sorted(statistics.get("fisher", {}).items())},
-        "batches": statistics.get("batches", 0),
-    }
+    """Apply ``reduce`` (an all-reduce sum across ranks) to every accumulated tensor, in a fixed order."""
+    if isinstance(statistics, Tensor):
+        return reduce(statistics)
+    if isinstance(statistics, dict):
+        return {key: reduce_statistics(statistics[key], reduce) for key in sorted(statistics)}
+    return statistics
 
 
-def collect_statistics(
+def backward_passes(
     model: nn.Module,
-    graph: DependencyGraph,
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any], Tensor],
-) -> Statistics:
-    """Run ``loss_fn(model, batch)`` forward and backward on each batch and return the statistics.
+    after_backward: Callable[[], None] = lambda: None,
+) -> int:
+    """Run ``loss_fn(model, batch)`` forward and backward on each batch (gradients zeroed before each), calling
+    ``after_backward()`` after each; returns the number of batches.
 
     The model is left as it was: training mode, buffers (BatchNorm statistics), gradients and the
     RNG state are restored.
     """
     saved = [(p, p.grad) for p in model.parameters()]
-    collector = GradientStatistics(model, graph)
+    count = 0
     try:
         with preserved_state(model), torch.enable_grad():
             model.train()
-            collector.attach()
             for batch in batches:
                 for parameter, _ in saved:
                     parameter.grad = None
@@ -219,10 +219,54 @@ def collect_statistics(
                         f"`loss_fn(model, batch)` must return a scalar tensor, got {type(loss).__name__}."
                     )
                 loss.backward()
+                after_backward()
+                count += 1
     finally:
-        statistics = collector.detach()
         for parameter, grad in saved:
             parameter.grad = grad
-    if statistics["batches"] == 0:
+    if count == 0:
         raise PruningError("`batches` was empty: gradient criteria need at least one batch.")
+    return count
+
+
+def collect_statistics(
+    model: nn.Module,
+    graph: DependencyGraph,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+) -> Statistics:
+    """Activation-gradient statistics (``taylor``, ``fisher``) of ``graph``'s producers over ``batches``."""
+    collector = GradientStatistics(model, graph).attach()
+    try:
+        backward_passes(model, batches, loss_fn)
+    finally:
+        statistics = collector.detach()
     return statistics
+
+
+def collect_parameter_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    squares: bool = True,
+) -> Statistics:
+    """``{"parameters": {"grad": {name: Σ G}, "grad_squared": {name: Σ G²}}, "batches": n}`` over ``batches``.
+
+    ``Σ G`` is the gradient of the summed loss; ``Σ G²`` (with ``squares``) is the diagonal empirical Fisher,
+    as per-example as the batches are (LLM-Pruner's second-order term uses one example per batch). Kept in
+    each parameter's dtype and device: twice the model's memory while it lasts.
+    """
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    grad = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    grad_squared = {name: torch.zeros_like(p) for name, p in parameters.items()} if squares else {}
+
+    def accumulate() -> None:
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                if parameter.grad is not None:
+                    grad[name] += parameter.grad
+                    if squares:
+                        grad_squared[name] += parameter.grad.square()
+
+    count = backward_passes(model, batches, loss_fn, accumulate)
+    return {"parameters": {"grad": grad, "grad_squared": grad_squared}, "batches": count}

@@ -31,8 +31,9 @@ def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 
 def all_scores(model: nn.Module, importance: str, seed: int = 0) -> list:
     graph = lp.build_graph(model, small_input())
-    statistics = collect_statistics(model, graph, batches(), cross_entropy)
     criterion = get_criterion(importance, seed=seed)
+    collect = getattr(criterion, "collect", collect_statistics)  # LLM-Pruner's criteria gather their own kind
+    statistics = collect(model, graph, batches(), cross_entropy)
     return graph, score(graph.groups, ScoringContext(model, statistics), criterion)
 
 

@@ -20,13 +20,26 @@ from lightning_prune.statistics import GradientStatistics, Statistics, collect_s
 class StepStatistics:
     """Statistics of the coming step: ``calibration_batches=0`` observes training, ``n`` runs ``n`` extra batches.
 
-    ``graph`` builds the dependency graph of the module as it is now (it changes with every step).
+    ``graph`` builds the dependency graph of the module as it is now (it changes with every step); ``collect``
+    is the criterion's own way to gather statistics on calibration batches (None: activation gradients,
+    which training steps can also be observed for).
     """
 
-    def __init__(self, calibration_batches: int, graph: Callable[[pl.LightningModule], DependencyGraph]) -> None:
+    def __init__(
+        self,
+        calibration_batches: int,
+        graph: Callable[[pl.LightningModule], DependencyGraph],
+        collect: Callable[..., Statistics] | None = None,
+        importance: str = "",
+    ) -> None:
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 0:
             raise PruningError(f"`calibration_batches` must be a non-negative integer, got {calibration_batches!r}.")
-        self.calibration_batches, self.graph = calibration_batches, graph
+        if collect is not None and calibration_batches == 0:
+            raise PruningError(
+                f"`importance={importance!r}` measures its statistics on calibration batches, not by observing "
+                "training: set `calibration_batches` (LLM-Pruner uses 10 windows)."
+            )
+        self.calibration_batches, self.graph, self.collect = calibration_batches, graph, collect or collect_statistics
         self._collector: GradientStatistics | None = None
         self._saved: Statistics | None = None
 
@@ -47,7 +60,7 @@ class StepStatistics:
         """The statistics for the step now due, summed over ranks; the accumulation starts afresh."""
         if self.calibration_batches:
             batches = (move_data_to_device(b, pl_module.device) for b in _take(trainer, self.calibration_batches))
-            statistics = collect_statistics(pl_module, self.graph(pl_module), batches, _training_loss)
+            statistics = self.collect(pl_module, self.graph(pl_module), batches, _training_loss)
         elif self._collector is not None:
             statistics = self._collector.detach()
         elif self._saved is not None:

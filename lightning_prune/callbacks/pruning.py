@@ -151,7 +151,8 @@ class StructuredPruning(Callback):
         }  # fmt: skip
         accepted = inspect.signature(factory).parameters
         self.method = factory(**{name: value for name, value in offered.items() if name in accepted})
-        self.statistics = StepStatistics(calibration_batches, self._graph)
+        collect = getattr(self.method, "collect", None) if getattr(self.method, "needs_gradients", False) else None
+        self.statistics = StepStatistics(calibration_batches, self._graph, collect, importance)
         if when not in WHEN:
             raise PruningError(f"`when` must be one of {', '.join(WHEN)}; got {when!r}.")
         self.importance, self.target, self.when, self.structure = importance, target, when, structure

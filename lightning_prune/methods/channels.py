@@ -5,7 +5,7 @@ One step is one call of :func:`lightning_prune.prune` with the budget relative t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from lightning_prune.importance import get_criterion, needs_gradients
 from lightning_prune.methods.base import METHODS
 from lightning_prune.running import ExampleInputs
 from lightning_prune.selection import SelectionOptions
+from lightning_prune.statistics import Statistics
 
 
 class ChannelPruning:
@@ -45,7 +46,10 @@ class ChannelPruning:
             raise PruningError(f"`target` must be one of {', '.join(TARGETS)}; got {target!r}.")
         if isinstance(ignore, str):
             raise PruningError(f"`ignore` is a list of module names or glob patterns; got the string {ignore!r}.")
-        self.needs_gradients = needs_gradients(get_criterion(importance, aggregate=aggregate, seed=seed))
+        criterion = get_criterion(importance, aggregate=aggregate, seed=seed)
+        self.needs_gradients = needs_gradients(criterion)
+        # statistics of the criterion's own kind come from calibration batches; None: observed in training too
+        self.collect: Callable[..., Statistics] | None = getattr(criterion, "collect", None)
         self.importance, self.target, self.selection = importance, target, selection or SelectionOptions()
         self.ignore, self.aggregate, self.seed, self.verify = list(ignore), aggregate, seed, verify
 
