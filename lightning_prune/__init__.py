@@ -16,6 +16,7 @@ from lightning_prune.importance import ScoringContext, get_criterion, register_c
 from lightning_prune.integrations import load_integrations
 from lightning_prune.language import perplexity
 from lightning_prune.measure import count_macs, count_params, latency
+from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import check_record, merge_records, restore
@@ -89,6 +90,7 @@ __all__ = [
     "count_macs",
     "count_params",
     "find_blocks",
+    "flap",
     "get_criterion",
     "latency",
     "llm_pruner",
@@ -106,4 +108,5 @@ __all__ = [
     "select",
     "slice_tensor",
     "verify_pruned",
+    "wanda_sp",
 ]

@@ -105,6 +105,8 @@ def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
 
 def layers_left_whole(model: nn.Module, first: int, last: int | None, blocks: str | None = None) -> list[str]:
     """Module paths of the blocks outside ``[first, last)`` of the model's block stack (``last`` None: the end)."""
+    if first == 0 and last is None:
+        return []
     blocks = blocks or find_blocks(model)
     size = len(model.get_submodule(blocks))
     end = size if last is None else last if last >= 0 else size + last
@@ -122,6 +124,7 @@ def llm_pruner(
     *,
     variant: str = "vectorwise",
     aggregate: str = "sum",
+    target: str = "channels",
     first: int = 0,
     last: int | None = None,
     stream: bool = False,
@@ -137,6 +140,8 @@ def llm_pruner(
         amount: the fraction of every prunable group's elements removed (uniform per layer: ``scope="local"``).
         variant: ``"vectorwise"``, ``"elementwise"``, ``"second"`` or ``"mix"`` (see the module doc).
         aggregate: how a group's per-layer importances combine.
+        target: what ``amount`` is a fraction of: ``"channels"`` (elements of every group), ``"params"`` or ``"macs"``
+            of the model (then the same fraction of every group is bisected until the model is that small).
         first, last: only blocks ``first .. last-1`` of the block stack are pruned (``last`` may be negative).
         stream: also remove directions of the hidden stream (the paper's channel-wise mode); by default only
             heads and FFN neurons go (block-wise), so the hidden size stays.
@@ -159,6 +164,7 @@ def llm_pruner(
         example,
         amount,
         criterion,
+        target=target,
         scope="local",
         round_to=round_to,
         ignore=left,
