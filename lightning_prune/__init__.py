@@ -18,6 +18,7 @@ from lightning_prune.language import perplexity
 from lightning_prune.measure import count_macs, count_params, latency
 from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
+from lightning_prune.methods.recovery import finetune, lora_recover
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import check_record, merge_records, restore
 from lightning_prune.registry import Registry, RegistryError
@@ -90,11 +91,13 @@ __all__ = [
     "count_macs",
     "count_params",
     "find_blocks",
+    "finetune",
     "flap",
     "get_criterion",
     "latency",
     "llm_pruner",
     "load_from_checkpoint",
+    "lora_recover",
     "merge_records",
     "perplexity",
     "plan_cuts",
