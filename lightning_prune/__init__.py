@@ -14,7 +14,7 @@ from lightning_prune.graph.groups import DependencyGraph, Group, Slot, build_gra
 from lightning_prune.graph.module_rules import register_module_rule
 from lightning_prune.importance import ScoringContext, get_criterion, register_criterion, score
 from lightning_prune.integrations import load_integrations
-from lightning_prune.language import perplexity
+from lightning_prune.language import generation_speed, perplexity
 from lightning_prune.measure import count_macs, count_params, latency
 from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
@@ -38,6 +38,7 @@ _LAZY = {
     "StructuredPruning": "lightning_prune.callbacks",
     "load_from_checkpoint": "lightning_prune.callbacks",
     "applied_record": "lightning_prune.callbacks",
+    "default_language_model": "lightning_prune.models",
     "CausalLM": "lightning_prune.models",
     "CausalLMDataModule": "lightning_prune.data",
     "Cifar10DataModule": "lightning_prune.data",
@@ -90,9 +91,11 @@ __all__ = [
     "check_record",
     "count_macs",
     "count_params",
+    "default_language_model",
     "find_blocks",
     "finetune",
     "flap",
+    "generation_speed",
     "get_criterion",
     "latency",
     "llm_pruner",

@@ -1,4 +1,4 @@
-"""Measuring causal language models: perplexity on held-out windows.
+"""Measuring causal language models: perplexity on held-out windows, and generation speed.
 
 Perplexity is ``exp`` of the mean negative log-likelihood over every predicted token (a window of ``L``
 tokens predicts ``L - 1``), accumulated in float64 in eval mode: deterministic, and token-weighted however
@@ -61,3 +61,39 @@ def perplexity(model: nn.Module, windows: Tensor | Iterable[Tensor], batch_size:
     if count == 0:
         raise ValueError("`windows` is empty: perplexity needs at least one window of two tokens.")
     return math.exp(total / count)
+
+
+def generation_speed(
+    model: nn.Module, prompt: Tensor, new_tokens: int = 64, repeats: int = 5, *, threads: int | None = None
+) -> dict[str, float]:
+    """Greedy generation throughput with the key/value cache: generated tokens per second over ``repeats`` runs.
+
+    ``prompt`` is ``(batch, tokens)`` token ids; every run generates exactly ``new_tokens`` per row. Returns the
+    median and the interquartile range of the runs (``tokens_per_second``, ``low``, ``high``) and the thread
+    count, so that two models are compared by overlapping ranges, not by one noisy number. A warm-up run
+    comes first.
+    """
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"`new_tokens` must be a positive integer, got {new_tokens!r}.")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"`repeats` must be a positive integer, got {repeats!r}.")
+    import time
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rates = []
+    options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "use_cache": True}
+    try:
+        with preserved_state(model), torch.inference_mode():
+            model.eval()
+            for run in range(repeats + 1):
+                start = time.perf_counter()
+                model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **options)
+                if run:  # the first run warms up
+                    rates.append(prompt.shape[0] * new_tokens / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(previous)
+    values = torch.tensor(rates, dtype=torch.float64)
+    low, median, high = (float(values.quantile(q)) for q in (0.25, 0.5, 0.75))
+    return {"tokens_per_second": median, "low": low, "high": high, "threads": float(threads or previous)}

@@ -193,3 +193,27 @@ def test_structured_pruning_cuts_a_causal_lm_during_training_and_it_reloads_with
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, model.eval()(ids), atol=1e-5)
     assert math.isfinite(trainer.callback_metrics["val/ppl"].item())
+
+
+def test_generation_speed_reports_a_median_inside_its_spread_and_refuses_bad_counts() -> None:
+    model = lp.CausalLM(config=TINY, vocabulary=300).model
+    speed = lp.generation_speed(model, torch.randint(0, 300, (2, 5)), new_tokens=6, repeats=3, threads=1)
+    assert 0 < speed["low"] <= speed["tokens_per_second"] <= speed["high"] and speed["threads"] == 1
+    assert torch.get_num_threads() == 2  # the caller's thread count is restored
+    with pytest.raises(ValueError, match="`new_tokens` must be a positive integer"):
+        lp.generation_speed(model, torch.zeros(1, 3, dtype=torch.long), new_tokens=0)
+
+
+@pytest.mark.slow
+def test_the_default_language_model_is_trained_to_a_plateau_and_cached() -> None:
+    """Minutes on 2 cores the first time (then cached): ``pytest -m slow``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = lp.default_language_model()
+    summary = json.loads((folder / "training.json").read_text())
+    assert summary["epochs"] < summary["max_epochs"]  # stopped by the plateau, not by the epoch limit
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    data = lp.CausalLMDataModule(tokenizer=folder, window=summary["window"])
+    data.setup()
+    assert math.isclose(lp.perplexity(model, data.splits["test"].windows), summary["test_ppl"], rel_tol=1e-3)
+    assert summary["test_ppl"] < 0.05 * len(tokenizer)  # far below the untrained model's ~vocabulary size

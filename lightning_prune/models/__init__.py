@@ -3,5 +3,14 @@
 from lightning_prune.models.causal_lm import DEFAULT_CONFIG, CausalLM
 from lightning_prune.models.classifier import ImageClassifier
 from lightning_prune.models.nets import ARCHITECTURES, DigitsCNN, build_network
+from lightning_prune.models.pretrained import default_language_model
 
-__all__ = ["ARCHITECTURES", "DEFAULT_CONFIG", "CausalLM", "DigitsCNN", "ImageClassifier", "build_network"]
+__all__ = [
+    "ARCHITECTURES",
+    "DEFAULT_CONFIG",
+    "CausalLM",
+    "DigitsCNN",
+    "ImageClassifier",
+    "build_network",
+    "default_language_model",
+]
