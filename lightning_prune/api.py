@@ -186,8 +186,10 @@ def prune(
     budget = Budget(amount, target)
     selection = SelectionOptions(scope, round_to, max_fraction, normalize)
     criterion = get_criterion(importance, aggregate=aggregate, seed=seed)
-    if needs_gradients(criterion) and statistics is None and (batches is None or loss_fn is None):
-        missing = " and ".join(f"`{n}`" for n, v in (("batches", batches), ("loss_fn", loss_fn)) if v is None)
+    needs_loss = getattr(criterion, "needs_loss", True)  # activation statistics need batches only
+    if needs_gradients(criterion) and statistics is None and (batches is None or (loss_fn is None and needs_loss)):
+        wanted = (("batches", batches), ("loss_fn", loss_fn if needs_loss else True))
+        missing = " and ".join(f"`{n}`" for n, v in wanted if v is None)
         raise PruningError(
             f"`importance={importance!r}` is a gradient criterion and needs {missing}: pass `batches` (an iterable "
             "of batches) and `loss_fn(model, batch) -> scalar loss`, or precomputed `statistics`."

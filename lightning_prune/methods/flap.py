@@ -25,10 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.api import PruningResult, prune
+from lightning_prune.budget import DenseSize
 from lightning_prune.cuts import Cut
 from lightning_prune.errors import PruningError
-from lightning_prune.graph.groups import DependencyGraph, Group, build_graph
+from lightning_prune.graph.groups import DependencyGraph, Group, build_graph, match_modules
 from lightning_prune.importance import CRITERIA, ScoringContext, aggregate_members
+from lightning_prune.methods.base import METHODS
 from lightning_prune.methods.llm_pruner import layers_left_whole
 from lightning_prune.record import new_record, parse_record
 from lightning_prune.running import preserved_state, run_model, tensor_owners
@@ -96,7 +98,26 @@ class ActivationImportance:
     FLAP's standardisation per module type uses ``statistics["standardize"]`` (see :func:`flap`)."""
 
     kind: str = "wanda_sp"
-    needs_gradients: bool = True  # needs statistics: pass them (:func:`wanda_sp`, :func:`flap` do)
+    needs_gradients: bool = True  # it needs statistics of calibration batches, of its own kind (collect)
+    needs_loss: bool = False  # forward passes only
+
+    def collect(
+        self, model: nn.Module, graph: DependencyGraph, batches: Iterable[Any], loss_fn: Any = None
+    ) -> Statistics:
+        """Activation statistics over ``batches`` (model inputs; no loss is needed), and for FLAP the mean and
+        standard deviation of the raw scores of each module type, for standardisation."""
+        statistics = collect_activations(model, graph, batches)
+        if self.kind == "flap":
+            raw: dict[str, list[Tensor]] = {}
+            context = ScoringContext(model, statistics)
+            for group in graph.groups:
+                values = self(group, context)
+                if values is not None:
+                    raw.setdefault(_kind_of(group, statistics["activations"]), []).append(values)
+            statistics["standardize"] = {
+                kind: (torch.cat(v).mean(), torch.cat(v).std().clamp(min=1e-12)) for kind, v in raw.items()
+            }
+        return statistics
 
     def __call__(self, group: Group, context: ScoringContext) -> Tensor | None:
         activations = context.statistics.get("activations")
@@ -126,16 +147,14 @@ CRITERIA.register("flap", lambda **_: ActivationImportance("flap"))
 
 def _prepare(
     model: nn.Module, calibration: Tensor, first: int, last: int | None, stream: bool, ignore: Sequence[str]
-) -> tuple[dict[str, Any], list[str], DependencyGraph, Statistics]:
+) -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:
     if not isinstance(calibration, Tensor) or calibration.ndim != 2 or calibration.shape[1] < 2:
         shape = tuple(calibration.shape) if isinstance(calibration, Tensor) else type(calibration).__name__
         raise PruningError(f"`calibration` must be (count, tokens ≥ 2) token ids, got {shape}.")
     example = {"input_ids": calibration[:1], "use_cache": False}
     embeddings = [name for name, module in model.named_modules() if module is model.get_input_embeddings()]
     left = [*ignore, *layers_left_whole(model, first, last), *([] if stream else embeddings)]
-    graph = build_graph(model, example, ignore=left)
-    batches = [{"input_ids": window[None], "use_cache": False} for window in calibration]
-    return example, left, graph, collect_activations(model, graph, batches)
+    return example, left, [{"input_ids": window[None], "use_cache": False} for window in calibration]
 
 
 def wanda_sp(
@@ -147,9 +166,9 @@ def wanda_sp(
     ``calibration`` is ``(count, tokens)`` token ids; ``target``, ``first``, ``last``, ``stream``, ``ignore`` as in
     :func:`lightning_prune.llm_pruner`.
     """
-    example, left, _, statistics = _prepare(model, calibration, first, last, stream, ignore)
+    example, left, batches = _prepare(model, calibration, first, last, stream, ignore)
     return prune(model, example, amount, ActivationImportance("wanda_sp"), target=target, scope="local", ignore=left,
-                 statistics=statistics)  # fmt: skip
+                 batches=batches)  # fmt: skip
 
 
 def flap(
@@ -158,25 +177,60 @@ def flap(
 ) -> PruningResult:  # fmt: skip
     """FLAP: remove ``amount`` of all heads and FFN neurons together by standardised fluctuation, globally (layers
     end up with different widths), then add the removed channels' mean contribution to the biases."""
-    example, left, graph, statistics = _prepare(model, calibration, first, last, stream, ignore)
-    criterion = ActivationImportance("flap")
-    activations = statistics["activations"]
-    raw: dict[str, list[Tensor]] = {}
-    for group in graph.groups:
-        values = criterion(group, ScoringContext(model, statistics))
-        if values is not None:
-            raw.setdefault(_kind_of(group, activations), []).append(values)
-    statistics["standardize"] = {
-        kind: (torch.cat(v).mean(), torch.cat(v).std().clamp(min=1e-12)) for kind, v in raw.items()
-    }
-    weights = {name: module.weight for name, module in _consumers(model, graph).items()}
-    means = {name: stats["sum"] / max(stats["count"], 1) for name, stats in activations.items()}
-    full = {name: weights[name].detach().double().cpu() @ means[name] for name in weights}
-    result = prune(model, example, amount, criterion, target=target, scope="global", normalize="none", ignore=left,
-                   statistics=statistics)  # fmt: skip
-    if compensate:
-        _compensate(model, result, weights, means, full)
-    return result
+    example, left, batches = _prepare(model, calibration, first, last, stream, ignore)
+    method = FLAPPruning(compensate=compensate, target=target, ignore=left)
+    graph = build_graph(model, example, ignore=left)
+    return method.step(model, example, amount, None, statistics=method.collect(model, graph, batches))
+
+
+class FLAPPruning:
+    """FLAP as a scheduled step (``StructuredPruning(structure="flap", calibration_batches=...)``).
+
+    Args:
+        compensate: add the removed channels' mean contribution to the projections' biases.
+        target: what ``amount`` is a fraction of (``"channels"``, ``"params"``, ``"macs"``).
+        ignore: module names or glob patterns left whole (the embeddings: heads and neurons only).
+    """
+
+    needs_gradients = True
+
+    def __init__(self, compensate: bool = True, target: str = "channels", ignore: Sequence[str] = ()) -> None:
+        self.criterion = ActivationImportance("flap")
+        self.compensate, self.target, self.ignore = compensate, target, list(ignore)
+        self.collect = self.criterion.collect
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "flap", "compensate": self.compensate, "target": self.target, "ignore": self.ignore}
+
+    def check(self, model: nn.Module, example_inputs: Any) -> None:
+        match_modules(model, self.ignore)
+
+    def step(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        amount: float,
+        dense: DenseSize | None,
+        *,
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+        statistics: Statistics | None = None,
+    ) -> PruningResult:
+        if not statistics or "activations" not in statistics:
+            raise PruningError("FLAP needs activation statistics of calibration batches (`calibration_batches`).")
+        activations = statistics["activations"]
+        weights = {name: dict(model.named_parameters())[name] for name in activations}
+        means = {name: stats["sum"] / max(stats["count"], 1) for name, stats in activations.items()}
+        full = {name: weights[name].detach().double().cpu() @ means[name] for name in weights}
+        result = prune(
+            model, example_inputs, amount, self.criterion, target=self.target, dense=dense, scope="global",
+            normalize="none", ignore=self.ignore, statistics=statistics, optimizers=optimizers,
+        )  # fmt: skip
+        if self.compensate:
+            _compensate(model, result, weights, means, full)
+        return result
+
+
+METHODS.register("flap", FLAPPruning)
 
 
 def _compensate(

@@ -60,13 +60,14 @@ def default_language_model(
     start = time.perf_counter()
     trainer.fit(model, data)
     seconds = time.perf_counter() - start
+    validated = float(trainer.callback_metrics["val/ppl"])  # test() replaces the trainer's metrics
     tested = trainer.test(model, data, verbose=False)[0]
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     model.model.save_pretrained(partial)
     data.tokenizer.save_pretrained(partial)
     summary = {
         **settings, "epochs": trainer.current_epoch, "steps": trainer.global_step, "seconds": round(seconds, 1),
-        "val_ppl": float(trainer.callback_metrics["val/ppl"]), "test_ppl": tested["test/ppl"],
+        "val_ppl": validated, "test_ppl": tested["test/ppl"],
         "train_tokens": int(data.tokens["train"].numel()),
     }  # fmt: skip
     (partial / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
