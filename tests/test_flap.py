@@ -100,3 +100,30 @@ def test_wanda_sp_removes_the_same_share_of_every_layer_and_flap_without_compens
     lp.flap(plain, windows(), 0.3, compensate=False)
     assert all(layer.mlp.down_proj.bias is None for layer in plain.model.layers)
     assert not plain.config.mlp_bias
+
+
+def test_structured_pruning_runs_flap_and_wanda_sp_on_calibration_batches_of_a_trainer() -> None:
+    import lightning.pytorch as pl
+
+    from lightning_prune.callbacks import StructuredPruning
+
+    config = {
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": False,
+    }  # fmt: skip
+    loader = torch.utils.data.DataLoader([{"input_ids": w} for w in windows(8, 12)], batch_size=2)
+    for structure, importance in (("flap", "flap"), ("channels", "wanda_sp")):
+        pl.seed_everything(0, verbose=False)
+        module = lp.CausalLM(config=config, vocabulary=64, warmup_steps=1)
+        pruning = StructuredPruning(
+            0.3, importance, structure=structure, calibration_batches=2, scope="local",
+            ignore=["model.model.embed_tokens"], log_table=False,
+        )  # fmt: skip
+        trainer = pl.Trainer(
+            max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[pruning],
+        )  # fmt: skip
+        trainer.fit(module, loader)
+        layers = module.model.model.layers
+        assert pruning.done[0]["removed"] > 0 and module.model.config.hidden_size == 32
+        assert (layers[0].mlp.down_proj.bias is not None) == (structure == "flap")
