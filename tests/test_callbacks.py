@@ -258,6 +258,14 @@ def test_bad_arguments_fail_at_construction(make, message: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "arguments", [{"amount": 0}, {"schedule": {1: 0.0, 2: 0}}, {"amount": 0.0, "schedule": "cubic"}]
+)
+def test_a_schedule_that_prunes_nothing_warns_at_construction(arguments: dict) -> None:
+    with pytest.warns(UserWarning, match=r"^`amount` is 0 at every step of the schedule .*: nothing will be pruned"):
+        StructuredPruning(**arguments)
+
+
+@pytest.mark.parametrize(
     ("callbacks", "model", "message"),
     [
         ([StructuredPruning(schedule="oneshot", start_epoch=3)], None, "step at epoch 3 but `max_epochs` is 3"),
