@@ -250,6 +250,14 @@ class FailOnFirstBatch(Callback):
         ),
         (lambda: StructuredPruning(importance="magnitude"), "`importance` 'magnitude' is not a known criterion"),
         (lambda: StructuredPruning(schedule="exponential"), "`schedule` must be one of oneshot, linear, cubic"),
+        (
+            lambda: StructuredPruning(schedule={-1: 0.5}),
+            r"^`schedule` epoch -1 must be a non-negative integer epoch \(0-based `current_epoch`\)\.$",
+        ),
+        (
+            lambda: StructuredPruning(start_epoch=-2),
+            r"^`start_epoch`=-2 must be a non-negative integer epoch \(0-based `current_epoch`\)\.$",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_construction(make, message: str) -> None:
