@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -204,6 +205,21 @@ torch.save({{"out": model(x).detach(), "state": model.state_dict()}}, {str(tmp_p
     lp.restore(model, final["record"])
     model.load_state_dict(final["state_dict"])
     assert torch.equal(model.eval()(torch.linspace(-1, 1, 128).view(2, 1, 8, 8)), result["out"])
+
+
+def test_importing_and_measuring_print_no_cuda_home_line(tmp_path) -> None:
+    script = """
+import torch
+import lightning_prune as lp
+import lightning_prune.callbacks
+import lightning_prune.cli
+print(lp.latency(torch.nn.Linear(4, 2), torch.randn(2, 4), min_run_time=0.01))
+"""
+    # torch.utils.cpp_extension logs the line at import when CUDA_HOME exists and no GPU is visible
+    environment = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "No CUDA runtime is found" not in ran.stdout + ran.stderr
 
 
 def test_progress_is_logged_every_epoch(tmp_path) -> None:
