@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,7 @@ class _Planner:
     dense: DenseSize | None
     selection: SelectionOptions
     criterion: Criterion
+    importance: str | Criterion
     statistics: Mapping[str, Any] | None
     calibration: tuple[Iterable[Any] | None, Callable[[nn.Module, Any], torch.Tensor] | None]
     params_before: int = 0
@@ -122,10 +124,22 @@ class _Planner:
         scores = score(graph.groups, ScoringContext(self.model, self.statistics or {}), self.criterion)
         current = self.params_before if self.budget.target == "params" else self.macs_before
         fraction = self.budget.fraction_now(self.dense, current)
+        if fraction > 0 and graph.groups and all(s is None for s in scores):
+            raise _nothing_scored(self.model, self.importance, self.budget.amount, len(graph.groups))
         if self.budget.target == "channels" or fraction == 0:
             return select(graph.groups, scores, fraction, self.selection)
         goal = int((1 - fraction) * current)
         return plan_for_goal(self.model, graph, scores, self.example_inputs, self.budget.target, goal, self.selection)
+
+
+def _nothing_scored(model: nn.Module, importance: str | Criterion, amount: float, groups: int) -> PruningError:
+    name = importance if isinstance(importance, str) else getattr(importance, "__name__", type(importance).__name__)
+    return PruningError(
+        f"`importance={name!r}` scored none of the {groups} prunable groups of {type(model).__name__}, so "
+        f"`amount={amount}` would remove nothing (a criterion returns None for a group it cannot score: "
+        "'bn_scale' one without a BatchNorm, gradient criteria one without statistics). "
+        "Choose another criterion, e.g. 'l1'."
+    )
 
 
 def prune(
@@ -180,8 +194,11 @@ def prune(
         A :class:`PruningResult` with the plain-data ``record`` and params/MACs before and after.
 
     Raises:
-        PruningError: bad arguments (before anything runs), untraceable model or inputs; the model
-            is left unchanged.
+        PruningError: bad arguments (before anything runs), untraceable model or inputs, or ``amount > 0``
+            with a criterion that scores no group; the model is left unchanged.
+
+    Warns:
+        UserWarning: ``amount=0``, which prunes nothing.
     """
     budget = Budget(amount, target)
     selection = SelectionOptions(scope, round_to, max_fraction, normalize)
@@ -194,9 +211,20 @@ def prune(
             f"`importance={importance!r}` is a gradient criterion and needs {missing}: pass `batches` (an iterable "
             "of batches) and `loss_fn(model, batch) -> scalar loss`, or precomputed `statistics`."
         )
+    if amount == 0:
+        warnings.warn("`amount=0`: nothing will be pruned. Pass a fraction in (0, 1).", UserWarning, stacklevel=2)
     ignored = dict.fromkeys(match_modules(model, ignore), "which is listed in `ignore`")
     planner = _Planner(
-        model, example_inputs, budget, dense, selection, criterion, statistics, (batches, loss_fn), count_params(model)
+        model,
+        example_inputs,
+        budget,
+        dense,
+        selection,
+        criterion,
+        importance,
+        statistics,
+        (batches, loss_fn),
+        count_params(model),
     )
     graph, plan, cuts, macs_after, left_alone = _cut_until_verified(
         model, example_inputs, planner, ignored, list(optimizers), verify, tuple(modes)

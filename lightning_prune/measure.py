@@ -7,6 +7,9 @@ they were.
 
 from __future__ import annotations
 
+import logging
+from types import ModuleType
+
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -41,8 +44,7 @@ def latency(
     model: nn.Module, example_inputs: ExampleInputs, *, threads: int | None = None, min_run_time: float = 1.0
 ) -> float:
     """Median seconds per eval-mode forward on ``example_inputs`` (``torch.utils.benchmark``)."""
-    from torch.utils import benchmark
-
+    benchmark = _import_benchmark()
     with preserved_state(model), torch.inference_mode():
         model.eval()
         timer = benchmark.Timer(
@@ -51,3 +53,19 @@ def latency(
             num_threads=threads or torch.get_num_threads(),
         )
         return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def _import_benchmark() -> ModuleType:
+    """``torch.utils.benchmark``, without the line its import prints on a machine with CUDA_HOME but no GPU.
+
+    It imports ``torch.utils.cpp_extension`` (for C++ timers, unused here), which logs "No CUDA runtime is
+    found, using CUDA_HOME=..." once, when imported.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        logger.setLevel(level)
+    return benchmark

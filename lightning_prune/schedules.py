@@ -26,9 +26,9 @@ def _fraction(value: object, argument: str) -> float:
     return float(value)
 
 
-def _epoch(value: object, argument: str) -> int:
+def _epoch(value: object, subject: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise PruningError(f"`{argument}` must be a non-negative integer epoch, got {value!r}.")
+        raise PruningError(f"{subject} must be a non-negative integer epoch (0-based `current_epoch`).")
     return value
 
 
@@ -51,7 +51,7 @@ def schedule_amounts(
         steps = {}
         for epoch, value in schedule.items():
             epoch = int(epoch) if isinstance(epoch, str) and epoch.isdigit() else epoch
-            steps[_epoch(epoch, f"schedule epoch {epoch!r}")] = _fraction(value, f"schedule[{epoch}]")
+            steps[_epoch(epoch, f"`schedule` epoch {epoch!r}")] = _fraction(value, f"schedule[{epoch}]")
         steps = dict(sorted(steps.items()))
         values = list(steps.values())
         if any(b < a for a, b in itertools.pairwise(values)):
@@ -63,12 +63,12 @@ def schedule_amounts(
             f"got {schedule!r}."
         )
     amount = _fraction(amount, "amount")
-    start_epoch = _epoch(start_epoch, "start_epoch")
+    start_epoch = _epoch(start_epoch, f"`start_epoch`={start_epoch!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise PruningError(f"`every` must be a positive integer, got {every!r}.")
     if schedule == "oneshot":
         return {start_epoch: amount}
-    end_epoch = start_epoch if end_epoch is None else _epoch(end_epoch, "end_epoch")
+    end_epoch = start_epoch if end_epoch is None else _epoch(end_epoch, f"`end_epoch`={end_epoch!r}")
     if end_epoch < start_epoch:
         raise PruningError(f"`end_epoch` ({end_epoch}) must not be before `start_epoch` ({start_epoch}).")
     epochs = list(range(start_epoch, end_epoch + 1, every))

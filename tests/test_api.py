@@ -217,8 +217,27 @@ def test_non_finite_scores_name_the_layer() -> None:
 def test_amount_zero_changes_nothing(name: str) -> None:
     model = SMALL_NETS[name]()
     before = copy.deepcopy(model.state_dict())
-    result = lp.prune(model, small_input(), 0.0)
+    with pytest.warns(UserWarning, match=r"^`amount=0`: nothing will be pruned"):
+        result = lp.prune(model, small_input(), 0.0)
     assert result.layers == [] and unchanged(model, before)
+
+
+def test_a_criterion_that_scores_no_group_is_refused_by_name() -> None:
+    model = PlainCNN(batch_norm=False)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(
+        PruningError,
+        match=r"^`importance='bn_scale'` scored none of the 4 prunable groups of PlainCNN, so `amount=0.3` would "
+        r"remove nothing .* Choose another criterion, e\.g\. 'l1'\.$",
+    ):
+        lp.prune(model, small_input(), 0.3, "bn_scale")
+    assert unchanged(model, before)
+
+    def abstains(group, context):
+        return None
+
+    with pytest.raises(PruningError, match=r"^`importance='abstains'` scored none of the 4 prunable groups"):
+        lp.prune(model, small_input(), 0.3, abstains)
 
 
 @pytest.mark.parametrize("target", ["channels", "params", "macs"])

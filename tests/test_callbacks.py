@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -206,6 +207,21 @@ torch.save({{"out": model(x).detach(), "state": model.state_dict()}}, {str(tmp_p
     assert torch.equal(model.eval()(torch.linspace(-1, 1, 128).view(2, 1, 8, 8)), result["out"])
 
 
+def test_importing_and_measuring_print_no_cuda_home_line(tmp_path) -> None:
+    script = """
+import torch
+import lightning_prune as lp
+import lightning_prune.callbacks
+import lightning_prune.cli
+print(lp.latency(torch.nn.Linear(4, 2), torch.randn(2, 4), min_run_time=0.01))
+"""
+    # torch.utils.cpp_extension logs the line at import when CUDA_HOME exists and no GPU is visible
+    environment = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "No CUDA runtime is found" not in ran.stdout + ran.stderr
+
+
 def test_progress_is_logged_every_epoch(tmp_path) -> None:
     import csv
 
@@ -250,11 +266,27 @@ class FailOnFirstBatch(Callback):
         ),
         (lambda: StructuredPruning(importance="magnitude"), "`importance` 'magnitude' is not a known criterion"),
         (lambda: StructuredPruning(schedule="exponential"), "`schedule` must be one of oneshot, linear, cubic"),
+        (
+            lambda: StructuredPruning(schedule={-1: 0.5}),
+            r"^`schedule` epoch -1 must be a non-negative integer epoch \(0-based `current_epoch`\)\.$",
+        ),
+        (
+            lambda: StructuredPruning(start_epoch=-2),
+            r"^`start_epoch`=-2 must be a non-negative integer epoch \(0-based `current_epoch`\)\.$",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_construction(make, message: str) -> None:
     with pytest.raises(PruningError, match=message):
         make()
+
+
+@pytest.mark.parametrize(
+    "arguments", [{"amount": 0}, {"schedule": {1: 0.0, 2: 0}}, {"amount": 0.0, "schedule": "cubic"}]
+)
+def test_a_schedule_that_prunes_nothing_warns_at_construction(arguments: dict) -> None:
+    with pytest.warns(UserWarning, match=r"^`amount` is 0 at every step of the schedule .*: nothing will be pruned"):
+        StructuredPruning(**arguments)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from torch import nn
 
 import lightning_prune as lp
 from lightning_prune import apply_cuts, plan_cuts
+from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import build_graph
 from lightning_prune.importance import ScoringContext, get_criterion, score
 from lightning_prune.selection import select
@@ -59,7 +60,7 @@ def exact_plan(model: nn.Module, x: torch.Tensor, amount: float, importance: str
 @pytest.mark.parametrize("name", ZOO)
 def test_torchvision_prunes_runs_and_trains(name: str, amount: float, importance: str) -> None:
     if importance == "bn_scale" and name in NO_BATCH_NORM:
-        pytest.skip("no BatchNorm: every group is left unpruned under bn_scale")
+        pytest.skip("no BatchNorm for bn_scale to score: test_bn_scale_without_batch_norm_is_refused")
     model, x = build(name)
     model.eval()
     with torch.no_grad():
@@ -73,6 +74,17 @@ def test_torchvision_prunes_runs_and_trains(name: str, amount: float, importance
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     logits(model(x)).square().mean().backward()
     optimizer.step()
+
+
+@pytest.mark.parametrize("name", sorted(NO_BATCH_NORM))
+def test_bn_scale_without_batch_norm_is_refused(name: str) -> None:
+    model, x = build(name)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(
+        PruningError, match=r"^`importance='bn_scale'` scored none of the \d+ prunable groups of ConvNeXt"
+    ):
+        lp.prune(model, x, 0.3, "bn_scale")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -109,6 +110,9 @@ class StructuredPruning(Callback):
             ``max_epochs``, ``ignore`` names matching nothing, ``"bn_scale"`` on a model without
             BatchNorm, or an unsupported strategy.
 
+    Warns:
+        UserWarning: at construction, when every amount of the schedule is 0 (nothing would be pruned).
+
     Example::
 
         pruning = StructuredPruning(amount=0.5, importance="l1", schedule="linear", start_epoch=5, end_epoch=8)
@@ -162,6 +166,12 @@ class StructuredPruning(Callback):
         self.dense: DenseSize | None = None
         self._example: Any = None
         self._hook: Any = None
+        if not any(self.steps.values()):
+            rank_zero_warn(
+                f"`amount` is 0 at every step of the schedule ({self.steps}): nothing will be pruned. Set `amount` "
+                "(or the amounts of a `schedule` mapping) to a fraction in (0, 1).",
+                stacklevel=5,  # the line that constructs the callback
+            )
 
     @property
     @override
