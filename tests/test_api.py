@@ -156,7 +156,8 @@ def test_modules_whose_code_does_not_follow_are_left_alone_and_the_rest_is_prune
         ({"amount": "half"}, "`amount` must be a fraction"),
         (
             {"importance": "taylorr"},
-            "`importance` 'taylorr' is not a known criterion. Known: bn_scale, fisher, flap, fpgm, l1, l2, random, taylor",
+            "`importance` 'taylorr' is not a known criterion. Known: bn_scale, fisher, flap, fpgm, l1, l2, random, "
+            "taylor",
         ),
         ({"scope": "everywhere"}, "`scope` must be one of global, local"),
         ({"round_to": 0}, "`round_to` must be a positive integer"),

@@ -13,6 +13,7 @@ from torch import nn
 import lightning_prune as lp
 from lightning_prune.errors import PruningError
 from lightning_prune.importance import CRITERIA, ScoringContext, get_criterion, score
+from lightning_prune.methods.flap import _consumers
 from lightning_prune.selection import normalize_scores
 from lightning_prune.statistics import GradientStatistics, collect_statistics
 
@@ -32,8 +33,10 @@ def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 def all_scores(model: nn.Module, importance: str, seed: int = 0) -> list:
     graph = lp.build_graph(model, small_input())
     criterion = get_criterion(importance, seed=seed)
-    collect = getattr(criterion, "collect", collect_statistics)  # LLM-Pruner's criteria gather their own kind
-    statistics = collect(model, graph, batches(), cross_entropy)
+    collect = getattr(criterion, "collect", collect_statistics)  # LLM-Pruner's, Wanda-sp's: their own kind
+    forward_only = not getattr(criterion, "needs_loss", True)  # activation statistics take model inputs
+    data = [x for x, _ in batches()] if forward_only else batches()
+    statistics = collect(model, graph, data, cross_entropy)
     return graph, score(graph.groups, ScoringContext(model, statistics), criterion)
 
 
@@ -45,10 +48,15 @@ def test_scores_are_one_finite_value_per_element_and_deterministic(name: str, im
     graph, first = all_scores(model, importance)
     _, second = all_scores(model, importance)
     has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    assert any(s is not None for s in first) == (importance != "bn_scale" or has_batch_norm)
+    if importance in ("flap", "wanda_sp"):  # they score the inputs of linear layers: groups that feed one
+        consumers = set(_consumers(model, graph))
+        feeds = [any(m.slot.tensor in consumers for m in g.members_with_role("in")) for g in graph.groups]
+        assert [s is not None for s in first] == feeds
+    else:
+        assert any(s is not None for s in first) == (importance != "bn_scale" or has_batch_norm)
     for group, values, again in zip(graph.groups, first, second, strict=True):
         if values is None:
-            assert importance == "bn_scale"
+            assert importance in ("bn_scale", "flap", "wanda_sp")
             continue
         assert values.shape == (group.width,)
         assert torch.isfinite(values).all()

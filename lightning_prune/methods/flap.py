@@ -51,7 +51,8 @@ def _consumers(model: nn.Module, graph: DependencyGraph) -> dict[str, nn.Linear]
 
 def collect_activations(model: nn.Module, graph: DependencyGraph, batches: Iterable[Any]) -> Statistics:
     """``{"activations": {weight: {"sum", "squares", "count"}}}``: per input channel of every consumer in ``graph``,
-    over every token of ``batches`` (model inputs), in float64."""
+    over every token of ``batches`` (model inputs), in float64. A model whose groups feed no linear layer gets
+    no statistics, and the criteria then score no group."""
     consumers = _consumers(model, graph)
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in consumers.items()}
     squares = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in consumers.items()}
@@ -75,7 +76,7 @@ def collect_activations(model: nn.Module, graph: DependencyGraph, batches: Itera
     finally:
         for handle in handles:
             handle.remove()
-    if not any(counts.values()):
+    if consumers and not any(counts.values()):
         raise PruningError("`calibration` reached no output projection: nothing to score heads and neurons by.")
     stats = {name: {"sum": sums[name], "squares": squares[name], "count": counts[name]} for name in consumers}
     return {"activations": stats}
@@ -121,7 +122,7 @@ class ActivationImportance:
 
     def __call__(self, group: Group, context: ScoringContext) -> Tensor | None:
         activations = context.statistics.get("activations")
-        if not activations:
+        if activations is None:
             raise PruningError(f"`importance={self.kind!r}` needs activation statistics: use lp.{self.kind}(...).")
         values = [
             (member, _channel_scores(self.kind, context.tensor(member.slot.tensor), activations[member.slot.tensor]))
