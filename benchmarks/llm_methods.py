@@ -1,0 +1,134 @@
+"""One table for every LLM pruning method, on the trained default model (``lightning_prune.default_language_model``).
+
+    python benchmarks/llm_methods.py                        # 20% and 50% of the decoder's parameters
+    python benchmarks/llm_methods.py --amounts 0.2 --recovery-tokens 200000 --methods flap llm_pruner_vectorwise
+
+For each amount and method, from the same dense model: the parameters left (all, and the decoder's: the
+block stack without embeddings and LM head), test perplexity right after the cut, test perplexity after
+the same recovery budget for every method (``--recovery-tokens`` of training windows; LoRA r=8 as in
+LLM-Pruner, or full fine-tuning where the row says so), greedy generation speed relative to dense (median
+of repeats, dense and pruned timed alternately, with the interquartile range), and the time the cut took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import lightning_prune as lp
+from lightning_prune.methods.llm_pruner import causal_lm_loss
+
+PAPERS = [
+    "LLM-Pruner (Ma et al. 2023): 20% of Llama-7B's parameters removed keeps 94.97% of its zero-shot accuracy (LoRA).",
+    "FLAP (An et al. 2024): claims to beat LLM-Pruner without any retraining.",
+]
+
+
+def decoder_params(model: torch.nn.Module) -> int:
+    return lp.count_params(model.get_submodule(lp.find_blocks(model)))
+
+
+def blockwise(model: torch.nn.Module) -> list[str]:
+    """Leave the stream whole (heads and FFN neurons only), as the block-wise methods do."""
+    return [name for name, module in model.named_modules() if module is model.get_input_embeddings()]
+
+
+def cut(method: str, calibration: torch.Tensor) -> Callable[[Any, float], Any]:
+    """``cut(model, fraction_of_all_params)`` for a table row's method."""
+    example = {"input_ids": calibration[:1], "use_cache": False}
+    if method in ("random", "l1"):
+        return lambda model, amount: lp.prune(
+            model, example, amount, method, target="params", scope="local", ignore=blockwise(model)
+        )
+    if method.startswith("llm_pruner_"):
+        variant = method.removeprefix("llm_pruner_").removesuffix("_ft")
+        return lambda model, amount: lp.llm_pruner(model, calibration, amount, variant=variant, target="params")
+    if method == "wanda_sp":
+        return lambda model, amount: lp.wanda_sp(model, calibration, amount, target="params")
+    compensate = method == "flap"
+    return lambda model, amount: lp.flap(model, calibration, amount, target="params", compensate=compensate)
+
+
+METHODS = [
+    "random", "l1", "llm_pruner_vectorwise", "llm_pruner_elementwise", "llm_pruner_second", "llm_pruner_mix",
+    "llm_pruner_vectorwise_ft", "wanda_sp", "flap", "flap_no_compensation",
+]  # fmt: skip
+
+
+def speed_ratio(dense: torch.nn.Module, pruned: torch.nn.Module, prompt: torch.Tensor) -> tuple[float, float, float]:
+    """Pruned / dense tokens per second: median and quartiles of ratios of alternating runs."""
+    ratios = []
+    for _ in range(3):
+        base = lp.generation_speed(dense, prompt, new_tokens=32, repeats=3)["tokens_per_second"]
+        fast = lp.generation_speed(pruned, prompt, new_tokens=32, repeats=3)["tokens_per_second"]
+        ratios.append(fast / base)
+    values = torch.tensor(ratios)
+    return float(values.median()), float(values.min()), float(values.max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--amounts", type=float, nargs="+", default=[0.2, 0.5], help="of the decoder's parameters")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--calibration", type=int, nargs=2, default=[10, 64], help="windows and tokens (LLM-Pruner)")
+    parser.add_argument("--recovery-tokens", type=int, default=None, help="default: 5%% of the dense training tokens")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    folder = lp.default_language_model()
+    summary = json.loads((folder / "training.json").read_text())
+    data = lp.CausalLMDataModule(tokenizer=folder, window=summary["window"], batch_size=summary["batch_size"])
+    data.setup()
+    test = data.splits["test"].windows
+    dense = AutoModelForCausalLM.from_pretrained(folder).eval()
+    calibration = data.calibration(*args.calibration, seed=0)
+    dense_tokens = summary["steps"] * summary["batch_size"] * summary["window"]
+    budget = args.recovery_tokens or dense_tokens // 20
+    windows = data.splits["train"].windows
+    recovery = list(windows[: max(1, budget // windows.shape[1])].split(8))
+    prompt = test[:1, :16]
+    dense_ppl = lp.perplexity(dense, test)
+    total, decoder = lp.count_params(dense), decoder_params(dense)
+    print(f"dense: {total:,} parameters ({decoder:,} in the decoder blocks), test ppl {dense_ppl:.2f}; trained "
+          f"{summary['epochs']} epochs / {summary['seconds']:.0f} s; recovery budget {budget:,} tokens "
+          f"({budget / dense_tokens:.1%} of the dense training tokens); {args.threads} threads\n")  # fmt: skip
+    print(
+        "| removed (decoder) | method | params (all) | decoder params | ppl after cut | ppl after recovery "
+        "| tokens/s vs dense | time to prune |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| 0% | dense | {total:,} | {decoder:,} | {dense_ppl:.2f} | – | 1.00× | – |")
+    for amount in args.amounts:
+        for method in args.methods:
+            model = copy.deepcopy(dense)
+            start = time.perf_counter()
+            cut(method, calibration)(model, amount * decoder / total)
+            seconds = time.perf_counter() - start
+            after_cut = lp.perplexity(model, test)
+            recover = lp.finetune if method.endswith("_ft") else lp.lora_recover
+            options = {"lr": 1e-4, "epochs": 1} if method.endswith("_ft") else {"lr": 1e-3, "epochs": 1}
+            recover(model, recovery, causal_lm_loss, **options)
+            recovered = lp.perplexity(model, test)
+            ratio, low, high = speed_ratio(dense, model.eval(), prompt)
+            label = method + (" + full FT" if method.endswith("_ft") else " + LoRA")
+            print(
+                f"| {amount:.0%} | {label} | {lp.count_params(model):,} | {decoder_params(model):,} | {after_cut:.2f} "
+                f"| {recovered:.2f} | {ratio:.2f}× ({low:.2f}–{high:.2f}) | {seconds:.1f} s |",
+                flush=True,
+            )
+    print()
+    for line in PAPERS:
+        print(f"- {line}")
+
+
+if __name__ == "__main__":
+    main()
