@@ -25,7 +25,7 @@ from lightning_prune.errors import PruningError
 from lightning_prune.measure import count_macs, count_params
 from lightning_prune.record import new_record
 from lightning_prune.registry import Registry
-from lightning_prune.running import ExampleInputs, preserved_state, run_model
+from lightning_prune.running import ExampleInputs, observe
 from lightning_prune.selection import check_amount
 from lightning_prune.surgery import apply_drops
 
@@ -79,14 +79,7 @@ def block_influence(model: nn.Module, blocks: str, batches: Iterable[Any]) -> Te
         return measure
 
     handles = [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(stack)]
-    try:
-        with preserved_state(model), torch.no_grad():
-            model.eval()
-            for batch in batches:
-                run_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe(model, batches, handles)
     scores = totals / counts.clamp(min=1)
     return scores.masked_fill(changes_shape | (counts == 0), math.inf)
 

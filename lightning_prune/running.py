@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -43,6 +43,19 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             for buffer, saved in buffers:
                 if buffer.shape == saved.shape:
                     buffer.copy_(saved)
+
+
+def observe(model: nn.Module, batches: Iterable[ExampleInputs], handles: Iterable[Any]) -> None:
+    """Run ``model`` in eval mode without gradients on each batch for the hooks ``handles`` to observe, then
+    remove them (also when a batch fails); modes, buffers and the RNG are left as they were."""
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            for batch in batches:
+                run_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def meta_clone(model: nn.Module) -> nn.Module:

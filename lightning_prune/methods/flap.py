@@ -33,7 +33,7 @@ from lightning_prune.importance import CRITERIA, ScoringContext, aggregate_membe
 from lightning_prune.methods.base import METHODS
 from lightning_prune.methods.llm_pruner import layers_left_whole
 from lightning_prune.record import new_record, parse_record
-from lightning_prune.running import preserved_state, run_model, tensor_owners
+from lightning_prune.running import observe, tensor_owners
 from lightning_prune.statistics import Statistics
 
 
@@ -68,14 +68,7 @@ def collect_activations(model: nn.Module, graph: DependencyGraph, batches: Itera
         return observe
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in consumers.items()]
-    try:
-        with preserved_state(model), torch.no_grad():
-            model.eval()
-            for batch in batches:
-                run_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe(model, batches, handles)
     if consumers and not any(counts.values()):
         raise PruningError("`calibration` reached no output projection: nothing to score heads and neurons by.")
     stats = {name: {"sum": sums[name], "squares": squares[name], "count": counts[name]} for name in consumers}
