@@ -22,6 +22,7 @@ from lightning_prune.methods.recovery import finetune, lora_recover
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import check_record, merge_records, restore
 from lightning_prune.registry import Registry, RegistryError
+from lightning_prune.saving import from_pretrained, save_pretrained
 from lightning_prune.selection import Plan, SelectionOptions, select
 from lightning_prune.slicing import slice_tensor
 from lightning_prune.surgery import apply_cuts
@@ -95,6 +96,7 @@ __all__ = [
     "find_blocks",
     "finetune",
     "flap",
+    "from_pretrained",
     "generation_speed",
     "get_criterion",
     "latency",
@@ -110,6 +112,7 @@ __all__ = [
     "register_layer",
     "register_module_rule",
     "restore",
+    "save_pretrained",
     "score",
     "select",
     "slice_tensor",

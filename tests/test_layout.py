@@ -54,7 +54,7 @@ LAYERS = [
     ["surgery"],
     ["record", "verify"],
     ["budget"],
-    ["api", "depth"],
+    ["api", "depth", "saving"],
     ["methods"],
     ["integrations"],
     ["callbacks", "data", "models"],

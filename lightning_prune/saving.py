@@ -1,0 +1,178 @@
+"""Pruned Hugging Face models as ``save_pretrained`` folders that always load again.
+
+A pruned model whose layers all have the same widths is a stock model of its family: the config holds
+its sizes (the integration keeps it in step) and ``AutoModelForCausalLM.from_pretrained`` rebuilds it.
+Where layers differ (global selection, FLAP, layers left whole), no config value can say so.
+:func:`save_pretrained` then writes, beside the weights, ``lightning_prune.json`` with the shape of every
+tensor that differs from what the config builds, and :func:`from_pretrained` builds the model from its
+config, cuts it to those shapes (through the same surgery as pruning, so every layer's attributes follow)
+and loads the weights. The file also says which case a folder is in (``"stock"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.cuts import Cut, Step
+from lightning_prune.errors import PruningError
+from lightning_prune.running import named_tensors
+from lightning_prune.surgery import apply_step
+
+MANIFEST = "lightning_prune.json"
+FORMAT = 1
+
+
+def _architecture(config: Any) -> type[nn.Module]:
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    for name in names:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise PruningError(
+        f"the config names no architecture transformers knows ({names!r}): save the model with its own "
+        "`save_pretrained`, which writes `architectures`."
+    )
+
+
+def _built_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """The shapes the stock class builds from ``config``, on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = _architecture(config)(config)
+    return _shapes(model)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every state-dict entry's shape, tied ones under each of their names (as ``save_pretrained`` sees them)."""
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _differences(built: Mapping[str, tuple[int, ...]], saved: Mapping[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    return {name: list(shape) for name, shape in saved.items() if built.get(name) != tuple(shape)}
+
+
+def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> bool:
+    """Write ``model`` (a pruned or dense Hugging Face ``PreTrainedModel``) into ``folder`` so that it loads again.
+
+    The weights and config come from ``model.save_pretrained``; ``tokenizer`` (optional) is saved beside
+    them; ``lightning_prune.json`` records the tensors whose shapes the config cannot express. The folder is
+    written next to ``folder`` and moved into place at the end: a failure leaves no half-written model.
+
+    Returns:
+        ``True`` when the stock ``from_pretrained`` of the model's class rebuilds it (uniform widths), ``False``
+        when only :func:`from_pretrained` does.
+
+    Raises:
+        PruningError: ``model`` is not a Hugging Face model (no ``save_pretrained`` and ``config``).
+    """
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise PruningError(
+            f"`model` must be a Hugging Face PreTrainedModel (with `save_pretrained` and `config`), got "
+            f"{type(model).__name__}; for a LightningModule such as CausalLM pass its `.model`."
+        )
+    folder = Path(folder)
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        differences = _differences(_built_shapes(model.config), _shapes(model))
+        manifest = {"format": FORMAT, "stock": not differences, "shapes": differences}
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    return not differences
+
+
+def _saved_state(folder: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise PruningError(f"`{folder}` holds no *.safetensors weights: save the model with `save_pretrained`.")
+    state: dict[str, Tensor] = {}
+    for path in files:
+        state.update(load_file(path))
+    return state
+
+
+def _cut_to(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Cut ``model`` so that every tensor named in ``shapes`` has that shape (weights are loaded afterwards)."""
+    tensors = model.state_dict(keep_vars=True)
+    cuts, seen = [], set()
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise PruningError(
+                f"{where}: the saved tensor `{name}` does not exist in a {type(model).__name__} built from the "
+                "saved config. The folder was not written by this model's class."
+            )
+        if id(tensors[name]) in seen:  # a tied tensor, cut under its first name
+            continue
+        seen.add(id(tensors[name]))
+        current = tuple(tensors[name].shape)
+        if len(current) != len(shape) or any(s > c for s, c in zip(shape, current, strict=True)):
+            raise PruningError(
+                f"{where}: `{name}` is saved with shape {list(shape)} but the config builds {list(current)}: "
+                "a pruned tensor can only be smaller. The config and the weights do not belong together."
+            )
+        owner = next(key for key, tensor in named_tensors(model).items() if tensor is tensors[name])
+        cuts += [
+            Cut(owner, dim, c, list(range(s))) for dim, (s, c) in enumerate(zip(shape, current, strict=True)) if s != c
+        ]
+    if cuts:
+        apply_step(model, Step(cuts, []))
+
+
+def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a model written by :func:`save_pretrained` (or a stock ``save_pretrained`` folder), in eval mode.
+
+    Builds the model's own class from the saved config, cuts it to the saved shapes and loads the weights
+    strictly (tied weights excepted), so the result computes what the saved model computed.
+
+    Raises:
+        PruningError: a folder that does not exist or holds no model, or weights that do not fit the config.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise PruningError(
+            f"`folder` '{folder}' is not a saved model (no config.json): pass a folder written by "
+            "`lightning_prune.save_pretrained` or `save_pretrained`."
+        )
+    config = AutoConfig.from_pretrained(folder)
+    state = _saved_state(folder)
+    model = _architecture(config)(config)
+    _cut_to(model, _differences(_shapes(model), {k: tuple(v.shape) for k, v in state.items()}), f"'{folder}'")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [name for name in missing if name not in tied and not _is_tied(model, name)]
+    if missing or unexpected:
+        raise PruningError(
+            f"'{folder}': the weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` shares its storage with a parameter that was loaded (a tied LM head)."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    tensor = parameters.get(name)
+    return tensor is not None and any(
+        other is tensor and other_name != name for other_name, other in parameters.items()
+    )
