@@ -40,7 +40,7 @@ from lightning_prune.running import to_device
 from lightning_prune.schedules import schedule_amounts
 from lightning_prune.selection import SelectionOptions
 
-WHEN = ("train_epoch_end", "validation_end")
+WHEN = ("train_epoch_end", "validation_end", "train_epoch_start")
 EXAMPLE_BATCH = 8
 
 
@@ -81,13 +81,19 @@ class StructuredPruning(Callback):
         start_epoch, end_epoch, every: see ``schedule``.
         scope, ignore, round_to, max_fraction, normalize, aggregate, seed: as in :func:`lightning_prune.prune`.
         target: ``"channels"``, ``"macs"`` or ``"params"``: what ``amount`` is a fraction of.
-        when: ``"train_epoch_end"`` or ``"validation_end"`` (after that epoch's validation).
+        when: ``"train_epoch_end"``, ``"validation_end"`` (after that epoch's validation) or
+            ``"train_epoch_start"``: before the epoch trains, so that ``start_epoch=0`` prunes at the start of
+            fit (one-shot pruning of a trained model, then recovery: LLM-Pruner, FLAP, Wanda-sp); statistics
+            then come from ``calibration_batches``.
         batch_input: where the model's input sits in a training batch (an index or a key; ``None``: the
             whole batch). Used for tracing when ``pl_module.example_input_array`` is not set.
         structure: the pruning method (:mod:`lightning_prune.methods`): ``"channels"`` (channels, heads, neurons,
-            the stream: everything :func:`lightning_prune.prune` finds) or ``"layers"``: whole blocks of the
+            the stream: everything :func:`lightning_prune.prune` finds), ``"layers"``: whole blocks of the
             model's block stack leave (``amount`` is then a fraction of the blocks; ``importance`` is
-            ``"block_influence"`` or ``"random"``). Each method takes the arguments here that apply to it.
+            ``"block_influence"`` or ``"random"``), or the language-model methods ``"llm_pruner"`` (importance
+            ``"taylor_*"``), ``"wanda_sp"`` and ``"flap"``. Each method takes the arguments here that apply to it.
+        options: arguments of the method beyond those above, e.g. ``{"first": 1, "last": -1, "stream": False}``
+            for the language-model methods or ``{"compensate": False}`` for FLAP.
         blocks: with ``structure="layers"``, the path of the block stack (found automatically if None).
         calibration_batches: for gradient criteria (``"taylor"``, ``"fisher"``): ``0`` accumulates their
             statistics from the training steps of each pruning epoch (hooks, no extra passes); ``n > 0``
@@ -143,6 +149,7 @@ class StructuredPruning(Callback):
         verify: bool = True,
         reset_best: bool = True,
         log_table: bool = True,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         self.steps = schedule_amounts(schedule, amount, start_epoch, end_epoch, every)
         selection = SelectionOptions(scope, round_to, max_fraction, normalize)
@@ -154,11 +161,24 @@ class StructuredPruning(Callback):
             "aggregate": aggregate, "seed": seed, "verify": verify, "blocks": blocks,
         }  # fmt: skip
         accepted = inspect.signature(factory).parameters
-        self.method = factory(**{name: value for name, value in offered.items() if name in accepted})
+        extra = dict(options or {})
+        unknown = sorted(set(extra) - set(accepted) | set(extra) & set(offered))
+        if unknown:
+            own = [name for name in accepted if name not in offered]
+            raise PruningError(
+                f"`options` {unknown} are not arguments of structure={structure!r} beyond the callback's own "
+                f"(set those directly); its options: {', '.join(own) or 'none'}."
+            )
+        self.method = factory(**{name: value for name, value in offered.items() if name in accepted}, **extra)
         collect = getattr(self.method, "collect", None) if getattr(self.method, "needs_gradients", False) else None
         self.statistics = StepStatistics(calibration_batches, self._graph, collect, importance)
         if when not in WHEN:
             raise PruningError(f"`when` must be one of {', '.join(WHEN)}; got {when!r}.")
+        if when == "train_epoch_start" and self.method.needs_gradients and self.statistics.observes_training:
+            raise PruningError(
+                f"`when='train_epoch_start'` cuts before the epoch trains, so `importance={importance!r}` cannot "
+                "observe its training steps: set `calibration_batches` (e.g. 10)."
+            )
         self.importance, self.target, self.when, self.structure = importance, target, when, structure
         self.ignore = list(ignore)
         self.batch_input, self.reset_best, self.log_table = batch_input, reset_best, log_table
@@ -261,7 +281,9 @@ class StructuredPruning(Callback):
         return to_device(example, pl_module.device)
 
     def _graph(self, pl_module: pl.LightningModule) -> Any:
-        return build_graph(pl_module, self._example_inputs(pl_module), ignore=self.ignore)
+        left = getattr(self.method, "left", None)  # a method that leaves more whole than `ignore` (the stream ...)
+        ignore = left(pl_module) if left is not None else self.ignore
+        return build_graph(pl_module, self._example_inputs(pl_module), ignore=ignore)
 
     # --- the schedule ------------------------------------------------------------------------
     @override
@@ -294,6 +316,8 @@ class StructuredPruning(Callback):
             self._step(trainer, pl_module, epoch)
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        if self._example is None and pl_module.example_input_array is None and trainer.train_dataloader is not None:
+            self._example = _first_rows(self._select_input(next(iter(trainer.train_dataloader))), EXAMPLE_BATCH)
         example = self._example_inputs(pl_module)
         statistics = self.statistics.take(trainer, pl_module, self.importance) if self.method.needs_gradients else None
         result = self.method.step(
@@ -310,6 +334,8 @@ class StructuredPruning(Callback):
             "macs": result.macs_after,
             "removed": result.dense.removed - before,
         }
+        if self.when == "train_epoch_start" and self.reset_best:
+            _reset_best_checkpoints(trainer)  # what they scored so far was the model before this cut
         number = sorted(self.steps).index(epoch) + 1
         what = "blocks" if self.structure == "layers" else self.target
         title = f"StructuredPruning: epoch {epoch} step {number}/{len(self.steps)}"
@@ -320,9 +346,11 @@ class StructuredPruning(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "train_epoch_start":
+            self._maybe_step(trainer, pl_module)  # then every score of this epoch is the pruned model's
         # The checkpoint written at the end of a pruning epoch holds the pruned model but a score measured
         # before the cut; forgetting best scores one epoch later keeps it and every dense one from winning.
-        if self.reset_best and trainer.current_epoch - 1 in self.done:
+        elif self.reset_best and trainer.current_epoch - 1 in self.done:
             _reset_best_checkpoints(trainer)
 
     # --- checkpoints -------------------------------------------------------------------------

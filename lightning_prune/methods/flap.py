@@ -31,9 +31,10 @@ from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import DependencyGraph, Group, build_graph, match_modules
 from lightning_prune.importance import CRITERIA, ScoringContext, aggregate_members
 from lightning_prune.methods.base import METHODS
-from lightning_prune.methods.llm_pruner import layers_left_whole
+from lightning_prune.methods.llm_pruner import left_whole
 from lightning_prune.record import new_record, parse_record
 from lightning_prune.running import observe, tensor_owners
+from lightning_prune.selection import SelectionOptions
 from lightning_prune.statistics import Statistics
 
 
@@ -146,9 +147,11 @@ def _prepare(
         shape = tuple(calibration.shape) if isinstance(calibration, Tensor) else type(calibration).__name__
         raise PruningError(f"`calibration` must be (count, tokens ≥ 2) token ids, got {shape}.")
     example = {"input_ids": calibration[:1], "use_cache": False}
-    embeddings = [name for name, module in model.named_modules() if module is model.get_input_embeddings()]
-    left = [*ignore, *layers_left_whole(model, first, last), *([] if stream else embeddings)]
-    return example, left, [{"input_ids": window[None], "use_cache": False} for window in calibration]
+    return (
+        example,
+        left_whole(model, first, last, stream, ignore),
+        [{"input_ids": window[None], "use_cache": False} for window in calibration],
+    )
 
 
 def wanda_sp(
@@ -172,32 +175,90 @@ def flap(
     """FLAP: remove ``amount`` of all heads and FFN neurons together by standardised fluctuation, globally (layers
     end up with different widths), then add the removed channels' mean contribution to the biases."""
     example, left, batches = _prepare(model, calibration, first, last, stream, ignore)
-    method = FLAPPruning(compensate=compensate, target=target, ignore=left)
+    method = FLAPPruning(compensate=compensate, target=target, ignore=ignore, first=first, last=last, stream=stream)
     graph = build_graph(model, example, ignore=left)
     return method.step(model, example, amount, None, statistics=method.collect(model, graph, batches))
 
 
-class FLAPPruning:
+class _BlockwiseStep:
+    """What the activation methods share as steps of a schedule: the layers and stream they leave whole."""
+
+    needs_gradients = True  # statistics of calibration batches, of the criterion's own kind (``collect``)
+
+    def __init__(
+        self, ignore: Sequence[str] = (), first: int = 0, last: int | None = None, stream: bool = False
+    ) -> None:
+        if isinstance(ignore, str):
+            raise PruningError(f"`ignore` is a list of module names or glob patterns; got the string {ignore!r}.")
+        self.ignore, self.first, self.last, self.stream = list(ignore), first, last, stream
+
+    def left(self, model: nn.Module) -> list[str]:
+        return left_whole(model, self.first, self.last, self.stream, self.ignore)
+
+    def check(self, model: nn.Module, example_inputs: Any) -> None:
+        match_modules(model, self.ignore)
+        self.left(model)
+
+    def _where(self) -> dict[str, Any]:
+        return {"ignore": self.ignore, "first": self.first, "last": self.last, "stream": self.stream}
+
+
+class WandaSp(_BlockwiseStep):
+    """Wanda-sp as a step (``StructuredPruning(structure="wanda_sp", calibration_batches=...)``): the same share of
+    every layer's heads and FFN neurons; ``ignore``, ``first``, ``last``, ``stream`` as in :func:`wanda_sp`."""
+
+    def __init__(
+        self, target: str = "channels", selection: SelectionOptions | None = None, ignore: Sequence[str] = (),
+        first: int = 0, last: int | None = None, stream: bool = False, verify: bool = True,
+    ) -> None:  # fmt: skip
+        super().__init__(ignore, first, last, stream)
+        self.criterion = ActivationImportance("wanda_sp")
+        self.collect = self.criterion.collect
+        self.target, self.selection, self.verify = target, selection or SelectionOptions(), verify
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "wanda_sp", "target": self.target, "round_to": self.selection.round_to, **self._where()}
+
+    def step(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        amount: float,
+        dense: DenseSize | None,
+        *,
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+        statistics: Statistics | None = None,
+    ) -> PruningResult:
+        return prune(
+            model, example_inputs, amount, self.criterion, target=self.target, dense=dense, scope="local",
+            round_to=self.selection.round_to, max_fraction=self.selection.max_fraction, ignore=self.left(model),
+            statistics=statistics, optimizers=optimizers, verify=self.verify,
+        )  # fmt: skip
+
+
+METHODS.register("wanda_sp", WandaSp)
+
+
+class FLAPPruning(_BlockwiseStep):
     """FLAP as a scheduled step (``StructuredPruning(structure="flap", calibration_batches=...)``).
 
     Args:
         compensate: add the removed channels' mean contribution to the projections' biases.
         target: what ``amount`` is a fraction of (``"channels"``, ``"params"``, ``"macs"``).
-        ignore: module names or glob patterns left whole (the embeddings: heads and neurons only).
+        ignore, first, last, stream: as in :func:`flap` (by default heads and neurons only).
     """
 
-    needs_gradients = True
-
-    def __init__(self, compensate: bool = True, target: str = "channels", ignore: Sequence[str] = ()) -> None:
+    def __init__(
+        self, compensate: bool = True, target: str = "channels", ignore: Sequence[str] = (), first: int = 0,
+        last: int | None = None, stream: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(ignore, first, last, stream)
         self.criterion = ActivationImportance("flap")
-        self.compensate, self.target, self.ignore = compensate, target, list(ignore)
+        self.compensate, self.target = compensate, target
         self.collect = self.criterion.collect
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "flap", "compensate": self.compensate, "target": self.target, "ignore": self.ignore}
-
-    def check(self, model: nn.Module, example_inputs: Any) -> None:
-        match_modules(model, self.ignore)
+        return {"method": "flap", "compensate": self.compensate, "target": self.target, **self._where()}
 
     def step(
         self,
@@ -217,7 +278,7 @@ class FLAPPruning:
         full = {name: weights[name].detach().double().cpu() @ means[name] for name in weights}
         result = prune(
             model, example_inputs, amount, self.criterion, target=self.target, dense=dense, scope="global",
-            normalize="none", ignore=self.ignore, statistics=statistics, optimizers=optimizers,
+            normalize="none", ignore=self.left(model), statistics=statistics, optimizers=optimizers,
         )  # fmt: skip
         if self.compensate:
             _compensate(model, result, weights, means, full)

@@ -20,7 +20,7 @@ Registered criteria: ``"taylor_vectorwise"``, ``"taylor_elementwise"``, ``"taylo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.api import PruningResult, prune
+from lightning_prune.budget import DenseSize
 from lightning_prune.depth import find_blocks
 from lightning_prune.errors import PruningError
-from lightning_prune.graph.groups import DependencyGraph, Group
+from lightning_prune.graph.groups import DependencyGraph, Group, match_modules
 from lightning_prune.importance import AGGREGATES, CRITERIA, ScoringContext, aggregate_members
+from lightning_prune.methods.base import METHODS
+from lightning_prune.running import ExampleInputs
+from lightning_prune.selection import SelectionOptions
 from lightning_prune.statistics import Statistics, collect_parameter_gradients
 
 VARIANTS = ("vectorwise", "elementwise", "second", "mix")
@@ -52,7 +56,12 @@ class ParameterTaylor:
             raise PruningError(f"`aggregate` must be one of {', '.join(AGGREGATES)}; got {self.aggregate!r}.")
 
     def collect(self, model: nn.Module, graph: DependencyGraph, batches: Iterable[Any], loss_fn: Any) -> Statistics:
-        return collect_parameter_gradients(model, batches, loss_fn, squares=self.variant in ("second", "mix"))
+        """Parameter gradients over ``batches``; for the second-order variants one window per backward pass, so
+        that the squared gradients are the per-example diagonal Fisher whatever the batch size."""
+        second = self.variant in ("second", "mix")
+        return collect_parameter_gradients(
+            model, one_per_batch(batches) if second else batches, loss_fn, squares=second
+        )
 
     def salience(self, weight: Tensor, grad: Tensor, grad_squared: Tensor | None) -> Tensor:
         """Estimated loss change per parameter entry (signed for first order; a magnitude for second order)."""
@@ -101,6 +110,43 @@ for _variant in VARIANTS:
 def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
     """Next-token loss of a Hugging Face causal LM on a ``(batch, tokens)`` window batch."""
     return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+
+def one_per_batch(batches: Iterable[Any]) -> Iterator[Any]:
+    """Every example of ``batches`` (tensors, or mappings of tensors with a common first dimension) on its own."""
+    for batch in batches:
+        if isinstance(batch, Tensor):
+            yield from batch.split(1)
+            continue
+        rows = (
+            {v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.ndim}
+            if isinstance(batch, Mapping)
+            else set()
+        )
+        if len(rows) != 1:
+            yield batch  # not a batch of rows we can tell apart: as it is
+            continue
+        count = rows.pop()
+        for index in range(count):
+            yield {k: v[index : index + 1] if isinstance(v, Tensor) and v.ndim else v for k, v in batch.items()}
+
+
+def embedding_paths(model: nn.Module) -> list[str]:
+    """Module paths of the token embeddings (a Hugging Face model's input embeddings, or every ``nn.Embedding``),
+    anywhere inside ``model``: left whole, they keep the hidden stream whole."""
+    inner = next((m for m in model.modules() if callable(getattr(m, "get_input_embeddings", None))), None)
+    embeddings = inner.get_input_embeddings() if inner is not None else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if module is embeddings or (embeddings is None and isinstance(module, nn.Embedding))
+    ]
+
+
+def left_whole(model: nn.Module, first: int, last: int | None, stream: bool, ignore: Sequence[str]) -> list[str]:
+    """What a block-wise LLM method leaves whole: ``ignore``, the blocks outside ``[first, last)`` and, unless
+    ``stream``, the embeddings (so the hidden size stays)."""
+    return [*ignore, *layers_left_whole(model, first, last), *([] if stream else embedding_paths(model))]
 
 
 def layers_left_whole(model: nn.Module, first: int, last: int | None, blocks: str | None = None) -> list[str]:
@@ -155,9 +201,7 @@ def llm_pruner(
         shape = tuple(calibration.shape) if isinstance(calibration, Tensor) else type(calibration).__name__
         raise PruningError(f"`calibration` must be (count, tokens ≥ 2) token ids, got {shape}.")
     criterion = ParameterTaylor(variant, aggregate)
-    whole = layers_left_whole(model, first, last)
-    embeddings = [name for name, module in model.named_modules() if module is model.get_input_embeddings()]
-    left = [*ignore, *whole, *([] if stream else embeddings)]  # the embeddings reach the whole stream
+    left = left_whole(model, first, last, stream, ignore)
     example = {"input_ids": calibration[:1], "use_cache": False}  # cached keys and values would be outputs
     return prune(
         model,
@@ -172,3 +216,76 @@ def llm_pruner(
         loss_fn=causal_lm_loss,
         optimizers=optimizers,
     )
+
+
+class LLMPruner:
+    """LLM-Pruner as a step of a schedule: ``StructuredPruning(structure="llm_pruner", importance="taylor_mix",
+    calibration_batches=10, options={"first": 1, "last": -1})``.
+
+    A uniform ratio per layer (``scope="local"``, as the paper), the Taylor variant named by ``importance``,
+    gradients from ``calibration_batches`` of the trainer's training data (the module's own training loss).
+
+    Args:
+        importance: ``"taylor_vectorwise"``, ``"taylor_elementwise"``, ``"taylor_second"`` or ``"taylor_mix"``.
+        aggregate, target, selection, ignore, verify: as in :class:`~lightning_prune.methods.channels.ChannelPruning`
+            (``selection.scope`` is ignored: always local).
+        first, last, stream: as in :func:`llm_pruner`.
+    """
+
+    needs_gradients = True
+
+    def __init__(
+        self,
+        importance: str = "taylor_vectorwise",
+        aggregate: str = "sum",
+        target: str = "channels",
+        selection: SelectionOptions | None = None,
+        ignore: Sequence[str] = (),
+        first: int = 0,
+        last: int | None = None,
+        stream: bool = False,
+        verify: bool = True,
+    ) -> None:
+        variant = importance.removeprefix("taylor_") if isinstance(importance, str) else None
+        if variant not in VARIANTS or not importance.startswith("taylor_"):
+            names = ", ".join(f"taylor_{v}" for v in VARIANTS)
+            raise PruningError(f"`importance` for structure='llm_pruner' must be one of {names}; got {importance!r}.")
+        if isinstance(ignore, str):
+            raise PruningError(f"`ignore` is a list of module names or glob patterns; got the string {ignore!r}.")
+        self.criterion = ParameterTaylor(variant, aggregate)
+        self.collect = self.criterion.collect
+        self.importance, self.target, self.selection = importance, target, selection or SelectionOptions()
+        self.ignore, self.first, self.last, self.stream, self.verify = list(ignore), first, last, stream, verify
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "llm_pruner", "importance": self.importance, "aggregate": self.criterion.aggregate,
+            "target": self.target, "round_to": self.selection.round_to, "max_fraction": self.selection.max_fraction,
+            "ignore": self.ignore, "first": self.first, "last": self.last, "stream": self.stream,
+        }  # fmt: skip
+
+    def left(self, model: nn.Module) -> list[str]:
+        return left_whole(model, self.first, self.last, self.stream, self.ignore)
+
+    def check(self, model: nn.Module, example_inputs: ExampleInputs | None) -> None:
+        match_modules(model, self.ignore)
+        self.left(model)  # the range of layers fits the model
+
+    def step(
+        self,
+        model: nn.Module,
+        example_inputs: ExampleInputs,
+        amount: float,
+        dense: DenseSize | None,
+        *,
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+        statistics: Mapping[str, Any] | None = None,
+    ) -> PruningResult:
+        return prune(
+            model, example_inputs, amount, self.criterion, target=self.target, dense=dense, scope="local",
+            round_to=self.selection.round_to, max_fraction=self.selection.max_fraction, ignore=self.left(model),
+            statistics=statistics, optimizers=optimizers, verify=self.verify,
+        )  # fmt: skip
+
+
+METHODS.register("llm_pruner", LLMPruner)
