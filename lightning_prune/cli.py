@@ -3,6 +3,13 @@
     lightning-prune                                        # the digits recipe of lightning-prune-demo
     lightning-prune experiment=cifar10_vgg_slimming data.root=/path/to/cifar10
     lightning-prune -m callbacks.pruning.amount=0.3,0.6    # then: lightning-prune-report <sweep folder>
+    lightning-prune experiment=llm_pruner model.pretrained=/path/to/hf/folder data.files=[a.txt,b.jsonl]
+
+With a language model (``model=causal_lm``, ``data=text``; the LLM experiments set both) the run also writes the
+pruned model with ``save_pretrained`` into ``model/`` of the run folder (``lightning_prune.from_pretrained``
+loads it in every case, ``AutoModelForCausalLM.from_pretrained`` when its widths are uniform), and
+results.json holds the test perplexity; without ``model.pretrained`` the default model is trained first
+(cached; ``lightning_prune.default_language_model``).
 
 The configs are ``conf/`` at the root of a checkout; the wheel ships a copy as ``lightning_prune/conf``. A
 config is checked before anything is built (missing ``???`` values, interpolations, keys that are not
@@ -35,7 +42,8 @@ from lightning_prune.data import SplitDataModule
 from lightning_prune.measure import count_macs, count_params, latency
 from lightning_prune.report import RESULTS
 
-MEASURED = ("params", "macs", "latency")  # what results.json holds besides the test metrics
+MEASURED = ("params", "macs", "latency", "perplexity", "tokens_per_second")  # besides the test metrics
+LANGUAGE_MODEL = "lightning_prune.CausalLM"
 
 
 def config_dir() -> Path:
@@ -120,8 +128,23 @@ def build_data(cfg: DictConfig) -> SplitDataModule:
     return instantiate(cfg.data, _convert_="all")
 
 
+def is_language(cfg: DictConfig) -> bool:
+    return str(cfg.model.get("_target_", "")) in (LANGUAGE_MODEL, "lightning_prune.models.CausalLM")
+
+
+def use_default_language_model(cfg: DictConfig) -> None:
+    """A causal LM with neither ``pretrained`` nor ``config``: the trained default model (trained once, cached)."""
+    if is_language(cfg) and cfg.model.get("pretrained") is None and cfg.model.get("config") is None:
+        from lightning_prune.models import default_language_model
+
+        print("lightning-prune: no `model.pretrained`: using the trained default model (training it on first use)")
+        cfg.model.pretrained = str(default_language_model())
+
+
 def build_model(cfg: DictConfig, data: SplitDataModule) -> pl.LightningModule:
-    """The model, sized for the data module's classes and image shape."""
+    """The model, sized for the data module: its vocabulary (text), or its classes and image shape."""
+    if hasattr(data, "vocabulary"):
+        return instantiate(cfg.model, vocabulary=data.vocabulary, _convert_="all")
     channels, height, _ = data.input_shape
     return instantiate(
         cfg.model, num_classes=data.num_classes, in_channels=channels, input_size=height, _convert_="all"
@@ -144,7 +167,8 @@ def keep_dense(callbacks: list[pl.Callback]) -> KeepDense | None:
     prunings = [(i, c) for i, c in enumerate(callbacks) if isinstance(c, StructuredPruning)]
     if not prunings:
         return None
-    keeper = KeepDense(min(min(c.steps) for _, c in prunings))
+    start = any(c.when == "train_epoch_start" for _, c in prunings)
+    keeper = KeepDense(min(min(c.steps) for _, c in prunings), at_start=start)
     callbacks.insert(prunings[0][0], keeper)
     return keeper
 
@@ -167,7 +191,78 @@ def measure(model: pl.LightningModule, tested: dict[str, float], images: torch.T
     timing = cfg.get("measure") or {}
     seconds = latency(model, images, threads=timing.get("threads"), min_run_time=timing.get("min_run_time", 1.0))
     measured = (count_params(model), count_macs(model, images[:1]), seconds)
-    return {**tested, **dict(zip(MEASURED, measured, strict=True))}
+    return {**tested, **dict(zip(("params", "macs", "latency"), measured, strict=True))}
+
+
+def measure_language(model: pl.LightningModule, tested: dict[str, float], data: Any, cfg: DictConfig) -> dict:
+    """Test perplexity, parameters, MACs per window and greedy generation speed (median and spread), on the CPU."""
+    from lightning_prune.language import generation_speed
+
+    model = model.cpu().eval()
+    timing = cfg.get("measure") or {}
+    window = data.splits["test"].windows[:1]
+    speed = generation_speed(
+        model.model, window[:, :16], new_tokens=timing.get("new_tokens", 32), repeats=timing.get("repeats", 5),
+        threads=timing.get("threads"),
+    )  # fmt: skip
+    return {
+        **tested, "perplexity": tested["test/ppl"], "params": count_params(model),
+        "macs": count_macs(model, {"input_ids": window}), **speed,
+    }  # fmt: skip
+
+
+def summary(results: dict[str, Any], paths: list[tuple[str, Any]]) -> str:
+    """The before/after table a run ends with, and where its files are."""
+    dense, final = results["dense"], results["final"]
+    rows = [
+        (
+            "parameters",
+            f"{dense['params']:,}",
+            f"{final['params']:,}",
+            f"{dense['params'] / final['params']:.2f}x fewer",
+        )
+    ]
+    rows.append((f"MACs ({results['units']['macs']})", f"{dense['macs']:,}", f"{final['macs']:,}",
+                 f"{dense['macs'] / final['macs']:.2f}x fewer"))  # fmt: skip
+    if "perplexity" in final:
+        rows.insert(0, ("test perplexity", f"{dense['perplexity']:.2f}", f"{final['perplexity']:.2f}",
+                        f"{final['perplexity'] / dense['perplexity'] - 1:+.1%}"))  # fmt: skip
+        told = f"{results['speed_ratio']:.2f}x" if results["speed_resolved"] else "within noise"
+        rows.append(("generation tokens/s (IQR)", _spread(dense), _spread(final), told))
+    else:
+        metric = next((k for k in final if k.startswith("test/")), None)
+        if metric is not None:
+            rows.insert(0, (metric, f"{dense[metric]:.4g}", f"{final[metric]:.4g}", ""))
+        ratio = f"{results['latency_ratio']:.2f}x (medians, one process)"
+        rows.append((f"latency ({results['units']['latency']})", f"{dense['latency'] * 1e3:.2f} ms",
+                     f"{final['latency'] * 1e3:.2f} ms", ratio))  # fmt: skip
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{'':{width}}  {'dense':>14}  {'final':>14}  change"]
+    lines += [f"{name:{width}}  {before:>14}  {after:>14}  {change}" for name, before, after, change in rows]
+    lines += [f"{name}: {where}" for name, where in paths if where]
+    return "\n".join(lines)
+
+
+def _spread(entry: dict[str, float]) -> str:
+    return f"{entry['tokens_per_second']:.0f} [{entry['low']:.0f}-{entry['high']:.0f}]"
+
+
+def checkpoint_paths(trainer: pl.Trainer) -> list[tuple[str, Any]]:
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return []
+    return [("best checkpoint", getattr(callback, "best_model_path", "")),
+            ("last checkpoint", getattr(callback, "last_model_path", ""))]  # fmt: skip
+
+
+def model_path(results: dict[str, Any]) -> list[tuple[str, Any]]:
+    saved = results.get("model")
+    if not saved:
+        return []
+    how = (
+        "AutoModelForCausalLM.from_pretrained" if saved["stock_from_pretrained"] else "lightning_prune.from_pretrained"
+    )
+    return [(f"pruned model (loads with {how})", saved["path"])]
 
 
 def overrides() -> list[str]:
@@ -209,6 +304,7 @@ def train(cfg: DictConfig) -> float | list[float] | None:
     """
     check_config(cfg)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    use_default_language_model(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg)
     model = build_model(cfg, data)
@@ -228,19 +324,39 @@ def train(cfg: DictConfig) -> float | list[float] | None:
         dense.load_state_dict(keeper.model.state_dict())
     dense_test = final_test if dense is model else trainer.test(dense, datamodule=data, verbose=False)[0]
 
-    images = next(iter(data.test_dataloader()))[0]
-    before, after = measure(dense, dense_test, images, cfg), measure(model, final_test, images, cfg)
-    dense_widths, final_widths = widths(dense), widths(model)
-    results = {
-        "overrides": overrides(),
-        "dense": before,
-        "final": after,
-        "latency_ratio": before["latency"] / after["latency"],
-        "latency_batch": len(images),
-        "widths": {name: [width, final_widths[name]] for name, width in dense_widths.items()},
-    }
+    folder = Path(cfg.paths.output_dir)
+    if is_language(cfg):
+        before, after = measure_language(dense, dense_test, data, cfg), measure_language(model, final_test, data, cfg)
+        results = {
+            "overrides": overrides(), "dense": before, "final": after,
+            "units": {"macs": f"per sample: one window of {data.window} tokens", "tokens_per_second": "greedy "
+                      "generation, KV cache, batch 1, median of repeats (low/high: interquartile range)"},
+            "speed_ratio": after["tokens_per_second"] / before["tokens_per_second"],
+            # a ratio is only told when the interquartile ranges of at least 3 runs each do not overlap
+            "speed_resolved": (cfg.get("measure") or {}).get("repeats", 5) >= 3
+            and (after["low"] > before["high"] or after["high"] < before["low"]),
+        }  # fmt: skip
+        if trainer.is_global_zero:
+            from lightning_prune.saving import save_pretrained
+
+            stock = save_pretrained(model.model, folder / "model", tokenizer=data.tokenizer)
+            results["model"] = {"path": str(folder / "model"), "stock_from_pretrained": stock}
+    else:
+        images = next(iter(data.test_dataloader()))[0]
+        before, after = measure(dense, dense_test, images, cfg), measure(model, final_test, images, cfg)
+        dense_widths, final_widths = widths(dense), widths(model)
+        results = {
+            "overrides": overrides(),
+            "dense": before,
+            "final": after,
+            "units": {"macs": "per sample: one image", "latency": f"seconds per forward of {len(images)} images"},
+            "latency_ratio": before["latency"] / after["latency"],
+            "latency_batch": len(images),
+            "widths": {name: [width, final_widths[name]] for name, width in dense_widths.items()},
+        }
     if trainer.is_global_zero:
-        write_results(results, Path(cfg.paths.output_dir))
+        path = write_results(results, folder)
+        print(summary(results, [("results", path), *checkpoint_paths(trainer), *model_path(results)]))
     return optimized(results, cfg.get("optimized_metric"))
 
 

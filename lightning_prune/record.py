@@ -97,11 +97,33 @@ def check_record(model: nn.Module, record: Any, where: str = "record") -> list[S
     return steps
 
 
+def add_recorded_biases(model: nn.Module, record: Any, where: str = "record") -> None:
+    """Give every ``nn.Linear`` without a bias whose ``<linear>.bias`` the record cuts a zero bias (the same function).
+
+    A method may add biases (FLAP's compensation does) and records each with a cut (keeping all of it where nothing
+    is removed), so a model built from its original config can follow: call this before :func:`restore`.
+    """
+    import torch
+
+    for step in parse_record(record, where):
+        for cut in step.cuts:
+            path, _, leaf = cut.tensor.rpartition(".")
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue  # check_record names it
+            missing = leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None
+            if missing and module.out_features == cut.size:
+                weight = module.weight
+                module.bias = nn.Parameter(torch.zeros(cut.size, dtype=weight.dtype, device=weight.device))
+
+
 def restore(model: nn.Module, record: Mapping[str, Any]) -> None:
     """Apply ``record`` to a freshly built dense ``model`` so that the pruned ``state_dict`` loads into it.
 
     Raises:
         RecordError: if the record is malformed or does not fit the model; the model is unchanged.
     """
+    add_recorded_biases(model, record)
     for step in check_record(model, record):
         apply_step(model, step)

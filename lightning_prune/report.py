@@ -3,9 +3,10 @@
     lightning-prune -m callbacks.pruning.amount=0.3,0.5,0.7
     lightning-prune-report logs/train/multiruns/2026-01-01_12-00-00
 
-Writes ``report.md`` (a Markdown table: test metric before and after pruning, parameters, MACs, measured
-latency ratio) and ``report.png`` (the test metric against MACs per image: each run's pruned model, the
-Pareto front of the sweep, and the dense baselines) into DIR, and prints the table.
+Writes ``report.md`` (a Markdown table: test metric before and after pruning, parameters, MACs per sample,
+measured speed) and ``report.png`` (the metric against MACs per sample: each run's pruned model, the Pareto
+front of the sweep, and the dense baselines) into DIR, and prints the table. The metric is ``test/acc`` for
+image runs and ``perplexity`` for language-model runs unless ``--metric`` names another.
 """
 
 from __future__ import annotations
@@ -39,18 +40,36 @@ def labels(runs: list[dict[str, Any]]) -> list[str]:
     return [" ".join(o for o in run["overrides"] if o not in shared) or run["run"] for run in runs]
 
 
+def is_fraction(metric: str) -> bool:
+    """Accuracy-like metrics (shown in %, higher is better); anything else (perplexity, loss) as a number."""
+    return not any(word in metric for word in ("ppl", "perplexity", "loss"))
+
+
+def _speed(run: dict[str, Any]) -> str:
+    if "latency_ratio" in run:
+        return f"{run['latency_ratio']:.2f}x faster"
+    if "speed_ratio" in run:
+        verdict = "" if run.get("speed_resolved") else " (within noise)"
+        return f"{run['speed_ratio']:.2f}x tokens/s{verdict}"
+    return "-"
+
+
 def table(runs: list[dict[str, Any]], metric: str) -> str:
+    per = next((run["units"]["macs"] for run in runs if "units" in run), "per sample")
     lines = [
-        f"| run | overrides | dense {metric} | final {metric} | change | params | MACs per image | MACs vs dense "
-        "| latency ratio |",
+        f"| run | overrides | dense {metric} | final {metric} | change | params | MACs ({per}) | MACs vs dense "
+        "| speed |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run, label in zip(runs, labels(runs), strict=True):
         dense, final = run["dense"], run["final"]
+        if is_fraction(metric):
+            values = f"{dense[metric]:.2%} | {final[metric]:.2%} | {100 * (final[metric] - dense[metric]):+.2f} points"
+        else:
+            values = f"{dense[metric]:.2f} | {final[metric]:.2f} | {final[metric] / dense[metric] - 1:+.1%}"
         lines.append(
-            f"| {run['run']} | {label} | {dense[metric]:.2%} | {final[metric]:.2%} | "
-            f"{100 * (final[metric] - dense[metric]):+.2f} points | {final['params']:,} | {final['macs']:,} | "
-            f"{final['macs'] / dense['macs']:.1%} | {run['latency_ratio']:.2f}x |"
+            f"| {run['run']} | {label} | {values} | {final['params']:,} | {final['macs']:,} | "
+            f"{final['macs'] / dense['macs']:.1%} | {_speed(run)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -71,25 +90,28 @@ def plot(runs: list[dict[str, Any]], metric: str, path: Path) -> None:
         raise ImportError("the plot needs matplotlib: pip install 'lightning-prune[hydra]'") from error
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.subplots()
-    pruned = [(run["final"]["macs"], 100 * run["final"][metric]) for run in runs]
-    dense = sorted({(run["dense"]["macs"], 100 * run["dense"][metric]) for run in runs})
-    front = pareto(pruned)
+    scale, sign = (100, 1) if is_fraction(metric) else (1, -1)  # the front wants higher-is-better
+    pruned = [(run["final"]["macs"], scale * run["final"][metric]) for run in runs]
+    dense = sorted({(run["dense"]["macs"], scale * run["dense"][metric]) for run in runs})
+    front = [(x, sign * y) for x, y in pareto([(x, sign * y) for x, y in pruned])]
     axes.plot(*zip(*front, strict=True), color="tab:blue", alpha=0.4, drawstyle="steps-post", label="Pareto front")
     axes.scatter(*zip(*pruned, strict=True), color="tab:blue", zorder=3, label="pruned + fine-tuned")
     axes.scatter(*zip(*dense, strict=True), color="black", marker="*", s=150, zorder=3, label="dense baseline")
     for (macs, value), label in zip(pruned, labels(runs), strict=True):
         axes.annotate(label, (macs, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    axes.set_xlabel("MACs per image")
-    axes.set_ylabel(f"{metric} (%)")
+    axes.set_xlabel("MACs per sample")
+    axes.set_ylabel(f"{metric} (%)" if is_fraction(metric) else metric)
     axes.set_title(f"{metric} vs MACs, {len(runs)} run(s)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.savefig(path, dpi=150)
 
 
-def report(root: Path, metric: str = "test/acc") -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.png`` into ``root``; return their paths."""
+def report(root: Path, metric: str | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.png`` into ``root``; return their paths. ``metric`` None: ``test/acc``,
+    or ``perplexity`` for language models."""
     runs = collect(root)
+    metric = metric or ("test/acc" if "test/acc" in runs[0]["final"] else "perplexity")
     missing = [run["run"] for run in runs if metric not in run["final"]]
     if missing:
         known = ", ".join(k for k, v in runs[0]["final"].items() if isinstance(v, float | int))
@@ -103,7 +125,9 @@ def report(root: Path, metric: str = "test/acc") -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="a run or sweep folder (searched recursively for results.json)")
-    parser.add_argument("--metric", default="test/acc", help="the test metric to tabulate and plot (test/acc)")
+    parser.add_argument(
+        "--metric", default=None, help="the metric to tabulate and plot (default: test/acc, or perplexity)"
+    )
     args = parser.parse_args(argv)
     markdown, image = report(args.directory, args.metric)
     print(markdown.read_text(), end="")

@@ -111,6 +111,11 @@ def _saved_state(folder: Path) -> dict[str, Tensor]:
 
 def _cut_to(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
     """Cut ``model`` so that every tensor named in ``shapes`` has that shape (weights are loaded afterwards)."""
+    for name in shapes:  # biases a method added (FLAP) where the config asks for none: zero, then cut and loaded
+        path, _, leaf = name.rpartition(".")
+        module = dict(model.named_modules()).get(path)
+        if leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
     tensors = model.state_dict(keep_vars=True)
     cuts, seen = [], set()
     for name, shape in shapes.items():

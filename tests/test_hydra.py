@@ -33,7 +33,7 @@ from lightning_prune.cli import (
     keep_dense,
 )
 from lightning_prune.data import DigitsDataModule
-from lightning_prune.models import ImageClassifier
+from lightning_prune.models import CausalLM, ImageClassifier
 from lightning_prune.report import RESULTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,13 @@ CLI = [sys.executable, "-m", "lightning_prune.cli"]
 # One thread per job: sweeps run jobs side by side, and these tiny models gain nothing from more.
 ENV = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1"}
 FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "measure.min_run_time=0.05"]
+# A language model small enough for seconds: random weights from a config (no trained default model), short windows.
+TINY_LM = [
+    "model.config={model_type:llama,hidden_size:32,intermediate_size:48,num_hidden_layers:3,num_attention_heads:4,"
+    "num_key_value_heads:2,max_position_embeddings:256,tie_word_embeddings:false}",
+    "data.window=32", "callbacks.pruning.calibration_batches=2", "callbacks.pruning.target=channels",
+    "measure.repeats=3", "measure.new_tokens=4",
+]  # fmt: skip
 
 
 def run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -85,6 +92,8 @@ GROUPS = ("data", "model", "pruning", "trainer", "logger", "experiment", "debug"
 
 def choose(group: str, option: str) -> list[str]:
     """``group=option``, with a CIFAR-sized partner where the digits defaults would not fit."""
+    if (group, option) in (("data", "text"), ("model", "causal_lm")):
+        return ["data=text", "model=causal_lm"]
     if group == "data" and option != "digits":
         return [f"data={option}", "model=resnet20"]
     if group == "model" and option != "digits_cnn":
@@ -103,9 +112,13 @@ CASES = [
 def test_config_composes_and_instantiates(tmp_path: Path, overrides: list[str]) -> None:
     cfg = compose_into(tmp_path, overrides)
     built = instantiate_all(cfg)
-    assert isinstance(built["model"], ImageClassifier)
-    channels, size, _ = built["data"].input_shape
-    assert built["model"].example_input_array.shape[1:] == (channels, size, size)
+    if cli.is_language(cfg):
+        assert isinstance(built["model"], CausalLM)
+        assert built["model"].model.get_input_embeddings().num_embeddings == built["data"].vocabulary
+    else:
+        assert isinstance(built["model"], ImageClassifier)
+        channels, size, _ = built["data"].input_shape
+        assert built["model"].example_input_array.shape[1:] == (channels, size, size)
     kinds = [type(c) for c in built["callbacks"]]
     assert kinds.index(demo.KeepDense) == kinds.index(StructuredPruning) - 1
     kinds.remove(demo.KeepDense)
@@ -186,12 +199,18 @@ def test_default_run_is_the_demo_recipe(tmp_path: Path) -> None:
 # --- runs in a subprocess ------------------------------------------------------------------------------
 def read_results(folder: Path) -> dict:
     results = json.loads((folder / RESULTS).read_text())
-    assert {"overrides", "dense", "final", "latency_ratio", "widths"} <= set(results)
+    if "perplexity" in results["final"]:  # a language model
+        assert {"overrides", "dense", "final", "units", "speed_ratio", "speed_resolved", "model"} <= set(results)
+        measured = {"test/ppl", "perplexity", "params", "macs", "tokens_per_second", "low", "high"}
+        assert (Path(results["model"]["path"]) / "config.json").is_file()
+    else:
+        assert {"overrides", "dense", "final", "units", "latency_ratio", "widths"} <= set(results)
+        measured = {"test/acc", "params", "macs", "latency"}
+        assert all(after <= before for before, after in results["widths"].values())
     for model in ("dense", "final"):
-        assert {"test/acc", "params", "macs", "latency"} <= set(results[model])
+        assert measured <= set(results[model])
     assert results["final"]["params"] < results["dense"]["params"]
     assert results["final"]["macs"] < results["dense"]["macs"]
-    assert all(after <= before for before, after in results["widths"].values())
     return results
 
 
@@ -200,10 +219,34 @@ def test_experiment_smoke_run(tmp_path: Path, experiment: str) -> None:
     cfg = compose_into(tmp_path, [f"experiment={experiment}"])
     # CIFAR-10 cannot be downloaded here: same-shaped synthetic images stand in for it
     data = ["data=synthetic"] if cfg.data._target_.endswith("Cifar10DataModule") else []
+    data += TINY_LM if cli.is_language(cfg) else []
     done = run([*CLI, f"experiment={experiment}", "debug=smoke", *data, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = read_results(tmp_path / "run")
     assert results["overrides"] == [f"experiment={experiment}", "debug=smoke", *data]
+    assert results["final"]["params"] < results["dense"]["params"]
+
+
+def test_language_model_run_saves_a_model_that_reloads_to_the_reported_perplexity(tmp_path: Path) -> None:
+    import torch
+
+    import lightning_prune as lp
+
+    command = [*CLI, "experiment=flap", "debug=smoke", *TINY_LM, *FAST, f"hydra.run.dir={tmp_path / 'run'}"]
+    done = run(command, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_results(tmp_path / "run")
+    assert results["model"]["stock_from_pretrained"] is False  # FLAP: layers of different widths
+    assert "test perplexity" in done.stdout and f"results: {tmp_path / 'run' / RESULTS}" in done.stdout
+    model = lp.from_pretrained(results["model"]["path"])
+    data = lp.CausalLMDataModule(window=32, tokenizer=results["model"]["path"])  # the tokenizer saved beside it
+    data.setup()
+    first_test_batch = data.splits["test"].windows[
+        : yaml.safe_load((CONF / "data" / "text.yaml").read_text())["batch_size"]
+    ]
+    with torch.no_grad():
+        assert lp.perplexity(model, first_test_batch) == pytest.approx(results["final"]["perplexity"], rel=1e-4)
+    assert results["final"]["perplexity"] != results["dense"]["perplexity"]
 
 
 def report_rows(markdown: str) -> list[list[str]]:
@@ -234,7 +277,7 @@ def test_multirun_and_report(tmp_path: Path, launcher: str) -> None:
         assert row[:2] == [job, results["overrides"][0]]
         assert row[2:4] == [f"{dense['test/acc']:.2%}", f"{final['test/acc']:.2%}"]
         assert row[5:7] == [f"{final['params']:,}", f"{final['macs']:,}"]
-        assert row[8] == f"{results['latency_ratio']:.2f}x"
+        assert row[8] == f"{results['latency_ratio']:.2f}x faster"
 
 
 def test_optuna_sweep(tmp_path: Path) -> None:

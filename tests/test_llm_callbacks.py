@@ -86,3 +86,24 @@ def test_bad_method_options_and_epoch_start_without_calibration_are_refused() ->
         StructuredPruning(0.2, "taylor", when="train_epoch_start")
     with pytest.raises(lp.PruningError, match="taylor_vectorwise, taylor_elementwise"):
         StructuredPruning(0.2, "l1", structure="llm_pruner", calibration_batches=2)
+
+
+def test_a_flap_checkpoint_with_added_biases_loads_into_a_module_built_from_its_hyperparameters(tmp_path) -> None:
+    from lightning_prune.callbacks import load_from_checkpoint
+
+    pl.seed_everything(0, verbose=False)
+    module = lp.CausalLM(config=CONFIG, vocabulary=64, warmup_steps=1)
+    options = {"when": "train_epoch_start", "calibration_batches": 2, "log_table": False}
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(1, [StructuredPruning(0.4, "flap", structure="flap", **options), checkpoint]).fit(module, loader())
+    assert module.model.model.layers[0].self_attn.o_proj.bias is not None  # compensation gave Llama biases
+    reloaded = load_from_checkpoint(lp.CausalLM, tmp_path / "last.ckpt").eval()
+    ids = windows(2, 10)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids), module.eval()(ids), atol=1e-6)
+    pl.seed_everything(0, verbose=False)
+    fresh = lp.CausalLM(config=CONFIG, vocabulary=64, warmup_steps=1)
+    trainer(2, [StructuredPruning(0.4, "flap", structure="flap", **options)]).fit(
+        fresh, loader(), ckpt_path=tmp_path / "last.ckpt"
+    )  # the biases are there before the optimizer is built: they train on
+    assert fresh.model.model.layers[0].self_attn.o_proj.bias.grad is not None

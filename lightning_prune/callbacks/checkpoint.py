@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import RecordError
-from lightning_prune.record import check_record, merge_records, new_record, parse_record
+from lightning_prune.record import add_recorded_biases, check_record, merge_records, new_record, parse_record
 from lightning_prune.surgery import apply_step
 
 CHECKPOINT_KEY = "lightning_prune"
@@ -60,6 +60,7 @@ def catch_up(module: nn.Module, checkpoint: Mapping[str, Any], where: str) -> No
             f"({len(wanted)} steps). Load the checkpoint into a freshly built model."
         )
     remaining = new_record(wanted[len(done) :])
+    add_recorded_biases(module, remaining, where)
     for step in check_record(module, remaining, where):
         apply_step(module, step)
     setattr(module, _ATTRIBUTE, target)

@@ -31,6 +31,7 @@ from lightning_prune.callbacks.checkpoint import (
 )
 from lightning_prune.callbacks.distributed import check_same_cut, check_strategy, rewrap_distributed
 from lightning_prune.callbacks.io import AtomicCheckpointIO
+from lightning_prune.callbacks.optimizers import parameter_ids, rebuild_optimizers
 from lightning_prune.callbacks.reporting import report_step
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import build_graph
@@ -52,6 +53,14 @@ def _first_rows(value: Any, rows: int) -> Any:
     if isinstance(value, tuple | list):
         return type(value)(_first_rows(v, rows) for v in value)
     return value
+
+
+def _rows(example: Any) -> int:
+    """The batch size of example inputs: the first dimension of their first tensor (1 if there is none)."""
+    if isinstance(example, Tensor):
+        return example.shape[0] if example.ndim else 1
+    values = example.values() if isinstance(example, Mapping) else example if isinstance(example, tuple | list) else []
+    return next((_rows(v) for v in values if isinstance(v, Tensor | Mapping | tuple | list)), 1)
 
 
 class StructuredPruning(Callback):
@@ -320,9 +329,12 @@ class StructuredPruning(Callback):
             self._example = _first_rows(self._select_input(next(iter(trainer.train_dataloader))), EXAMPLE_BATCH)
         example = self._example_inputs(pl_module)
         statistics = self.statistics.take(trainer, pl_module, self.importance) if self.method.needs_gradients else None
+        parameters = parameter_ids(pl_module)
         result = self.method.step(
             pl_module, example, self.steps[epoch], self.dense, optimizers=trainer.optimizers, statistics=statistics
         )
+        if trainer.optimizers and parameter_ids(pl_module) - parameters:
+            rebuild_optimizers(trainer, pl_module)
         check_same_cut(trainer, result.record)
         rewrap_distributed(trainer, pl_module)
         before = self.dense.removed if self.dense is not None else 0
@@ -341,7 +353,7 @@ class StructuredPruning(Callback):
         title = f"StructuredPruning: epoch {epoch} step {number}/{len(self.steps)}"
         report_step(
             trainer, title, what, self.amount_done, self.dense, result.params_after, result.macs_after,
-            result.layers, self.log_table,
+            result.layers, self.log_table, _rows(example),
         )  # fmt: skip
 
     @override

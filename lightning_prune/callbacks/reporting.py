@@ -21,11 +21,15 @@ def report_step(
     macs: int,
     layers: Sequence[LayerChange],
     table: bool,
+    samples: int = 1,
 ) -> None:
-    """``title: X% of <what> removed; params a -> b (c%), MACs d -> e (f%)``, then the table on rank zero."""
+    """``title: X% of <what> removed; params a -> b (c%), MACs per sample d -> e (f%)``, then the table on rank
+    zero. MACs are counted on the example inputs, ``samples`` rows, and shown per row (they scale with the batch)."""
+    per = max(samples, 1)
     rank_zero_info(
         f"{title}: {amount:.1%} of {what} removed; params {dense.params:,} -> {params:,} "
-        f"({params / dense.params:.1%}), MACs {dense.macs:,} -> {macs:,} ({macs / max(dense.macs, 1):.1%})"
+        f"({params / dense.params:.1%}), MACs per sample {dense.macs // per:,} -> {macs // per:,} "
+        f"({macs / max(dense.macs, 1):.1%})"
     )
     if table and trainer.is_global_zero and layers:
         from rich.console import Console

@@ -14,12 +14,18 @@ class KeepDense(Callback):
 
     Args:
         epoch: the epoch of the first pruning step.
+        at_start: copy at the start of ``epoch`` instead (for steps with ``when="train_epoch_start"``).
     """
 
-    def __init__(self, epoch: int) -> None:
-        self.epoch, self.model = epoch, None
+    def __init__(self, epoch: int, at_start: bool = False) -> None:
+        self.epoch, self.at_start, self.model = epoch, at_start, None
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_start and trainer.current_epoch == self.epoch:
+            self.model = copy.deepcopy(pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
+        if not self.at_start and trainer.current_epoch == self.epoch:
             self.model = copy.deepcopy(pl_module)

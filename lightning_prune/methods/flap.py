@@ -305,22 +305,29 @@ def _compensate(
             compensated.append(module)
     if compensated:
         added = _biases_everywhere_the_config_says(model)
-        result.record = _with_bias_cuts(result.record, {owners[name][0] for name in weights} | added)
+        modules = {owners[name][0] for name in weights} | added
+        sizes = {name: model.get_submodule(name).out_features for name in modules}
+        result.record = _with_bias_cuts(result.record, modules, sizes)
 
 
-def _with_bias_cuts(record: dict[str, Any], modules: set[str]) -> dict[str, Any]:
-    """The record with the new biases of ``modules`` cut like their weights' rows, so that ``restore`` rebuilds this
-    model from its saved config (which now asks for biases) and the state dict loads."""
+def _with_bias_cuts(record: dict[str, Any], modules: set[str], sizes: dict[str, int]) -> dict[str, Any]:
+    """The record with the new biases of ``modules``: cut like their weights' rows, or kept whole (``sizes``: their
+    widths before the step) where no row goes, so that ``restore`` on a model built from the original config gives
+    them biases too (:func:`~lightning_prune.record.add_recorded_biases`) and the state dict loads."""
     steps = parse_record(record)
     for step in steps:
         cuts = {(cut.tensor, cut.dim) for cut in step.cuts}
-        step.cuts += [
-            Cut(f"{module}.bias", 0, cut.size, list(cut.keep))
-            for cut in list(step.cuts)
-            for module in [cut.tensor.removesuffix(".weight")]
-            if module in modules and cut.tensor.endswith(".weight") and cut.dim == 0
-            and (f"{module}.bias", 0) not in cuts
-        ]  # fmt: skip
+        rows = {
+            cut.tensor.removesuffix(".weight"): cut
+            for cut in step.cuts
+            if cut.tensor.endswith(".weight") and cut.dim == 0
+        }
+        for module in sorted(modules):
+            if (f"{module}.bias", 0) in cuts:
+                continue
+            cut = rows.get(module)
+            keep = list(cut.keep) if cut is not None else list(range(sizes[module]))
+            step.cuts.append(Cut(f"{module}.bias", 0, cut.size if cut is not None else sizes[module], keep))
     return new_record(steps)
 
 
@@ -334,7 +341,7 @@ def _add_bias(linear: nn.Linear, delta: Tensor) -> None:
 def _biases_everywhere_the_config_says(model: nn.Module) -> set[str]:
     """A config with ``attention_bias``/``mlp_bias`` (Llama, Mistral, Qwen2 ...) builds biases on every projection of
     those blocks: give them all a (zero) bias and set the flags, so ``from_pretrained`` rebuilds this model."""
-    config = getattr(model, "config", None)
+    config = next((m.config for m in model.modules() if hasattr(m, "config")), None)  # also inside a wrapper
     flags = [flag for flag in ("attention_bias", "mlp_bias") if hasattr(config, flag)]
     added: set[str] = set()
     if not flags:
