@@ -150,6 +150,25 @@ def test_a_model_and_a_tokenizer_that_do_not_belong_together_are_refused(tmp_pat
     assert torch.equal(reloaded.eval()(ids), model.eval()(ids))
 
 
+def test_perplexity_refuses_windows_the_model_cannot_read() -> None:
+    model = lp.CausalLM(config=TINY, vocabulary=300).model
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="`windows`: windows of 129 tokens are longer than the model's 128 positions"):
+        lp.perplexity(model, torch.zeros(1, 129, dtype=torch.long))
+    beyond = r"embeddings \(ids 0\.\.299\): the text was tokenized for another model"
+    for token in (300, -1):
+        ids[1, 3] = token
+        for windows in (ids, [ids[:1], ids[1:]]):  # a tensor, or batches
+            with pytest.raises(
+                ValueError, match=rf"`windows` holds token id {token}, outside the model's 300 {beyond}"
+            ):
+                lp.perplexity(model, windows)
+    with pytest.raises(ValueError, match=r"`windows` must be \(count, tokens ≥ 2\) token ids, got \(8,\)"):
+        lp.perplexity(model, ids[0])
+    ids[1, 3] = 299
+    assert math.isfinite(lp.perplexity(model, ids))
+
+
 def test_perplexity_is_token_weighted_deterministic_and_what_validation_logs(corpus) -> None:
     pl.seed_everything(0, verbose=False)
     data = data_module(corpus)
