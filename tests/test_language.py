@@ -139,15 +139,103 @@ def test_the_default_text_and_tokenizer_work_offline(tmp_path, monkeypatch) -> N
 def test_a_model_and_a_tokenizer_that_do_not_belong_together_are_refused(tmp_path) -> None:
     model = lp.CausalLM(config=TINY, vocabulary=300)
     model.model.save_pretrained(tmp_path / "model")
-    with pytest.raises(ValueError, match="the tokenizer has 500 tokens but the model embeds only 300"):
+    with pytest.raises(ValueError, match="`vocabulary`: the tokenizer has 500 tokens but the model embeds only 300"):
         lp.CausalLM(pretrained=str(tmp_path / "model"), vocabulary=500)
-    with pytest.raises(ValueError, match=r"`pretrained` '.*nothing' is not a folder written by `save_pretrained`"):
-        lp.CausalLM(pretrained=str(tmp_path / "nothing"))
-    with pytest.raises(ValueError, match="`config` needs a `model_type`"):
-        lp.CausalLM(config={"hidden_size": 32})
+    assert lp.CausalLM(config=TINY, vocabulary=200).model.get_input_embeddings().num_embeddings == 200
     reloaded = lp.CausalLM(pretrained=str(tmp_path / "model"), vocabulary=300)
     ids = torch.randint(0, 300, (2, 9))
     assert torch.equal(reloaded.eval()(ids), model.eval()(ids))
+
+
+FOLDER_HINT = r"Pass the folder `save_pretrained` wrote for the model, or `config` \(a dict\) to build a new one\."
+
+
+@pytest.mark.parametrize(
+    ("config_json", "arguments", "message"),
+    [
+        (None, {"pretrained": "nothing"}, rf"`pretrained` '.*nothing' does not exist\. {FOLDER_HINT}"),
+        (None, {"pretrained": "."}, rf"`pretrained` '.*' has no config\.json: it is not a model folder\. "
+         rf"{FOLDER_HINT}"),
+        ("{not json", {"pretrained": "."}, r"`pretrained` '.*': its config\.json could not be read\. .*not a valid "
+         r"JSON"),
+        ('{"model_type": "nonsense"}', {"pretrained": "."}, r"`pretrained` '.*': its config\.json could not be read\. "
+         r".*model type `nonsense`"),
+        ('{"model_type": "llama"}', {"pretrained": "."}, r"`pretrained` '.*' holds no weights that load: .*no file "
+         r"named model\.safetensors"),
+        ('{"model_type": "llama"}', {"pretrained": ".", "config": TINY}, r"give `pretrained` or `config`, not both: "
+         r"got `pretrained`='.*'"),
+        (None, {"config": {"hidden_size": 32}}, r"`config` needs a `model_type` \(e\.g\. 'llama', 'qwen2', 'gpt2'\); "
+         r"got \['hidden_size'\]"),
+        (None, {"config": {"model_type": "nonsense"}}, "`config` has `model_type`='nonsense', which transformers does "
+         "not know"),
+    ],
+)  # fmt: skip
+def test_bad_model_folders_and_configs_are_refused_naming_them(tmp_path, config_json, arguments, message) -> None:
+    if config_json is not None:
+        (tmp_path / "config.json").write_text(config_json)
+    if "pretrained" in arguments:
+        arguments = {**arguments, "pretrained": str(tmp_path / arguments["pretrained"])}
+    with pytest.raises(ValueError, match=message):
+        lp.CausalLM(**arguments)
+
+
+ENCODER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 99,
+}
+
+
+@pytest.mark.parametrize(
+    ("saved", "config", "message"),
+    [
+        (None, {"model_type": "t5", "d_model": 32}, r"`config` with `model_type`='t5' is a 't5' model, which has no "
+         r"causal-LM head in transformers \(no …ForCausalLM class\)"),
+        (None, {"model_type": "bert", **ENCODER}, r"`config` with `model_type`='bert' builds a BertLMHeadModel whose "
+         r"predictions see later tokens: it is not a causal language model\. .*set `is_decoder: true`"),
+        ("BertModel", None, r"`pretrained` '.*' holds a BertModel \(config\.json `architectures`\), which has no "
+         r"causal-LM head: .* Save the BertLMHeadModel model, not its base"),
+        ("LlamaModel", None, r"`pretrained` '.*' holds a LlamaModel \(config\.json `architectures`\), which has no "
+         r"causal-LM head: .* Save the LlamaForCausalLM model"),
+    ],
+)  # fmt: skip
+def test_a_model_that_is_not_a_causal_lm_is_refused_naming_it(tmp_path, saved, config, message) -> None:
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    if saved == "BertModel":
+        BertModel(BertConfig(**ENCODER)).save_pretrained(tmp_path)
+    elif saved == "LlamaModel":
+        LlamaModel(LlamaConfig(**ENCODER, num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        lp.CausalLM(pretrained=None if saved is None else str(tmp_path), config=config)
+
+
+def test_an_encoder_in_its_decoder_mode_is_a_causal_lm() -> None:
+    model = lp.CausalLM(config={"model_type": "bert", **ENCODER, "is_decoder": True}, example_tokens=8)
+    assert type(model.model).__name__ == "BertLMHeadModel" and model(torch.arange(6)[None]).shape == (1, 6, 99)
+
+
+def test_windows_the_model_cannot_read_are_refused_before_training_and_nothing_is_written(corpus, tmp_path) -> None:
+    def fit(model: lp.CausalLM, **data) -> pl.Trainer:
+        trainer = pl.Trainer(
+            default_root_dir=tmp_path / "run", max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(model, data_module(corpus, batch_size=2, **data))
+        return trainer
+
+    longer = r"`window`: windows of 129 tokens are longer than the model's 128 positions \(config\.max_position_"
+    with pytest.raises(ValueError, match=longer + r"embeddings\); use windows of at most 128 tokens"):
+        fit(lp.CausalLM(config=TINY, vocabulary=300), window=129)
+    lp.CausalLM(config=TINY, vocabulary=200).model.save_pretrained(tmp_path / "other")  # another model's tokenizer
+    with pytest.raises(ValueError, match="`tokenizer`: the tokenizer has 300 tokens but the model embeds only 200"):
+        fit(lp.CausalLM(pretrained=str(tmp_path / "other")))
+    assert not (tmp_path / "run").exists()  # no checkpoint, no log: refused before the first step
+    assert fit(lp.CausalLM(config=TINY, vocabulary=400), window=128).global_step == 1  # a larger embedding is legal
+    with pytest.raises(ValueError, match="`example_tokens`: windows of 129 tokens are longer than the model's 128"):
+        lp.CausalLM(config=TINY, example_tokens=129)
 
 
 def test_perplexity_refuses_windows_the_model_cannot_read() -> None:
