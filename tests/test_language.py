@@ -111,19 +111,55 @@ def test_calibration_windows_are_seeded_and_come_from_the_training_text(corpus) 
     train = data.tokens["train"].tolist()
     for window in first.tolist():
         assert any(train[i : i + 12] == window for i in range(len(train) - 11))
-    with pytest.raises(ValueError, match=r"calibration `length` must be 2\.\."):
-        data.calibration(4, 10**7)
+
+
+def test_calibration_that_the_training_text_cannot_give_is_refused_naming_the_files(corpus) -> None:
+    data = data_module(corpus)
+    data.setup()
+    tokens = data.tokens["train"].numel()
+    files = r"the training text of `files` \['.*a\.txt', '.*b\.jsonl'\]"
+    with pytest.raises(
+        ValueError, match=rf"calibration `length`={tokens + 1} is longer than {files} \({tokens:,} tokens\)"
+    ):
+        data.calibration(1, tokens + 1)
+    assert data.calibration(2, tokens - 1).shape == (2, tokens - 1)  # the two distinct windows of that length
+    with pytest.raises(
+        ValueError,
+        match=rf"calibration `count`=3 is more than the 2 distinct windows of `length`={tokens - 1} in {files}",
+    ):
+        data.calibration(3, tokens - 1)
+    with pytest.raises(ValueError, match="calibration `count` must be a positive integer, got 0"):
+        data.calibration(0)
+    with pytest.raises(ValueError, match="calibration `length` must be an integer of at least 2 tokens, got 1"):
+        data.calibration(1, 1)
 
 
 def test_text_shorter_than_the_splits_need_is_refused_before_training(corpus, tmp_path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
-    with pytest.raises(ValueError, match=r"windows of `window`=16, fewer than the 3 the train/validation/test"):
+    with pytest.raises(
+        ValueError,
+        match=r"the text of `files` \['.*short\.txt'\] has \d+ tokens: 0 windows of `window`=16, fewer than the 3 the "
+        "train/validation/test splits need",
+    ):
         lp.CausalLMDataModule(files=short, tokenizer=corpus["tokenizer"], window=16).setup()
     with pytest.raises(ValueError, match="`window` must be an integer of at least 2"):
         lp.CausalLMDataModule(window=1)
-    with pytest.raises(ValueError, match=r"`tokenizer` '.*nowhere' is not a folder"):
-        lp.CausalLMDataModule(files=short, tokenizer=tmp_path / "nowhere").setup()
+
+
+def test_missing_files_and_tokenizer_folders_are_refused_at_construction_naming_them(corpus, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    hint = r"Give the folder the tokenizer's `save_pretrained` wrote"
+    cases = [
+        ({"tokenizer": tmp_path / "nowhere"}, rf"`tokenizer` '.*nowhere' does not exist\. {hint}"),
+        ({"tokenizer": tmp_path / "file"}, rf"`tokenizer` '.*file' is a file, not a folder\. {hint}"),
+        ({"tokenizer": tmp_path / "empty"}, r"`tokenizer` '.*empty' holds no tokenizer \(no tokenizer_config\.json or"),
+        ({"files": [corpus["text"], tmp_path / "gone.txt"]}, r"`files` entry '.*gone\.txt' does not exist"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(ValueError, match=message):
+            lp.CausalLMDataModule(**{"tokenizer": corpus["tokenizer"], **arguments})
 
 
 def test_the_default_text_and_tokenizer_work_offline(tmp_path, monkeypatch) -> None:
