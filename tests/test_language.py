@@ -172,6 +172,51 @@ def test_the_default_text_and_tokenizer_work_offline(tmp_path, monkeypatch) -> N
     assert data.vocabulary == 512 and len(data.splits["train"]) > 400
 
 
+def test_the_default_tokenizer_is_written_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    from lightning_prune.data import text
+
+    monkeypatch.setenv("LIGHTNING_PRUNE_CACHE", str(tmp_path))
+
+    def interrupted(documents, folder: Path, vocabulary: int) -> Path:
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text("{")  # half written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(text, "train_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        default_tokenizer(vocabulary=64)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor the partial one is left
+
+    def raced(documents, folder: Path, vocabulary: int) -> Path:
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text("mine")
+        final = tmp_path / "tokenizer-pydoc-bpe64"
+        final.mkdir(exist_ok=True)
+        (final / "tokenizer.json").write_text("theirs")  # another process finished first
+        return folder
+
+    monkeypatch.setattr(text, "train_tokenizer", raced)
+    (tmp_path / "tokenizer-pydoc-bpe64").mkdir()
+    (tmp_path / "tokenizer-pydoc-bpe64" / "other.txt").write_text("left by something else")
+    assert default_tokenizer(vocabulary=64) == tmp_path / "tokenizer-pydoc-bpe64"
+    assert (tmp_path / "tokenizer-pydoc-bpe64" / "tokenizer.json").read_text() == "theirs"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tokenizer-pydoc-bpe64"]
+
+    (tmp_path / "tokenizer-pydoc-bpe32").mkdir()
+    (tmp_path / "tokenizer-pydoc-bpe32" / "other.txt").write_text("left by something else")
+
+    def empty(documents, folder: Path, vocabulary: int) -> Path:
+        folder.mkdir()
+        return folder
+
+    monkeypatch.setattr(text, "train_tokenizer", empty)
+    with pytest.raises(
+        ValueError, match=r"the tokenizer cache '.*tokenizer-pydoc-bpe32' exists without tokenizer\.json"
+    ):
+        default_tokenizer(vocabulary=32)
+    assert not list(tmp_path.glob("*.partial-*"))
+
+
 def test_a_model_and_a_tokenizer_that_do_not_belong_together_are_refused(tmp_path) -> None:
     model = lp.CausalLM(config=TINY, vocabulary=300)
     model.model.save_pretrained(tmp_path / "model")

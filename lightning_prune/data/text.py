@@ -153,15 +153,30 @@ def train_tokenizer(documents: Iterable[str], folder: Path, vocabulary: int = DE
 
 
 def default_tokenizer(vocabulary: int = DEFAULT_VOCABULARY) -> Path:
-    """The folder of the BPE tokenizer trained on the pydoc prose (trained once, then cached)."""
+    """The folder of the BPE tokenizer trained on the pydoc prose (trained once, then cached).
+
+    It is written whole or not at all: trained into a partial folder, renamed into place, and the partial folder
+    removed whatever happens, so that a reader never sees half a tokenizer.
+
+    Raises:
+        ValueError: the cache folder exists without ``tokenizer.json`` (not written here): remove it.
+    """
     folder = cache_dir() / f"tokenizer-pydoc-bpe{vocabulary}"
-    if not (folder / "tokenizer.json").is_file():
-        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    try:
         train_tokenizer(pydoc_documents(), partial, vocabulary)
         try:
-            os.replace(partial, folder)  # whole or not at all: a reader never sees half a tokenizer
-        except OSError:  # another process got there first
-            shutil.rmtree(partial, ignore_errors=True)
+            os.replace(partial, folder)
+        except OSError:  # another process got there first, or something else left a folder there
+            if not (folder / "tokenizer.json").is_file():
+                raise ValueError(
+                    f"the tokenizer cache '{folder}' exists without tokenizer.json (it was not written by "
+                    "lightning-prune, or by an older version): remove it and run again."
+                ) from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
