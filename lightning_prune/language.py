@@ -42,20 +42,54 @@ def _takes_keywords(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "generate")  # a Hugging Face model
 
 
+def check_windows(model: nn.Module, windows: Tensor, argument: str = "windows") -> None:
+    """Refuse token windows that ``model`` cannot read, before it runs on them.
+
+    ``windows`` is a ``(count, tokens)`` tensor of token ids. Checked: the shape; the length against the
+    positions the model was built for (``config.max_position_embeddings``, where the model has one); the ids
+    against its input embeddings (``get_input_embeddings()``, where it has one).
+
+    Raises:
+        ValueError: naming ``argument``, the value found and the limit.
+    """
+    if not isinstance(windows, Tensor) or windows.ndim != 2 or windows.shape[1] < 2:
+        shape = tuple(windows.shape) if isinstance(windows, Tensor) else type(windows).__name__
+        raise ValueError(f"`{argument}` must be (count, tokens ≥ 2) token ids, got {shape}.")
+    length = windows.shape[1]
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and length > positions:
+        raise ValueError(
+            f"`{argument}`: windows of {length} tokens are longer than the model's {positions} positions "
+            f"(config.max_position_embeddings); use windows of at most {positions} tokens."
+        )
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if windows.numel() and isinstance(rows, int):
+        low, high = int(windows.min()), int(windows.max())
+        if low < 0 or high >= rows:
+            raise ValueError(
+                f"`{argument}` holds token id {high if high >= rows else low}, outside the model's {rows} embeddings "
+                f"(ids 0..{rows - 1}): the text was tokenized for another model. Use the tokenizer saved with it."
+            )
+
+
 def perplexity(model: nn.Module, windows: Tensor | Iterable[Tensor], batch_size: int = 8) -> float:
     """Perplexity of ``model`` on ``windows`` (a ``(count, tokens)`` tensor of token ids, or batches of them).
 
     The model is run in eval mode without gradients and left as it was.
+
+    Raises:
+        ValueError: windows the model cannot read (see :func:`check_windows`), or none at all.
     """
     if isinstance(windows, Tensor):
-        if windows.ndim != 2 or windows.shape[1] < 2:
-            raise ValueError(f"`windows` must be (count, tokens ≥ 2) token ids, got shape {tuple(windows.shape)}.")
+        check_windows(model, windows)
         windows = windows.split(batch_size)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with preserved_state(model), torch.no_grad():
         model.eval()
         for batch in windows:
+            check_windows(model, batch)
             nll, tokens = token_nll(model, batch.to(device))
             total, count = total + nll, count + tokens
     if count == 0:

@@ -111,19 +111,55 @@ def test_calibration_windows_are_seeded_and_come_from_the_training_text(corpus) 
     train = data.tokens["train"].tolist()
     for window in first.tolist():
         assert any(train[i : i + 12] == window for i in range(len(train) - 11))
-    with pytest.raises(ValueError, match=r"calibration `length` must be 2\.\."):
-        data.calibration(4, 10**7)
+
+
+def test_calibration_that_the_training_text_cannot_give_is_refused_naming_the_files(corpus) -> None:
+    data = data_module(corpus)
+    data.setup()
+    tokens = data.tokens["train"].numel()
+    files = r"the training text of `files` \['.*a\.txt', '.*b\.jsonl'\]"
+    with pytest.raises(
+        ValueError, match=rf"calibration `length`={tokens + 1} is longer than {files} \({tokens:,} tokens\)"
+    ):
+        data.calibration(1, tokens + 1)
+    assert data.calibration(2, tokens - 1).shape == (2, tokens - 1)  # the two distinct windows of that length
+    with pytest.raises(
+        ValueError,
+        match=rf"calibration `count`=3 is more than the 2 distinct windows of `length`={tokens - 1} in {files}",
+    ):
+        data.calibration(3, tokens - 1)
+    with pytest.raises(ValueError, match="calibration `count` must be a positive integer, got 0"):
+        data.calibration(0)
+    with pytest.raises(ValueError, match="calibration `length` must be an integer of at least 2 tokens, got 1"):
+        data.calibration(1, 1)
 
 
 def test_text_shorter_than_the_splits_need_is_refused_before_training(corpus, tmp_path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
-    with pytest.raises(ValueError, match=r"windows of `window`=16, fewer than the 3 the train/validation/test"):
+    with pytest.raises(
+        ValueError,
+        match=r"the text of `files` \['.*short\.txt'\] has \d+ tokens: 0 windows of `window`=16, fewer than the 3 the "
+        "train/validation/test splits need",
+    ):
         lp.CausalLMDataModule(files=short, tokenizer=corpus["tokenizer"], window=16).setup()
     with pytest.raises(ValueError, match="`window` must be an integer of at least 2"):
         lp.CausalLMDataModule(window=1)
-    with pytest.raises(ValueError, match=r"`tokenizer` '.*nowhere' is not a folder"):
-        lp.CausalLMDataModule(files=short, tokenizer=tmp_path / "nowhere").setup()
+
+
+def test_missing_files_and_tokenizer_folders_are_refused_at_construction_naming_them(corpus, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    hint = r"Give the folder the tokenizer's `save_pretrained` wrote"
+    cases = [
+        ({"tokenizer": tmp_path / "nowhere"}, rf"`tokenizer` '.*nowhere' does not exist\. {hint}"),
+        ({"tokenizer": tmp_path / "file"}, rf"`tokenizer` '.*file' is a file, not a folder\. {hint}"),
+        ({"tokenizer": tmp_path / "empty"}, r"`tokenizer` '.*empty' holds no tokenizer \(no tokenizer_config\.json or"),
+        ({"files": [corpus["text"], tmp_path / "gone.txt"]}, r"`files` entry '.*gone\.txt' does not exist"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(ValueError, match=message):
+            lp.CausalLMDataModule(**{"tokenizer": corpus["tokenizer"], **arguments})
 
 
 def test_the_default_text_and_tokenizer_work_offline(tmp_path, monkeypatch) -> None:
@@ -136,18 +172,170 @@ def test_the_default_text_and_tokenizer_work_offline(tmp_path, monkeypatch) -> N
     assert data.vocabulary == 512 and len(data.splits["train"]) > 400
 
 
+def test_the_default_tokenizer_is_written_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    from lightning_prune.data import text
+
+    monkeypatch.setenv("LIGHTNING_PRUNE_CACHE", str(tmp_path))
+
+    def interrupted(documents, folder: Path, vocabulary: int) -> Path:
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text("{")  # half written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(text, "train_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        default_tokenizer(vocabulary=64)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor the partial one is left
+
+    def raced(documents, folder: Path, vocabulary: int) -> Path:
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text("mine")
+        final = tmp_path / "tokenizer-pydoc-bpe64"
+        final.mkdir(exist_ok=True)
+        (final / "tokenizer.json").write_text("theirs")  # another process finished first
+        return folder
+
+    monkeypatch.setattr(text, "train_tokenizer", raced)
+    (tmp_path / "tokenizer-pydoc-bpe64").mkdir()
+    (tmp_path / "tokenizer-pydoc-bpe64" / "other.txt").write_text("left by something else")
+    assert default_tokenizer(vocabulary=64) == tmp_path / "tokenizer-pydoc-bpe64"
+    assert (tmp_path / "tokenizer-pydoc-bpe64" / "tokenizer.json").read_text() == "theirs"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tokenizer-pydoc-bpe64"]
+
+    (tmp_path / "tokenizer-pydoc-bpe32").mkdir()
+    (tmp_path / "tokenizer-pydoc-bpe32" / "other.txt").write_text("left by something else")
+
+    def empty(documents, folder: Path, vocabulary: int) -> Path:
+        folder.mkdir()
+        return folder
+
+    monkeypatch.setattr(text, "train_tokenizer", empty)
+    with pytest.raises(
+        ValueError, match=r"the tokenizer cache '.*tokenizer-pydoc-bpe32' exists without tokenizer\.json"
+    ):
+        default_tokenizer(vocabulary=32)
+    assert not list(tmp_path.glob("*.partial-*"))
+
+
 def test_a_model_and_a_tokenizer_that_do_not_belong_together_are_refused(tmp_path) -> None:
     model = lp.CausalLM(config=TINY, vocabulary=300)
     model.model.save_pretrained(tmp_path / "model")
-    with pytest.raises(ValueError, match="the tokenizer has 500 tokens but the model embeds only 300"):
+    with pytest.raises(ValueError, match="`vocabulary`: the tokenizer has 500 tokens but the model embeds only 300"):
         lp.CausalLM(pretrained=str(tmp_path / "model"), vocabulary=500)
-    with pytest.raises(ValueError, match=r"`pretrained` '.*nothing' is not a folder written by `save_pretrained`"):
-        lp.CausalLM(pretrained=str(tmp_path / "nothing"))
-    with pytest.raises(ValueError, match="`config` needs a `model_type`"):
-        lp.CausalLM(config={"hidden_size": 32})
+    assert lp.CausalLM(config=TINY, vocabulary=200).model.get_input_embeddings().num_embeddings == 200
     reloaded = lp.CausalLM(pretrained=str(tmp_path / "model"), vocabulary=300)
     ids = torch.randint(0, 300, (2, 9))
     assert torch.equal(reloaded.eval()(ids), model.eval()(ids))
+
+
+FOLDER_HINT = r"Pass the folder `save_pretrained` wrote for the model, or `config` \(a dict\) to build a new one\."
+
+
+@pytest.mark.parametrize(
+    ("config_json", "arguments", "message"),
+    [
+        (None, {"pretrained": "nothing"}, rf"`pretrained` '.*nothing' does not exist\. {FOLDER_HINT}"),
+        (None, {"pretrained": "."}, rf"`pretrained` '.*' has no config\.json: it is not a model folder\. "
+         rf"{FOLDER_HINT}"),
+        ("{not json", {"pretrained": "."}, r"`pretrained` '.*': its config\.json could not be read\. .*not a valid "
+         r"JSON"),
+        ('{"model_type": "nonsense"}', {"pretrained": "."}, r"`pretrained` '.*': its config\.json could not be read\. "
+         r".*model type `nonsense`"),
+        ('{"model_type": "llama"}', {"pretrained": "."}, r"`pretrained` '.*' holds no weights that load: .*no file "
+         r"named model\.safetensors"),
+        ('{"model_type": "llama"}', {"pretrained": ".", "config": TINY}, r"give `pretrained` or `config`, not both: "
+         r"got `pretrained`='.*'"),
+        (None, {"config": {"hidden_size": 32}}, r"`config` needs a `model_type` \(e\.g\. 'llama', 'qwen2', 'gpt2'\); "
+         r"got \['hidden_size'\]"),
+        (None, {"config": {"model_type": "nonsense"}}, "`config` has `model_type`='nonsense', which transformers does "
+         "not know"),
+    ],
+)  # fmt: skip
+def test_bad_model_folders_and_configs_are_refused_naming_them(tmp_path, config_json, arguments, message) -> None:
+    if config_json is not None:
+        (tmp_path / "config.json").write_text(config_json)
+    if "pretrained" in arguments:
+        arguments = {**arguments, "pretrained": str(tmp_path / arguments["pretrained"])}
+    with pytest.raises(ValueError, match=message):
+        lp.CausalLM(**arguments)
+
+
+ENCODER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 99,
+}
+
+
+@pytest.mark.parametrize(
+    ("saved", "config", "message"),
+    [
+        (None, {"model_type": "t5", "d_model": 32}, r"`config` with `model_type`='t5' is a 't5' model, which has no "
+         r"causal-LM head in transformers \(no …ForCausalLM class\)"),
+        (None, {"model_type": "bert", **ENCODER}, r"`config` with `model_type`='bert' builds a BertLMHeadModel whose "
+         r"predictions see later tokens: it is not a causal language model\. .*set `is_decoder: true`"),
+        ("BertModel", None, r"`pretrained` '.*' holds a BertModel \(config\.json `architectures`\), which has no "
+         r"causal-LM head: .* Save the BertLMHeadModel model, not its base"),
+        ("LlamaModel", None, r"`pretrained` '.*' holds a LlamaModel \(config\.json `architectures`\), which has no "
+         r"causal-LM head: .* Save the LlamaForCausalLM model"),
+    ],
+)  # fmt: skip
+def test_a_model_that_is_not_a_causal_lm_is_refused_naming_it(tmp_path, saved, config, message) -> None:
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    if saved == "BertModel":
+        BertModel(BertConfig(**ENCODER)).save_pretrained(tmp_path)
+    elif saved == "LlamaModel":
+        LlamaModel(LlamaConfig(**ENCODER, num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        lp.CausalLM(pretrained=None if saved is None else str(tmp_path), config=config)
+
+
+def test_an_encoder_in_its_decoder_mode_is_a_causal_lm() -> None:
+    model = lp.CausalLM(config={"model_type": "bert", **ENCODER, "is_decoder": True}, example_tokens=8)
+    assert type(model.model).__name__ == "BertLMHeadModel" and model(torch.arange(6)[None]).shape == (1, 6, 99)
+
+
+def test_windows_the_model_cannot_read_are_refused_before_training_and_nothing_is_written(corpus, tmp_path) -> None:
+    def fit(model: lp.CausalLM, **data) -> pl.Trainer:
+        trainer = pl.Trainer(
+            default_root_dir=tmp_path / "run", max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(model, data_module(corpus, batch_size=2, **data))
+        return trainer
+
+    longer = r"`window`: windows of 129 tokens are longer than the model's 128 positions \(config\.max_position_"
+    with pytest.raises(ValueError, match=longer + r"embeddings\); use windows of at most 128 tokens"):
+        fit(lp.CausalLM(config=TINY, vocabulary=300), window=129)
+    lp.CausalLM(config=TINY, vocabulary=200).model.save_pretrained(tmp_path / "other")  # another model's tokenizer
+    with pytest.raises(ValueError, match="`tokenizer`: the tokenizer has 300 tokens but the model embeds only 200"):
+        fit(lp.CausalLM(pretrained=str(tmp_path / "other")))
+    assert not (tmp_path / "run").exists()  # no checkpoint, no log: refused before the first step
+    assert fit(lp.CausalLM(config=TINY, vocabulary=400), window=128).global_step == 1  # a larger embedding is legal
+    with pytest.raises(ValueError, match="`example_tokens`: windows of 129 tokens are longer than the model's 128"):
+        lp.CausalLM(config=TINY, example_tokens=129)
+
+
+def test_perplexity_refuses_windows_the_model_cannot_read() -> None:
+    model = lp.CausalLM(config=TINY, vocabulary=300).model
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="`windows`: windows of 129 tokens are longer than the model's 128 positions"):
+        lp.perplexity(model, torch.zeros(1, 129, dtype=torch.long))
+    beyond = r"embeddings \(ids 0\.\.299\): the text was tokenized for another model"
+    for token in (300, -1):
+        ids[1, 3] = token
+        for windows in (ids, [ids[:1], ids[1:]]):  # a tensor, or batches
+            with pytest.raises(
+                ValueError, match=rf"`windows` holds token id {token}, outside the model's 300 {beyond}"
+            ):
+                lp.perplexity(model, windows)
+    with pytest.raises(ValueError, match=r"`windows` must be \(count, tokens ≥ 2\) token ids, got \(8,\)"):
+        lp.perplexity(model, ids[0])
+    ids[1, 3] = 299
+    assert math.isfinite(lp.perplexity(model, ids))
 
 
 def test_perplexity_is_token_weighted_deterministic_and_what_validation_logs(corpus) -> None:

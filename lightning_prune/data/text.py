@@ -25,8 +25,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_prune.data.splits import SplitDataModule
+from lightning_prune.errors import shown
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # save_pretrained writes both, old formats the first
 DEFAULT_VOCABULARY = 2048
 
 
@@ -59,9 +61,7 @@ def read_documents(source: Any, text_field: str = "text") -> list[str]:
         return [document for item in source for document in read_documents(item, text_field)]
     if hasattr(source, "column_names") or _is_dataset_dict(source):
         return _dataset_documents(source, text_field, repr(type(source).__name__))
-    path = Path(os.fspath(source))
-    if not path.exists():
-        raise ValueError(f"`files` entry '{path}' does not exist. Give .txt or .jsonl files, or a datasets folder.")
+    path = _existing_file(source)
     if path.is_dir():
         return _dataset_documents(_load_from_disk(path), text_field, f"'{path}'")
     if path.suffix == ".jsonl":
@@ -75,6 +75,13 @@ def read_documents(source: Any, text_field: str = "text") -> list[str]:
     if not text.strip():
         raise ValueError(f"`files` entry '{path}' holds no text.")
     return [text]
+
+
+def _existing_file(source: str | os.PathLike) -> Path:
+    path = Path(os.fspath(source))
+    if not path.exists():
+        raise ValueError(f"`files` entry '{path}' does not exist. Give .txt or .jsonl files, or a datasets folder.")
+    return path
 
 
 def _jsonl_documents(path: Path, text_field: str) -> list[str]:
@@ -146,31 +153,61 @@ def train_tokenizer(documents: Iterable[str], folder: Path, vocabulary: int = DE
 
 
 def default_tokenizer(vocabulary: int = DEFAULT_VOCABULARY) -> Path:
-    """The folder of the BPE tokenizer trained on the pydoc prose (trained once, then cached)."""
+    """The folder of the BPE tokenizer trained on the pydoc prose (trained once, then cached).
+
+    It is written whole or not at all: trained into a partial folder, renamed into place, and the partial folder
+    removed whatever happens, so that a reader never sees half a tokenizer.
+
+    Raises:
+        ValueError: the cache folder exists without ``tokenizer.json`` (not written here): remove it.
+    """
     folder = cache_dir() / f"tokenizer-pydoc-bpe{vocabulary}"
-    if not (folder / "tokenizer.json").is_file():
-        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    try:
         train_tokenizer(pydoc_documents(), partial, vocabulary)
         try:
-            os.replace(partial, folder)  # whole or not at all: a reader never sees half a tokenizer
-        except OSError:  # another process got there first
-            shutil.rmtree(partial, ignore_errors=True)
+            os.replace(partial, folder)
+        except OSError:  # another process got there first, or something else left a folder there
+            if not (folder / "tokenizer.json").is_file():
+                raise ValueError(
+                    f"the tokenizer cache '{folder}' exists without tokenizer.json (it was not written by "
+                    "lightning-prune, or by an older version): remove it and run again."
+                ) from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """``AutoTokenizer.from_pretrained(path)`` for a local folder, with an end-of-text token."""
+    """``AutoTokenizer.from_pretrained(path)`` for a local folder, with an end-of-text token.
+
+    Raises:
+        ValueError: naming the folder, when it does not exist, holds no tokenizer, or one without end-of-text.
+    """
     from transformers import AutoTokenizer
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(
-            f"`tokenizer` '{folder}' is not a folder. Give the folder `save_pretrained` wrote (model and tokenizer)."
-        )
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    folder = _tokenizer_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`tokenizer` '{folder}' could not be loaded by AutoTokenizer: {error}") from error
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer in '{folder}' has no end-of-text token (eos_token); documents need one.")
     return tokenizer
+
+
+def _tokenizer_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    hint = "Give the folder the tokenizer's `save_pretrained` wrote (often the model's), or None for the default."
+    if not folder.exists():
+        raise ValueError(f"`tokenizer` '{folder}' does not exist. {hint}")
+    if not folder.is_dir():
+        raise ValueError(f"`tokenizer` '{folder}' is a file, not a folder. {hint}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"`tokenizer` '{folder}' holds no tokenizer (no {' or '.join(TOKENIZER_FILES)}). {hint}")
+    return folder
 
 
 def pack(documents: Sequence[str], tokenizer: Any) -> Tensor:
@@ -212,8 +249,10 @@ class CausalLMDataModule(SplitDataModule):
         num_workers: DataLoader workers.
 
     Raises:
-        ValueError: before training, for bad arguments, a missing source, text shorter than the windows the
-            splits need, or a tokenizer without an end-of-text token.
+        ValueError: in ``__init__``, for bad arguments, a file or tokenizer folder that does not exist, or a folder
+            without a tokenizer; in ``setup``, before training, for a bad source, text shorter than the windows the
+            splits need, or a tokenizer without an end-of-text token. A model checks the windows and the tokenizer
+            against itself in its own ``setup`` (:class:`~lightning_prune.models.CausalLM`).
     """
 
     def __init__(
@@ -234,6 +273,11 @@ class CausalLMDataModule(SplitDataModule):
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 0.5:
                 raise ValueError(f"`{name}` must be a fraction in (0, 0.5), got {value!r}.")
+        if tokenizer is not None:
+            _tokenizer_folder(tokenizer)
+        for entry in files if isinstance(files, list | tuple) else [files]:
+            if isinstance(entry, str | os.PathLike):
+                _existing_file(entry)
         self.save_hyperparameters(ignore=["files"] if not _plain(files) else None)
         self.files, self.tokenizer_path, self.text_field = files, tokenizer, text_field
         self.window, self.val_fraction, self.test_fraction = window, val_fraction, test_fraction
@@ -254,8 +298,9 @@ class CausalLMDataModule(SplitDataModule):
         held_out = [max(1, round(fraction * count)) for fraction in (self.val_fraction, self.test_fraction)]
         if count < sum(held_out) + 1:
             raise ValueError(
-                f"the text has {stream.numel():,} tokens: {count} windows of `window`={self.window}, fewer than the "
-                f"{sum(held_out) + 1} the train/validation/test splits need. Give more text or a smaller `window`."
+                f"the text of {self._source} has {stream.numel():,} tokens: {count} windows of `window`={self.window}, "
+                f"fewer than the {sum(held_out) + 1} the train/validation/test splits need. Give more text or a "
+                "smaller `window`."
             )
         train_end = (count - sum(held_out)) * self.window
         val_end = train_end + held_out[0] * self.window
@@ -267,6 +312,14 @@ class CausalLMDataModule(SplitDataModule):
         self.splits = {name: Windows(tokens, self.window) for name, tokens in self.tokens.items()}
 
     @property
+    def _source(self) -> str:
+        """The text sources, as messages name them."""
+        if self.files is None:
+            return "the default pydoc text"
+        entries = self.files if isinstance(self.files, list | tuple) else [self.files]
+        return "`files` " + shown([str(entry) if _plain(entry) else type(entry).__name__ for entry in entries])
+
+    @property
     def vocabulary(self) -> int:
         """The number of token ids the tokenizer can produce (the model's embedding rows must cover it)."""
         self.setup()
@@ -275,16 +328,30 @@ class CausalLMDataModule(SplitDataModule):
     def calibration(self, count: int = 10, length: int | None = None, seed: int = 0) -> Tensor:
         """``count`` windows of ``length`` tokens (default ``window``) at seeded random offsets of the training text.
 
-        LLM-Pruner's default is 10 windows of 64 tokens; SliceGPT's 128 of 2048.
+        LLM-Pruner's default is 10 windows of 64 tokens; SliceGPT's 128 of 2048. The windows may overlap, but
+        ``count`` must not exceed the distinct windows of ``length`` the training text holds. Whether the model
+        reads windows of ``length``: :func:`lightning_prune.language.check_windows`.
+
+        Raises:
+            ValueError: a ``length`` longer than the training text, or more windows than it holds.
         """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"calibration `count` must be a positive integer, got {count!r}.")
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
+            raise ValueError(f"calibration `length` must be an integer of at least 2 tokens, got {length!r}.")
         self.setup()
         length = self.window if length is None else length
         tokens = self.tokens["train"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"calibration `count` must be a positive integer, got {count!r}.")
-        if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= tokens.numel():
+        if length > tokens.numel():
             raise ValueError(
-                f"calibration `length` must be 2..{tokens.numel()} tokens (the training text), got {length!r}."
+                f"calibration `length`={length} is longer than the training text of {self._source} "
+                f"({tokens.numel():,} tokens): give a `length` of at most {tokens.numel()}, or more text."
+            )
+        if count > tokens.numel() - length + 1:
+            raise ValueError(
+                f"calibration `count`={count} is more than the {tokens.numel() - length + 1:,} distinct windows of "
+                f"`length`={length} in the training text of {self._source} ({tokens.numel():,} tokens): ask for "
+                "fewer or shorter windows, or give more text."
             )
         generator = torch.Generator().manual_seed(seed)
         starts = torch.randint(0, tokens.numel() - length + 1, (count,), generator=generator)

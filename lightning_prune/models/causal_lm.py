@@ -10,6 +10,11 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_prune.data.text import CausalLMDataModule
+from lightning_prune.language import check_windows
+from lightning_prune.running import preserved_state
 
 # The offline default: a small Llama with grouped-query attention (about 1.3M parameters at 2,048 tokens).
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -26,31 +31,119 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 
 def build_causal_lm(pretrained: str | Path | None, config: dict[str, Any] | None, vocabulary: int | None) -> Any:
-    """A model from a local ``from_pretrained`` folder, or built from ``config`` (a dict with ``model_type``)."""
+    """A model from a local ``from_pretrained`` folder, or built from ``config`` (a dict with ``model_type``).
+
+    Raises:
+        ValueError: both or a bad one of ``pretrained`` and ``config``, a model that is not a causal LM, or a
+            ``vocabulary`` larger than the model's embeddings.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if pretrained is not None and config is not None:
+        raise ValueError(
+            f"give `pretrained` or `config`, not both: got `pretrained`={str(pretrained)!r} and a `config` that "
+            "would be ignored. Drop `config` to load the folder, or `pretrained` to build a new model."
+        )
     if pretrained is not None:
-        folder = Path(pretrained)
-        if not (folder / "config.json").is_file():
+        folder = _model_folder(pretrained)
+        source = f"`pretrained` '{folder}'"
+        try:
+            model_config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as error:  # not JSON, an unknown model type: transformers says which
+            raise ValueError(f"{source}: its config.json could not be read. {error}") from error
+        _check_causal_config(model_config, source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, config=model_config)
+        except OSError as error:  # no weights, or broken ones
             raise ValueError(
-                f"`pretrained` '{folder}' is not a folder written by `save_pretrained` (no config.json there)."
-            )
-        model = AutoModelForCausalLM.from_pretrained(folder)
+                f"{source} holds no weights that load: {error} Save the model with `save_pretrained`."
+            ) from error
     else:
         options = dict(DEFAULT_CONFIG if config is None else config)
         if vocabulary is not None:
             options["vocab_size"] = vocabulary
-        model_type = options.pop("model_type", None)
-        if model_type is None:
-            raise ValueError(f"`config` needs a `model_type` (e.g. 'llama', 'qwen2', 'gpt2'); got {sorted(options)}.")
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **options))
-    embeddings = model.get_input_embeddings().weight.shape[0]
+        source = f"`config` with `model_type`={options.get('model_type')!r}"
+        model_config = _built_config(options)
+        _check_causal_config(model_config, source)
+        model = AutoModelForCausalLM.from_config(model_config)
+    _check_vocabulary(model, vocabulary)
+    _check_causal(model, source)
+    return model
+
+
+def _model_folder(pretrained: str | Path) -> Path:
+    folder = Path(pretrained)
+    hint = "Pass the folder `save_pretrained` wrote for the model, or `config` (a dict) to build a new one."
+    if not folder.exists():
+        raise ValueError(f"`pretrained` '{folder}' does not exist. {hint}")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"`pretrained` '{folder}' has no config.json: it is not a model folder. {hint}")
+    return folder
+
+
+def _built_config(options: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    model_type = options.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"`config` needs a `model_type` (e.g. 'llama', 'qwen2', 'gpt2'); got {sorted(options)}.")
+    try:
+        return AutoConfig.for_model(model_type, **options)
+    except ValueError as error:
+        raise ValueError(
+            f"`config` has `model_type`={model_type!r}, which transformers does not know; use a causal LM's, "
+            "e.g. 'llama', 'qwen2' or 'gpt2'."
+        ) from error
+
+
+def _check_causal_config(config: Any, source: str) -> None:
+    """Refuse, before any weights are built, a model type without a causal-LM class, or a folder of a model
+    saved without its language-model head (e.g. ``LlamaModel`` or ``BertForMaskedLM``)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"{source} is a {config.model_type!r} model, which has no causal-LM head in transformers (no "
+            "…ForCausalLM class): a causal language model is needed, e.g. 'llama', 'qwen2' or 'gpt2'."
+        )
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in _names(names)}
+    saved = list(getattr(config, "architectures", None) or [])
+    if saved and not causal.intersection(saved):
+        expected = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "…ForCausalLM")
+        raise ValueError(
+            f"{source} holds a {', '.join(saved)} (config.json `architectures`), which has no causal-LM head: a "
+            f"causal language model is needed. Save the {_names(expected)[0]} model, not its base or another task's."
+        )
+
+
+def _names(names: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else names
+
+
+def _check_causal(model: Any, source: str) -> None:
+    """Refuse a model whose predictions see later tokens: changing the last token must leave the earlier logits."""
+    rows = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(4).remainder(rows)[None].repeat(2, 1)
+    ids[1, -1] = (ids[0, -1] + 1) % rows
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        logits = model(input_ids=ids, use_cache=False).logits
+    if not torch.allclose(logits[0, :-1], logits[1, :-1], atol=1e-5):
+        raise ValueError(
+            f"{source} builds a {type(model).__name__} whose predictions see later tokens: it is not a causal "
+            "language model. For an encoder with a decoder mode (BERT-like), set `is_decoder: true` in its config."
+        )
+
+
+def _check_vocabulary(model: Any, vocabulary: int | None, argument: str = "vocabulary") -> None:
+    """Refuse a tokenizer of ``vocabulary`` tokens that the model's input embeddings do not cover."""
+    embeddings = model.get_input_embeddings().num_embeddings
     if vocabulary is not None and vocabulary > embeddings:
         raise ValueError(
-            f"the tokenizer has {vocabulary} tokens but the model embeds only {embeddings}: they do not belong "
-            "together. Use the tokenizer saved with the model."
+            f"`{argument}`: the tokenizer has {vocabulary} tokens but the model embeds only {embeddings}: they do "
+            "not belong together. Use the tokenizer saved with the model."
         )
-    return model
 
 
 class CausalLM(pl.LightningModule):
@@ -70,8 +163,12 @@ class CausalLM(pl.LightningModule):
         example_tokens: length of ``example_input_array`` (two windows), which the pruning callbacks trace.
 
     Raises:
-        ValueError: a folder without a model, a config without ``model_type``, or a tokenizer larger than the
-            model's embeddings.
+        ValueError: in ``__init__``, a missing folder or one without a model, a config without ``model_type``,
+            both ``pretrained`` and ``config``, a model that is not a causal LM (no ``…ForCausalLM`` class, a
+            folder saved without the head, or attention that sees later tokens), a ``vocabulary`` larger than the
+            model's embeddings, or ``example_tokens`` beyond its positions. In ``setup``, before training, for a
+            :class:`~lightning_prune.data.CausalLMDataModule` whose tokenizer is larger than the embeddings or whose
+            ``window`` is longer than the model's positions (``config.max_position_embeddings``).
     """
 
     def __init__(
@@ -90,7 +187,16 @@ class CausalLM(pl.LightningModule):
         self.save_hyperparameters()
         self.model = build_causal_lm(pretrained, config, vocabulary)
         self.example_input_array = {"input_ids": torch.zeros(2, example_tokens, dtype=torch.long)}
+        check_windows(self.model, self.example_input_array["input_ids"], "example_tokens")
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
+
+    @override
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule
+        if isinstance(data, CausalLMDataModule):  # set up already: Lightning sets up the data first
+            _check_vocabulary(self.model, data.vocabulary, "tokenizer")
+            for split in data.splits.values():
+                check_windows(self.model, split.windows, "window")
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
