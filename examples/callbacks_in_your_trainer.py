@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     pl.seed_everything(args.seed, verbose=False)
     splits = digits_splits(args.seed)
     model = DigitsModule()
-    params_before = lp.count_params(model)
+    image = torch.zeros(1, 1, 8, 8)
+    params_before, macs_before = lp.count_params(model), lp.count_macs(model, image)
 
     # Prune in the middle of the run: two steps at the ends of epochs middle - 1 and middle, then fine-tune.
     middle = args.epochs // 2
@@ -119,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"best checkpoint: {checkpoint.best_model_path}")
     print(f"params before: {params_before:,}")
     print(f"params after: {lp.count_params(reloaded):,}")
-    print(f"MACs per image: {lp.count_macs(DigitsModule(), torch.zeros(1, 1, 8, 8)):,} -> ", end="")
-    print(f"{lp.count_macs(reloaded, torch.zeros(1, 1, 8, 8)):,}")
+    print(f"MACs per image before: {macs_before:,}")
+    print(f"MACs per image after: {lp.count_macs(reloaded, image):,}")
     print(f"test accuracy of the reloaded model: {accuracy(reloaded, splits['test']):.2%}")
 
 

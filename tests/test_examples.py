@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 
@@ -53,6 +54,7 @@ def test_callbacks_in_your_trainer(tmp_path: Path) -> None:
     output = run([*command, "--checkpoints", str(checkpoints)], tmp_path)
     before, after = number("params before", output), number("params after", output)
     assert 0 < after < 0.5 * before  # 50% of the channels: the parameters fall roughly quadratically
+    assert number("MACs per image after", output) < 0.5 * number("MACs per image before", output)
     best = re.search(r"^best checkpoint: (.+)$", output, re.MULTILINE).group(1)
     assert Path(best).parent == checkpoints and Path(best).name.startswith("epoch=3")  # after the last cut
     assert (checkpoints / "last.ckpt").is_file()
@@ -84,8 +86,6 @@ def test_prune_causal_lm_saves_a_model_that_reloads(tmp_path: Path) -> None:
     assert (out / "tokenizer.json").is_file()
 
     # the user's path: their own text files and the saved folder (model and tokenizer) as --pretrained
-    from pydoc_data.topics import topics
-
     documents = [topics[name] for name in sorted(topics)[:40]]
     (tmp_path / "a.txt").write_text("\n".join(documents[:20]))
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents[20:]))
