@@ -2,14 +2,17 @@
 
 Shows: text packed into windows (``lp.CausalLMDataModule``), a causal LM (``lp.CausalLM``), LLM-Pruner's
 vector-wise Taylor importance on 10 calibration windows of 64 tokens removing the same fraction of every
-layer's attention heads and FFN neurons (``lp.llm_pruner``), LoRA adapters trained and merged back
-(``lp.lora_recover``), the perplexity before pruning, after the cut and after recovery (``lp.perplexity``),
-and the pruned model saved with ``save_pretrained`` and reloaded by ``transformers.AutoModelForCausalLM``
-with the same logits.
+layer's key/value heads (with their query heads) and FFN neurons (``lp.llm_pruner``; a fraction of few heads
+rounds down: the default model's 2 key/value heads per layer stay at ``--amount 0.2``), LoRA adapters
+trained and merged back (``lp.lora_recover``), the perplexity before pruning, after the cut and after
+recovery (``lp.perplexity``), and the pruned model saved with ``save_pretrained`` and reloaded by
+``transformers.AutoModelForCausalLM`` with the same logits.
 
 Without ``--pretrained``, the text is CPython's pydoc prose with a BPE tokenizer trained on it offline, and
 the model is ``lp.default_language_model()``: a 1.3M-parameter Llama trained on that text the first time
-(about 15 minutes on 2 CPU cores), then cached.
+(5 to 15 minutes on 2 CPU cores), then cached in ``$LIGHTNING_PRUNE_CACHE`` (``~/.cache/lightning_prune``).
+Its run here: test perplexity 85.80 dense, 92.07 after the cut of 20% of its FFN neurons, 87.81 after LoRA
+(under a minute once the model is cached).
 
     python examples/prune_causal_lm.py                                        # the default model, 20% pruned
     python examples/prune_causal_lm.py --files a.txt b.jsonl --pretrained my-model/ --out pruned/
