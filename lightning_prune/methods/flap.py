@@ -30,6 +30,7 @@ from lightning_prune.cuts import Cut
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import DependencyGraph, Group, build_graph, match_modules
 from lightning_prune.importance import CRITERIA, ScoringContext, aggregate_members
+from lightning_prune.language import check_windows
 from lightning_prune.methods.base import METHODS
 from lightning_prune.methods.llm_pruner import left_whole
 from lightning_prune.record import new_record, parse_record
@@ -146,6 +147,10 @@ def _prepare(
     if not isinstance(calibration, Tensor) or calibration.ndim != 2 or calibration.shape[1] < 2:
         shape = tuple(calibration.shape) if isinstance(calibration, Tensor) else type(calibration).__name__
         raise PruningError(f"`calibration` must be (count, tokens ≥ 2) token ids, got {shape}.")
+    try:
+        check_windows(model, calibration, "calibration")
+    except ValueError as error:
+        raise PruningError(str(error)) from error
     example = {"input_ids": calibration[:1], "use_cache": False}
     return (
         example,

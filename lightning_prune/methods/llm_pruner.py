@@ -33,6 +33,7 @@ from lightning_prune.depth import find_blocks
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import DependencyGraph, Group, match_modules
 from lightning_prune.importance import AGGREGATES, CRITERIA, ScoringContext, aggregate_members
+from lightning_prune.language import check_windows
 from lightning_prune.methods.base import METHODS
 from lightning_prune.running import ExampleInputs
 from lightning_prune.selection import SelectionOptions
@@ -200,6 +201,10 @@ def llm_pruner(
     if not isinstance(calibration, Tensor) or calibration.ndim != 2 or calibration.shape[1] < 2:
         shape = tuple(calibration.shape) if isinstance(calibration, Tensor) else type(calibration).__name__
         raise PruningError(f"`calibration` must be (count, tokens ≥ 2) token ids, got {shape}.")
+    try:
+        check_windows(model, calibration, "calibration")
+    except ValueError as error:
+        raise PruningError(str(error)) from error
     criterion = ParameterTaylor(variant, aggregate)
     left = left_whole(model, first, last, stream, ignore)
     example = {"input_ids": calibration[:1], "use_cache": False}  # cached keys and values would be outputs
