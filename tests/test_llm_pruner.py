@@ -150,6 +150,6 @@ def test_calibration_the_model_cannot_read_is_refused_before_anything_is_cut() -
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
     with pytest.raises(lp.PruningError, match=r"`calibration`: windows of 65 tokens .* 64 positions"):
         lp.llm_pruner(model, windows(2, 65), 0.2)
-    with pytest.raises(lp.PruningError, match="`calibration` holds token id 65, outside the model.s 64 embeddings"):
+    with pytest.raises(lp.PruningError, match=r"`calibration` holds token id 65, outside the model.s 64 embeddings"):
         lp.flap(model, windows(2, 12, vocabulary=65) + 1, 0.2)
     assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == widths
