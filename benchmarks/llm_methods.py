@@ -41,8 +41,9 @@ def blockwise(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if module is model.get_input_embeddings()]
 
 
-def cut(method: str, calibration: torch.Tensor) -> Callable[[Any, float], Any]:
-    """``cut(model, fraction_of_all_params)`` for a table row's method."""
+def cut(method: str, calibration: torch.Tensor, activations: torch.Tensor) -> Callable[[Any, float], Any]:
+    """``cut(model, fraction_of_all_params)`` for a table row's method; ``activations``: the calibration windows of
+    the activation methods (Wanda-sp, FLAP), ``calibration`` those of LLM-Pruner."""
     example = {"input_ids": calibration[:1], "use_cache": False}
     if method in ("random", "l1"):
         return lambda model, amount: lp.prune(
@@ -52,9 +53,9 @@ def cut(method: str, calibration: torch.Tensor) -> Callable[[Any, float], Any]:
         variant = method.removeprefix("llm_pruner_").removesuffix("_ft")
         return lambda model, amount: lp.llm_pruner(model, calibration, amount, variant=variant, target="params")
     if method == "wanda_sp":
-        return lambda model, amount: lp.wanda_sp(model, calibration, amount, target="params")
+        return lambda model, amount: lp.wanda_sp(model, activations, amount, target="params")
     compensate = method == "flap"
-    return lambda model, amount: lp.flap(model, calibration, amount, target="params", compensate=compensate)
+    return lambda model, amount: lp.flap(model, activations, amount, target="params", compensate=compensate)
 
 
 METHODS = [
@@ -79,6 +80,11 @@ def main() -> None:
     parser.add_argument("--amounts", type=float, nargs="+", default=[0.2, 0.5], help="of the decoder's parameters")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--calibration", type=int, nargs=2, default=[10, 64], help="windows and tokens (LLM-Pruner)")
+    parser.add_argument(
+        "--activation-calibration", type=int, nargs=2, default=[128, 128],
+        help="windows and tokens of Wanda-sp and FLAP (FLAP's paper: 1024 × 128; its mean needs many tokens)",
+    )  # fmt: skip
+    parser.add_argument("--speed-batch", type=int, default=16, help="prompts generated side by side when timing")
     parser.add_argument("--recovery-tokens", type=int, default=None, help="default: 5%% of the dense training tokens")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -91,27 +97,34 @@ def main() -> None:
     test = data.splits["test"].windows
     dense = AutoModelForCausalLM.from_pretrained(folder).eval()
     calibration = data.calibration(*args.calibration, seed=0)
+    activations = data.calibration(*args.activation_calibration, seed=0)
     dense_tokens = summary["steps"] * summary["batch_size"] * summary["window"]
     budget = args.recovery_tokens or dense_tokens // 20
     windows = data.splits["train"].windows
     recovery = list(windows[: max(1, budget // windows.shape[1])].split(8))
-    prompt = test[:1, :16]
+    prompt = test[: args.speed_batch, :16]
     dense_ppl = lp.perplexity(dense, test)
     total, decoder = lp.count_params(dense), decoder_params(dense)
     print(f"dense: {total:,} parameters ({decoder:,} in the decoder blocks), test ppl {dense_ppl:.2f}; trained "
           f"{summary['epochs']} epochs / {summary['seconds']:.0f} s; recovery budget {budget:,} tokens "
-          f"({budget / dense_tokens:.1%} of the dense training tokens); {args.threads} threads\n")  # fmt: skip
+          f"({budget / dense_tokens:.1%} of the dense training tokens); calibration {args.calibration[0]} × "
+          f"{args.calibration[1]} tokens (LLM-Pruner), {args.activation_calibration[0]} × "
+          f"{args.activation_calibration[1]} (Wanda-sp, FLAP); generation speed at batch {args.speed_batch}, "
+          f"{args.threads} threads\n")  # fmt: skip
     print(
         "| removed (decoder) | method | params (all) | decoder params | ppl after cut | ppl after recovery "
         "| tokens/s vs dense | time to prune |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| 0% | dense | {total:,} | {decoder:,} | {dense_ppl:.2f} | – | 1.00× | – |")
+    tuned = copy.deepcopy(dense)  # what the recovery budget alone does: the dense model is not fully converged
+    lp.lora_recover(tuned, recovery, causal_lm_loss, lr=1e-3, epochs=1)
+    print(f"| 0% | dense (+ LoRA on the same budget) | {total:,} | {decoder:,} | {dense_ppl:.2f} "
+          f"| {lp.perplexity(tuned, test):.2f} | 1.00× | – |")  # fmt: skip
     for amount in args.amounts:
         for method in args.methods:
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            cut(method, calibration)(model, amount * decoder / total)
+            cut(method, calibration, activations)(model, amount * decoder / total)
             seconds = time.perf_counter() - start
             after_cut = lp.perplexity(model, test)
             recover = lp.finetune if method.endswith("_ft") else lp.lora_recover

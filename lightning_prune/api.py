@@ -202,6 +202,12 @@ def prune(
     """
     budget = Budget(amount, target)
     selection = SelectionOptions(scope, round_to, max_fraction, normalize)
+    if target == "channels" and amount > max_fraction:
+        raise PruningError(
+            f"`amount`={amount} of the channels cannot be removed: every group (a layer's heads, its FFN neurons ...) "
+            f"keeps at least 1 - `max_fraction` = {1 - max_fraction:.0%} of its elements, so at most {max_fraction} "
+            "can go. Lower `amount`, or raise `max_fraction` (at most 1: a layer may then lose all of them)."
+        )
     criterion = get_criterion(importance, aggregate=aggregate, seed=seed)
     needs_loss = getattr(criterion, "needs_loss", True)  # activation statistics need batches only
     if needs_gradients(criterion) and statistics is None and (batches is None or (loss_fn is None and needs_loss)):

@@ -53,7 +53,7 @@ def test_tied_scores_remove_exactly_what_was_asked(target: str) -> None:
 def test_round_to_and_max_fraction_bound_every_layer() -> None:
     torch.manual_seed(0)
     model = ResidualNet()
-    lp.prune(model, small_input(), 0.6, round_to=4, max_fraction=0.5)
+    lp.prune(model, small_input(), 0.5, round_to=4, max_fraction=0.5)  # global: some layers want more than half
     for name, width in widths(model).items():
         assert width % 4 == 0, name
     assert widths(model)["block1.0"] >= 6 and widths(model)["block2.0"] >= 10

@@ -153,3 +153,14 @@ def test_calibration_the_model_cannot_read_is_refused_before_anything_is_cut() -
     with pytest.raises(lp.PruningError, match=r"`calibration` holds token id 65, outside the model.s 64 embeddings"):
         lp.flap(model, windows(2, 12, vocabulary=65) + 1, 0.2)
     assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == widths
+
+
+def test_an_amount_beyond_what_every_layer_must_keep_is_refused_and_nothing_is_cut() -> None:
+    model = llama(layers=2)
+    with pytest.raises(lp.PruningError, match=r"`amount`=0.95 .* keeps at least 1 - `max_fraction` = 10%"):
+        lp.llm_pruner(model, windows(2), 0.95)
+    assert {layer.mlp.down_proj.in_features for layer in model.model.layers} == {48}
+    lp.llm_pruner(model, windows(2), 0.9)  # the most max_fraction allows: every layer keeps a head group and neurons
+    assert all(
+        layer.mlp.down_proj.in_features >= 4 and layer.self_attn.q_proj.out_features > 0 for layer in model.model.layers
+    )
