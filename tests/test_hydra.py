@@ -249,6 +249,28 @@ def test_language_model_run_saves_a_model_that_reloads_to_the_reported_perplexit
     assert results["final"]["perplexity"] != results["dense"]["perplexity"]
 
 
+def test_language_model_sweep_over_methods_and_amounts_reports_perplexity(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    command = [*CLI, "-m", "model=causal_lm", "data=text", "experiment=llm_pruner,wanda_sp", "callbacks.pruning.amount=0.25,0.5", "debug=smoke",
+               *TINY_LM, *FAST, f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    done = run(command, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [read_results(sweep / str(job)) for job in range(4)]
+    params = {tuple(r["overrides"][2:4]): r["final"]["params"] for r in runs}
+    for method in ("llm_pruner", "wanda_sp"):
+        assert (
+            params[(f"experiment={method}", "callbacks.pruning.amount=0.5")]
+            < params[(f"experiment={method}", "callbacks.pruning.amount=0.25")]
+        )
+    report = run([str(Path(sys.executable).parent / "lightning-prune-report"), str(sweep)], tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = report_rows((sweep / "report.md").read_text())
+    assert "dense perplexity" in (sweep / "report.md").read_text()
+    for row, results in zip(rows, runs, strict=True):
+        assert row[2:4] == [f"{results['dense']['perplexity']:.2f}", f"{results['final']['perplexity']:.2f}"]
+        assert row[5] == f"{results['final']['params']:,}"
+
+
 def report_rows(markdown: str) -> list[list[str]]:
     rows = [line.strip("|").split(" | ") for line in markdown.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in row] for row in rows[1:]]
