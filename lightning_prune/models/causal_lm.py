@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
@@ -161,6 +162,8 @@ class CausalLM(pl.LightningModule):
         lr, weight_decay, betas: AdamW.
         warmup_steps: linear warm-up, then cosine decay to ``min_lr_ratio · lr`` at the end of training.
         example_tokens: length of ``example_input_array`` (two windows), which the pruning callbacks trace.
+        sample_tokens: after each validation, log a greedy continuation of this many tokens of the first
+            validation window's first 8 (0: none).
 
     Raises:
         ValueError: in ``__init__``, a missing folder or one without a model, a config without ``model_type``,
@@ -182,11 +185,13 @@ class CausalLM(pl.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         example_tokens: int = 32,
+        sample_tokens: int = 24,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_causal_lm(pretrained, config, vocabulary)
         self.example_input_array = {"input_ids": torch.zeros(2, example_tokens, dtype=torch.long)}
+        self._prompt: Tensor | None = None
         check_windows(self.model, self.example_input_array["input_ids"], "example_tokens")
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
 
@@ -213,11 +218,29 @@ class CausalLM(pl.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         ids = batch["input_ids"]
         self.val_nll.update(self._loss(batch), weight=ids.shape[0] * (ids.shape[1] - 1))
+        if batch_idx == 0:
+            self._prompt = ids[:1, :8]
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_nll.compute()
         self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True)
         self.val_nll.reset()
+        if self.hparams.sample_tokens and self._prompt is not None and not self.trainer.sanity_checking:
+            rank_zero_info(f"epoch {self.current_epoch} sample: {self.sample(self._prompt)}")
+
+    def sample(self, prompt: Tensor) -> str:
+        """Greedy continuation of ``prompt`` (``sample_tokens`` tokens), decoded with the data module's tokenizer
+        when there is one (token ids otherwise): what the model has learnt, in a line of the log."""
+        with torch.no_grad():
+            ids = self.model.generate(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=self.hparams.sample_tokens,
+                do_sample=False, use_cache=True,
+            )[0]  # fmt: skip
+        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is None:
+            return str(ids.tolist())
+        head, tail = tokenizer.decode(ids[: prompt.shape[1]]), tokenizer.decode(ids[prompt.shape[1] :])
+        return f"{head!r} -> {tail!r}"
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         ids = batch["input_ids"]
