@@ -15,7 +15,7 @@ from lightning_prune.graph.module_rules import register_module_rule
 from lightning_prune.importance import ScoringContext, get_criterion, register_criterion, score
 from lightning_prune.integrations import load_integrations
 from lightning_prune.language import generation_speed, perplexity
-from lightning_prune.measure import count_macs, count_params, latency
+from lightning_prune.measure import compare_latency, count_macs, count_params, latency
 from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
 from lightning_prune.methods.recovery import finetune, lora_recover
@@ -93,6 +93,7 @@ __all__ = [
     "apply_cuts",
     "build_graph",
     "check_record",
+    "compare_latency",
     "count_macs",
     "count_params",
     "default_language_model",
