@@ -250,9 +250,9 @@ def summary(results: dict[str, Any], paths: list[tuple[str, Any]]) -> str:
         ratio = f"{results['latency_ratio']:.2f}x faster" if results["latency_resolved"] else "within noise"
         rows.append((f"latency (forward of {results['latency_batch']} images; IQR)", _milliseconds(dense),
                      _milliseconds(final), ratio))  # fmt: skip
-    width = max(len(row[0]) for row in rows)
-    lines = [f"{'':{width}}  {'dense':>14}  {'final':>14}  change"]
-    lines += [f"{name:{width}}  {before:>14}  {after:>14}  {change}" for name, before, after, change in rows]
+    width, cell = max(len(row[0]) for row in rows), max(14, *(len(value) for row in rows for value in row[1:3]))
+    lines = [f"{'':{width}}  {'dense':>{cell}}  {'final':>{cell}}  change"]
+    lines += [f"{name:{width}}  {before:>{cell}}  {after:>{cell}}  {change}" for name, before, after, change in rows]
     lines += [f"{name}: {where}" for name, where in paths if where]
     return "\n".join(lines)
 
