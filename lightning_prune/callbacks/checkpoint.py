@@ -54,7 +54,7 @@ def restore_pruned(module: nn.Module, checkpoint: Mapping[str, Any], where: str 
     The module is one freshly built from the checkpoint's hyper-parameters, or one already part of the way
     there: only the steps it lacks are applied, so calling this twice cuts once. A checkpoint without a record
     (written without pruning) leaves the module as it is. :class:`PrunableModule` calls it in
-    ``on_load_checkpoint``; a module that overrides that hook without calling ``super()`` calls it there itself.
+    ``on_load_checkpoint``; call it yourself to load a checkpoint by hand, as below.
 
     Raises:
         RecordError: naming ``where``, if the module was pruned differently or the record does not fit;
