@@ -15,7 +15,7 @@ from lightning_prune.graph.module_rules import register_module_rule
 from lightning_prune.importance import ScoringContext, get_criterion, register_criterion, score
 from lightning_prune.integrations import load_integrations
 from lightning_prune.language import generation_speed, perplexity
-from lightning_prune.measure import count_macs, count_params, latency
+from lightning_prune.measure import compare_latency, count_macs, count_params, latency
 from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
 from lightning_prune.methods.recovery import finetune, lora_recover
@@ -36,9 +36,11 @@ load_integrations()  # each layer family registers its rules and fixups; third-p
 _LAZY = {
     "AtomicCheckpointIO": "lightning_prune.callbacks",
     "NetworkSlimming": "lightning_prune.callbacks",
+    "PrunableModule": "lightning_prune.callbacks",
     "StructuredPruning": "lightning_prune.callbacks",
     "load_from_checkpoint": "lightning_prune.callbacks",
     "applied_record": "lightning_prune.callbacks",
+    "restore_pruned": "lightning_prune.callbacks",
     "default_language_model": "lightning_prune.models",
     "CausalLM": "lightning_prune.models",
     "CausalLMDataModule": "lightning_prune.data",
@@ -73,6 +75,7 @@ __all__ = [
     "LayerPruningResult",
     "NetworkSlimming",
     "Plan",
+    "PrunableModule",
     "PruningError",
     "PruningResult",
     "RecordError",
@@ -90,6 +93,7 @@ __all__ = [
     "apply_cuts",
     "build_graph",
     "check_record",
+    "compare_latency",
     "count_macs",
     "count_params",
     "default_language_model",
@@ -112,6 +116,7 @@ __all__ = [
     "register_layer",
     "register_module_rule",
     "restore",
+    "restore_pruned",
     "save_pretrained",
     "score",
     "select",

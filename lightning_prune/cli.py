@@ -39,7 +39,7 @@ from torch import nn
 from lightning_prune.callbacks import StructuredPruning
 from lightning_prune.callbacks.snapshot import KeepDense
 from lightning_prune.data import SplitDataModule
-from lightning_prune.measure import count_macs, count_params, latency
+from lightning_prune.measure import compare_latency, count_macs, count_params
 from lightning_prune.report import RESULTS
 
 MEASURED = ("params", "macs", "latency", "perplexity", "tokens_per_second")  # besides the test metrics
@@ -185,13 +185,27 @@ def widths(model: nn.Module) -> dict[str, int]:
     return found
 
 
-def measure(model: pl.LightningModule, tested: dict[str, float], images: torch.Tensor, cfg: DictConfig) -> dict:
-    """Test metrics, parameters, MACs per image and seconds per forward of ``images``, on the CPU."""
-    model = model.cpu().eval()
+def measure(
+    models: tuple[pl.LightningModule, pl.LightningModule],
+    tested: tuple[dict, dict],
+    images: torch.Tensor,
+    cfg: DictConfig,
+) -> tuple[dict, dict, dict]:
+    """Test metrics, parameters, MACs per image and seconds per forward of ``images`` of the dense and the final
+    model, on the CPU; the two are timed in turns (median and interquartile range), and their latency ratio is
+    ``latency_resolved`` when the ranges are apart."""
     timing = cfg.get("measure") or {}
-    seconds = latency(model, images, threads=timing.get("threads"), min_run_time=timing.get("min_run_time", 1.0))
-    measured = (count_params(model), count_macs(model, images[:1]), seconds)
-    return {**tested, **dict(zip(("params", "macs", "latency"), measured, strict=True))}
+    dense, final = (model.cpu().eval() for model in models)
+    spreads = compare_latency(
+        dense, final, images, threads=timing.get("threads"), min_run_time=timing.get("min_run_time", 1.0)
+    )
+    entries = [
+        {**metrics, "params": count_params(model), "macs": count_macs(model, images[:1]), "latency": spread.median,
+         "latency_low": spread.low, "latency_high": spread.high}
+        for model, metrics, spread in zip((dense, final), tested, (spreads.dense, spreads.pruned), strict=True)
+    ]  # fmt: skip
+    ratio = {"latency_ratio": spreads.ratio, "latency_resolved": spreads.resolved, "latency_threads": spreads.threads}
+    return entries[0], entries[1], ratio
 
 
 def measure_language(model: pl.LightningModule, tested: dict[str, float], data: Any, cfg: DictConfig) -> dict:
@@ -233,18 +247,22 @@ def summary(results: dict[str, Any], paths: list[tuple[str, Any]]) -> str:
         metric = next((k for k in final if k.startswith("test/")), None)
         if metric is not None:
             rows.insert(0, (metric, f"{dense[metric]:.4g}", f"{final[metric]:.4g}", ""))
-        ratio = f"{results['latency_ratio']:.2f}x (medians, one process)"
-        rows.append((f"latency ({results['units']['latency']})", f"{dense['latency'] * 1e3:.2f} ms",
-                     f"{final['latency'] * 1e3:.2f} ms", ratio))  # fmt: skip
-    width = max(len(row[0]) for row in rows)
-    lines = [f"{'':{width}}  {'dense':>14}  {'final':>14}  change"]
-    lines += [f"{name:{width}}  {before:>14}  {after:>14}  {change}" for name, before, after, change in rows]
+        ratio = f"{results['latency_ratio']:.2f}x faster" if results["latency_resolved"] else "within noise"
+        rows.append((f"latency (forward of {results['latency_batch']} images; IQR)", _milliseconds(dense),
+                     _milliseconds(final), ratio))  # fmt: skip
+    width, cell = max(len(row[0]) for row in rows), max(14, *(len(value) for row in rows for value in row[1:3]))
+    lines = [f"{'':{width}}  {'dense':>{cell}}  {'final':>{cell}}  change"]
+    lines += [f"{name:{width}}  {before:>{cell}}  {after:>{cell}}  {change}" for name, before, after, change in rows]
     lines += [f"{name}: {where}" for name, where in paths if where]
     return "\n".join(lines)
 
 
 def _spread(entry: dict[str, float]) -> str:
     return f"{entry['tokens_per_second']:.0f} [{entry['low']:.0f}-{entry['high']:.0f}]"
+
+
+def _milliseconds(entry: dict[str, float]) -> str:
+    return f"{entry['latency'] * 1e3:.2f} ms [{entry['latency_low'] * 1e3:.2f}-{entry['latency_high'] * 1e3:.2f}]"
 
 
 def checkpoint_paths(trainer: pl.Trainer) -> list[tuple[str, Any]]:
@@ -343,14 +361,18 @@ def train(cfg: DictConfig) -> float | list[float] | None:
             results["model"] = {"path": str(folder / "model"), "stock_from_pretrained": stock}
     else:
         images = next(iter(data.test_dataloader()))[0]
-        before, after = measure(dense, dense_test, images, cfg), measure(model, final_test, images, cfg)
+        before, after, ratio = measure((dense, model), (dense_test, final_test), images, cfg)
         dense_widths, final_widths = widths(dense), widths(model)
         results = {
             "overrides": overrides(),
             "dense": before,
             "final": after,
-            "units": {"macs": "per sample: one image", "latency": f"seconds per forward of {len(images)} images"},
-            "latency_ratio": before["latency"] / after["latency"],
+            "units": {
+                "macs": "per sample: one image",
+                "latency": f"seconds per forward of {len(images)} images, "
+                "median of repeats timed in turns (low/high: interquartile range)",
+            },
+            **ratio,
             "latency_batch": len(images),
             "widths": {name: [width, final_widths[name]] for name, width in dense_widths.items()},
         }

@@ -1,14 +1,18 @@
 """Parameters, MACs and latency, measured with torch's own tools.
 
 MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2); latency from
-``torch.utils.benchmark.Timer.blocked_autorange``. Models are measured in eval mode and left as
-they were.
+``torch.utils.benchmark.Timer``: one model's median (:func:`latency`), or two models timed in turns with
+their spread (:func:`compare_latency`), so that a ratio is told only when the machine's noise allows it.
+Models are measured in eval mode and left as they were.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,15 +48,97 @@ def latency(
     model: nn.Module, example_inputs: ExampleInputs, *, threads: int | None = None, min_run_time: float = 1.0
 ) -> float:
     """Median seconds per eval-mode forward on ``example_inputs`` (``torch.utils.benchmark``)."""
-    benchmark = _import_benchmark()
     with preserved_state(model), torch.inference_mode():
         model.eval()
-        timer = benchmark.Timer(
-            stmt="run_model(model, inputs)",
-            globals={"run_model": run_model, "model": model, "inputs": example_inputs},
-            num_threads=threads or torch.get_num_threads(),
-        )
+        timer = _timer(model, example_inputs, threads or torch.get_num_threads())
         return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def _timer(model: nn.Module, example_inputs: ExampleInputs, threads: int) -> Any:
+    """A ``torch.utils.benchmark.Timer`` of one forward of ``model`` on ``threads`` threads."""
+    return _import_benchmark().Timer(
+        stmt="run_model(model, inputs)",
+        globals={"run_model": run_model, "model": model, "inputs": example_inputs},
+        num_threads=threads,
+    )
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Seconds per forward: the median and the interquartile range (``low``, ``high``) of the timed samples."""
+
+    median: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Two models timed in turns in one process: each one's :class:`Spread`, and the threads they ran on.
+
+    ``ratio`` is the dense model's median over the pruned one's (above 1: the pruned model is faster);
+    ``resolved`` says whether their interquartile ranges are apart, i.e. whether the ratio stands out of
+    the noise.
+    """
+
+    dense: Spread
+    pruned: Spread
+    threads: int
+
+    @property
+    def ratio(self) -> float:
+        return self.dense.median / self.pruned.median
+
+    @property
+    def resolved(self) -> bool:
+        return self.dense.low > self.pruned.high or self.dense.high < self.pruned.low
+
+
+def compare_latency(
+    dense: nn.Module,
+    pruned: nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    repeats: int = 10,
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+) -> LatencyComparison:
+    """Seconds per eval-mode forward of two models on ``example_inputs``, timed in turns in one process.
+
+    After a warm-up, each of ``repeats`` rounds times both models (alternating which goes first) for about
+    ``min_run_time / repeats`` seconds each, so that drift of the machine's speed (other processes, clocks)
+    falls on both alike; the samples' median and interquartile range are kept per model.
+
+    Raises:
+        ValueError: ``repeats`` below 3 (no interquartile range to speak of) or ``min_run_time`` not positive.
+
+    Example::
+
+        timing = compare_latency(dense, pruned, images)
+        print(f"{timing.ratio:.2f}x" if timing.resolved else "within noise")
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 3:
+        raise ValueError(f"`repeats` must be an integer of at least 3, got {repeats!r}.")
+    if not min_run_time > 0:
+        raise ValueError(f"`min_run_time` must be a positive number of seconds, got {min_run_time!r}.")
+    threads = threads or torch.get_num_threads()
+    with preserved_state(dense), preserved_state(pruned), torch.inference_mode():
+        timers = []
+        for model in (dense, pruned):
+            model.eval()
+            timer = _timer(model, example_inputs, threads)
+            once = min(timer.timeit(1).median for _ in range(3))  # the first run also warms up
+            timers.append((timer, max(1, round(min_run_time / repeats / max(once, 1e-9)))))
+        samples: tuple[list[float], list[float]] = ([], [])
+        for turn in range(repeats):
+            for index in (0, 1) if turn % 2 == 0 else (1, 0):
+                timer, number = timers[index]
+                samples[index].append(timer.timeit(number).median)
+    spreads = []
+    for values in samples:
+        low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+        spreads.append(Spread(median, low, high))
+    return LatencyComparison(*spreads, threads)
 
 
 def _import_benchmark() -> ModuleType:

@@ -3,7 +3,9 @@
 A pruned ``LightningModule`` carries the record of what was cut from it (``applied_record``); every
 checkpoint stores it under ``checkpoint["lightning_prune"]["record"]`` as plain data. Before weights
 load into a module (resume, inference), the record is replayed on the freshly built dense module so
-that the shapes match. Checkpoints are read with ``weights_only=True``: nothing in them runs code.
+that the shapes match (:func:`restore_pruned`): in Lightning's own ``MyModule.load_from_checkpoint`` for a
+:class:`PrunableModule`, in :func:`load_from_checkpoint` for any module. Checkpoints are read with
+``weights_only=True``: nothing in them runs code.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lightning_prune.errors import RecordError
 from lightning_prune.record import add_recorded_biases, check_record, merge_records, new_record, parse_record
@@ -45,12 +48,24 @@ def record_in(checkpoint: Mapping[str, Any], where: str) -> dict[str, Any]:
     return dict(entry["record"])
 
 
-def catch_up(module: nn.Module, checkpoint: Mapping[str, Any], where: str) -> None:
-    """Cut ``module`` to the architecture recorded in ``checkpoint`` (it may already be part of the way there).
+def restore_pruned(module: nn.Module, checkpoint: Mapping[str, Any], where: str = "checkpoint") -> None:
+    """Cut ``module`` to the architecture recorded in ``checkpoint`` (a loaded checkpoint dict) before weights load.
+
+    The module is one freshly built from the checkpoint's hyper-parameters, or one already part of the way
+    there: only the steps it lacks are applied, so calling this twice cuts once. A checkpoint without a record
+    (written without pruning) leaves the module as it is. :class:`PrunableModule` calls it in
+    ``on_load_checkpoint``; call it yourself to load a checkpoint by hand, as below.
 
     Raises:
         RecordError: naming ``where``, if the module was pruned differently or the record does not fit;
             the module is unchanged.
+
+    Example::
+
+        checkpoint = torch.load("last.ckpt", weights_only=True)
+        model = MyModule(**checkpoint["hyper_parameters"])
+        restore_pruned(model, checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
     """
     target = record_in(checkpoint, where)
     wanted, done = parse_record(target, where), parse_record(applied_record(module))
@@ -92,25 +107,52 @@ def unreadable(path: str | Path, error: Exception) -> RecordError:
 def load_from_checkpoint(
     module_class: type[Module], checkpoint_path: str | Path, map_location: Any = "cpu", **kwargs: Any
 ) -> Module:
-    """Build ``module_class`` from a checkpoint written by a run with pruning, in its pruned shape.
+    """Build ``module_class`` (a ``LightningModule`` class) from a checkpoint written by a run with pruning,
+    in its pruned shape.
 
     The module is built from the checkpoint's hyper-parameters (``kwargs`` override them, as in
     ``LightningModule.load_from_checkpoint``), cut to the recorded architecture, then the weights
-    load. Everything is read with ``weights_only=True``.
+    load. Everything is read with ``weights_only=True``. Any ``LightningModule`` works; a
+    :class:`PrunableModule` also loads with its own ``module_class.load_from_checkpoint(checkpoint_path)``.
 
     Example::
 
-        model = lightning_prune.load_from_checkpoint(DigitsCNN, "last.ckpt").eval()
+        from lightning_prune.models import ImageClassifier
+
+        model = lightning_prune.load_from_checkpoint(ImageClassifier, "last.ckpt").eval()
     """
     where = f"checkpoint '{checkpoint_path}'"
     record = record_in(read_checkpoint(checkpoint_path), where)
 
     class Restoring(module_class):  # type: ignore[valid-type,misc]
         def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-            catch_up(self, {CHECKPOINT_KEY: {"record": record}}, where)
+            restore_pruned(self, {CHECKPOINT_KEY: {"record": record}}, where)
             super().on_load_checkpoint(checkpoint)
 
     Restoring.__name__ = Restoring.__qualname__ = module_class.__name__
     model = Restoring.load_from_checkpoint(checkpoint_path, map_location=map_location, weights_only=True, **kwargs)
     model.__class__ = module_class
     return model
+
+
+class PrunableModule(pl.LightningModule):
+    """A ``LightningModule`` whose own ``load_from_checkpoint`` loads checkpoints of pruned runs.
+
+    Lightning builds the module from the checkpoint's hyper-parameters, dense, then calls
+    ``on_load_checkpoint`` before it loads the weights; this class cuts the module there to the architecture
+    recorded in the checkpoint (:func:`restore_pruned`), so that the pruned weights fit. Derive from it instead
+    of ``LightningModule``; a subclass that overrides ``on_load_checkpoint`` calls ``super().on_load_checkpoint``.
+    Resuming with ``trainer.fit(model, ckpt_path=...)`` cuts once, as without it.
+
+    Example::
+
+        class MyModule(lightning_prune.PrunableModule):
+            ...
+
+        model = MyModule.load_from_checkpoint("last.ckpt").eval()
+    """
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_pruned(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)

@@ -24,10 +24,11 @@ from lightning_prune.budget import DenseSize
 from lightning_prune.callbacks.calibration import StepStatistics
 from lightning_prune.callbacks.checkpoint import (
     CHECKPOINT_KEY,
+    PrunableModule,
     add_to_applied,
     applied_record,
-    catch_up,
     read_checkpoint,
+    restore_pruned,
 )
 from lightning_prune.callbacks.distributed import check_same_cut, check_strategy, rewrap_distributed
 from lightning_prune.callbacks.io import AtomicCheckpointIO
@@ -73,8 +74,10 @@ class StructuredPruning(Callback):
 
     Checkpoints hold the record of the cuts, so ``trainer.fit(model, ckpt_path=...)`` from any
     checkpoint (before, between or after pruning steps) rebuilds the pruned architecture before the
-    weights load and continues the schedule without repeating or skipping a step, and
-    :func:`lightning_prune.load_from_checkpoint` gives the pruned module for inference. When the trainer
+    weights load and continues the schedule without repeating or skipping a step. For inference,
+    ``MyModule.load_from_checkpoint(path)`` gives the pruned module when ``MyModule`` derives from
+    :class:`lightning_prune.PrunableModule`, and :func:`lightning_prune.load_from_checkpoint` does for any
+    ``LightningModule``. When the trainer
     writes checkpoints with Lightning's default ``TorchCheckpointIO``, it is replaced at setup by
     :class:`~lightning_prune.callbacks.AtomicCheckpointIO` (same files, written atomically), so that a job
     killed at any moment, even while saving, resumes from a complete checkpoint.
@@ -126,7 +129,9 @@ class StructuredPruning(Callback):
             BatchNorm, or an unsupported strategy.
 
     Warns:
-        UserWarning: at construction, when every amount of the schedule is 0 (nothing would be pruned).
+        UserWarning: at construction, when every amount of the schedule is 0 (nothing would be pruned); in
+            ``setup``, when the trainer writes checkpoints of a module that is not a
+            :class:`~lightning_prune.PrunableModule` (its own ``load_from_checkpoint`` would fail on them).
 
     Example::
 
@@ -238,6 +243,14 @@ class StructuredPruning(Callback):
         )
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.checkpoint_callbacks and not isinstance(pl_module, PrunableModule):
+            name = type(pl_module).__name__
+            rank_zero_warn(
+                f"`{name}.load_from_checkpoint(path)` will fail on this run's pruned checkpoints (a size mismatch): "
+                f"{name} is not a `lightning_prune.PrunableModule`. Derive {name} from "
+                f"`lightning_prune.PrunableModule` instead of `LightningModule`, or load with "
+                f"`lightning_prune.load_from_checkpoint({name}, path)`."
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -250,7 +263,7 @@ class StructuredPruning(Callback):
         if prefix or trainer is None or not trainer.ckpt_path:
             return
         path = trainer.ckpt_path
-        catch_up(module, read_checkpoint(path, trainer), f"checkpoint '{path}'")
+        restore_pruned(module, read_checkpoint(path, trainer), f"checkpoint '{path}'")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

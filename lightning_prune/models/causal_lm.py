@@ -6,13 +6,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_prune.callbacks.checkpoint import PrunableModule
 from lightning_prune.data.text import CausalLMDataModule
 from lightning_prune.language import check_windows
 from lightning_prune.running import preserved_state
@@ -147,7 +147,7 @@ def _check_vocabulary(model: Any, vocabulary: int | None, argument: str = "vocab
         )
 
 
-class CausalLM(pl.LightningModule):
+class CausalLM(PrunableModule):
     """Next-token training of a Hugging Face causal LM: AdamW with linear warm-up and cosine decay.
 
     Logs ``train/loss`` every step, and ``val/loss``, ``val/ppl`` (token-weighted) per validation; the

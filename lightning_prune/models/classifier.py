@@ -5,19 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_prune.callbacks.checkpoint import PrunableModule
 from lightning_prune.models.nets import build_network
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "multistep", "none")
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(PrunableModule):
     """Cross-entropy classification with accuracy metrics, SGD/AdamW and cosine or step LR schedules.
 
     Args:
