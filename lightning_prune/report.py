@@ -47,7 +47,8 @@ def is_fraction(metric: str) -> bool:
 
 def _speed(run: dict[str, Any]) -> str:
     if "latency_ratio" in run:
-        return f"{run['latency_ratio']:.2f}x faster"
+        told = run.get("latency_resolved", True)  # results of 0.1 runs have no spread
+        return f"{run['latency_ratio']:.2f}x faster" if told else f"within noise ({run['latency_ratio']:.2f}x)"
     if "speed_ratio" in run:
         verdict = "" if run.get("speed_resolved") else " (within noise)"
         return f"{run['speed_ratio']:.2f}x tokens/s{verdict}"

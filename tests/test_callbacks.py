@@ -154,7 +154,12 @@ def test_optimizer_state_survives_each_step(tmp_path) -> None:
 # --- checkpoints and resume ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kill_at", "criterion"),
-    [(2, ()), (4, ()), (3, ("--importance", "taylor"))],
+    [
+        # test_faults kills between the steps too and resumes to the uninterrupted result: this one is slow
+        pytest.param(2, (), marks=pytest.mark.slow),
+        (4, ()),
+        (3, ("--importance", "taylor")),
+    ],
     ids=["between_steps", "after_last_step", "taylor_between_steps"],
 )
 def test_sigkill_and_resume_equals_an_uninterrupted_run(

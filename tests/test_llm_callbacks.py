@@ -22,10 +22,10 @@ def loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader([{"input_ids": w} for w in windows(8, 12)], batch_size=2)
 
 
-def trainer(epochs: int, callbacks: list, **options) -> pl.Trainer:
+def trainer(epochs: int, callbacks: list, root=None, **options) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=callbacks, **options,
+        callbacks=callbacks, default_root_dir=root, **options,
     )  # fmt: skip
 
 
@@ -71,7 +71,7 @@ def test_an_epoch_start_cut_resumes_from_its_checkpoint_without_cutting_again(tm
     pl.seed_everything(0, verbose=False)
     fresh = lp.CausalLM(config=CONFIG, vocabulary=64, warmup_steps=1)
     resumed = StructuredPruning(0.5, "taylor_vectorwise", structure="llm_pruner", **options)
-    trainer(2, [resumed]).fit(fresh, loader(), ckpt_path=tmp_path / "last.ckpt")
+    trainer(2, [resumed], tmp_path / "resumed").fit(fresh, loader(), ckpt_path=tmp_path / "last.ckpt")
     assert widths(fresh) == pruned and list(resumed.done) == [0]
 
 
@@ -103,7 +103,7 @@ def test_a_flap_checkpoint_with_added_biases_loads_into_a_module_built_from_its_
         assert torch.allclose(reloaded(ids), module.eval()(ids), atol=1e-6)
     pl.seed_everything(0, verbose=False)
     fresh = lp.CausalLM(config=CONFIG, vocabulary=64, warmup_steps=1)
-    trainer(2, [StructuredPruning(0.4, "flap", structure="flap", **options)]).fit(
+    trainer(2, [StructuredPruning(0.4, "flap", structure="flap", **options)], tmp_path / "resumed").fit(
         fresh, loader(), ckpt_path=tmp_path / "last.ckpt"
     )  # the biases are there before the optimizer is built: they train on
     assert fresh.model.model.layers[0].self_attn.o_proj.bias.grad is not None
