@@ -260,8 +260,8 @@ def test_language_model_run_saves_a_model_that_reloads_to_the_reported_perplexit
 def test_language_model_sweep_over_methods_and_amounts_reports_perplexity(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     # model= and data= on the command line too: a sweep checks its overrides against the default config first
-    command = [*CLI, "-m", "model=causal_lm", "data=text", "experiment=llm_pruner,wanda_sp",
-               "callbacks.pruning.amount=0.25,0.5", "debug=smoke", *TINY_LM, *FAST, f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    grid = ["model=causal_lm", "data=text", "experiment=llm_pruner,wanda_sp", "callbacks.pruning.amount=0.25,0.5"]
+    command = [*CLI, "-m", *grid, "debug=smoke", *TINY_LM, *FAST, f"hydra.sweep.dir={sweep}"]
     done = run(command, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = [read_results(sweep / str(job)) for job in range(4)]
