@@ -19,11 +19,15 @@ RELEASE_0_1 = Path(__file__).parent / "data" / "checkpoints_0_1"
 
 
 def assert_same_run(finished: dict, expected: dict) -> None:
+    """Same cuts, steps and weights. The expected results were computed on another machine: float kernels differ
+    across CPUs by rounding (1.9e-7 measured on an AMD EPYC against the stored run), so weights are compared to
+    1e-5; resuming on one machine is bit-identical (test_callbacks' kill-and-resume tests)."""
     assert finished["record"] == expected["record"]
     assert (finished["epoch"], finished["global_step"]) == (expected["epoch"], expected["global_step"])
     assert finished["state_dict"].keys() == expected["state_dict"].keys()
     for name, tensor in expected["state_dict"].items():
-        assert torch.equal(finished["state_dict"][name], tensor), name
+        assert finished["state_dict"][name].shape == tensor.shape, name
+        assert torch.allclose(finished["state_dict"][name].double(), tensor.double(), rtol=0, atol=1e-5), name
 
 
 def test_a_channel_pruning_checkpoint_of_release_0_1_resumes_to_its_result(tmp_path) -> None:
