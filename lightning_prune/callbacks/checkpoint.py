@@ -154,5 +154,7 @@ class PrunableModule(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_pruned(self, checkpoint)
+        trainer = self._trainer  # attached when resuming fit(ckpt_path=...); not in load_from_checkpoint
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        restore_pruned(self, checkpoint, f"checkpoint '{path}'" if path else "checkpoint")
         super().on_load_checkpoint(checkpoint)
