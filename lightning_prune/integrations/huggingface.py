@@ -6,6 +6,8 @@ are the layers that keep a size in an attribute and use it in ``forward``.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from lightning_prune.cuts import Drop
@@ -18,6 +20,7 @@ from lightning_prune.integrations.hf_families import (
     KEY,
     QUERY,
     SCALED_EMBEDDINGS,
+    Family,
     family,
 )
 
@@ -96,7 +99,32 @@ def _pretrained_model(model: nn.Module) -> None:
         del values["head_dim"]
     for key, options in values.items():
         if len(options) == 1 and (hasattr(config, key) or key == "head_dim"):
-            setattr(config, key, options.pop())
+            setattr(config, key, next(iter(options)))
+    reason = _inexpressible(config, names, values, found["head_dim"])
+    if reason:
+        warnings.warn(
+            f"the {config.model_type} config cannot describe the pruned model ({reason}): `from_pretrained` will "
+            "not rebuild it from a `save_pretrained` folder. Keep the pruning record and rebuild the model with "
+            "`lightning_prune.restore`.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _inexpressible(config: object, names: Family, values: dict[str, set[int]], head_sizes: set[int]) -> str:
+    """Why ``config``, updated to the pruned widths, does not build the pruned model; empty where it does."""
+    reasons = [f"layers of different {key}: {sorted(options)}" for key, options in values.items() if len(options) > 1]
+    heads, hidden = getattr(config, names.heads, None), getattr(config, names.hidden, None)
+    if not names.head_dim and len(head_sizes) == 1 and heads and hidden // heads not in head_sizes:
+        reasons.append(
+            f"its code computes the head size as {names.hidden} // {names.heads} = {hidden} // {heads}, "
+            f"not {next(iter(head_sizes))}"
+        )
+    try:
+        getattr(config, "validate", lambda: None)()
+    except Exception as error:  # the config's own checks: strict dataclasses raise their own error type
+        reasons.append(str(error.__cause__ or error).rstrip("."))
+    return "; ".join(reasons)
 
 
 def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[int | None, int | None, int] | None:
