@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lightning_prune as lp
-from lightning_prune.integrations.hf_families import family
+from lightning_prune.integrations.hf_families import HEAD_SIZE, family
 
 transformers = pytest.importorskip("transformers")
 StrictDataclassError = pytest.importorskip("huggingface_hub.errors").StrictDataclassError  # what the config raises
@@ -68,6 +68,7 @@ FAMILIES = {
     "gemma3_text": Expected(
         "Gemma3TextConfig", {**STANDARD, **GEMMA}, heads=PER_HEAD_NORM, round_trip=(True, STRICT_CONFIG)
     ),
+    "phi": Expected("PhiConfig", {**STANDARD, "hidden_size": 64}),  # head size 8: its rotary half must be even
     "phi3": Expected("Phi3Config", STANDARD, heads=FUSED_SPLIT),
     "olmo": Expected("OlmoConfig", STANDARD, stream="`layer_norm` without affine parameters"),
     "olmo2": Expected("Olmo2Config", STANDARD),
@@ -116,6 +117,7 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
     model = build(name)
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     heads, ffn, hidden = widths(model.config)
+    head_size = next(getattr(m, n) for m in model.modules() for n in HEAD_SIZE if isinstance(getattr(m, n, None), int))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = lp.prune(
@@ -132,7 +134,8 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
     assert cut["ffn"]
     if expected.heads is True:
         assert cut["heads"] and model.config.num_attention_heads == heads * 3 // 4
-        assert getattr(model.config, "num_key_value_heads", 3) == 3 and getattr(model.config, "head_dim", 6) == 6
+        kv_heads = getattr(model.config, "num_key_value_heads", None)
+        assert kv_heads in (None, heads * 3 // 8) and getattr(model.config, "head_dim", head_size) == head_size
     else:
         assert not cut["heads"] and expected.heads in reasons(result, "attn")
     if stream and expected.stream is True:
