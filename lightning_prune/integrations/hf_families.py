@@ -46,9 +46,9 @@ FAMILIES: dict[str, Family] = {
 STANDARD = Family()
 
 # Module names (the last part of the path) whose output width gives a count, and how many widths they fuse.
-QUERY = {"q_proj": 1, "query": 1, "c_attn": 3}
+QUERY = {"q_proj": 1, "query": 1, "q_attn": 1, "c_attn": 3}  # GPT-2 cross-attention: q_attn, and c_attn fuses k, v
 KEY = {"k_proj": 1, "key": 1}
-FUSED_HEADS = {"qkv_proj": 3, "query_key_value": 3}  # left whole: their layout interleaves or splits by `getitem`
+FUSED_HEADS = ("qkv_proj", "query_key_value")  # left whole: their layout interleaves or splits by `getitem`
 FEED_FORWARD = {"up_proj": 1, "fc1": 1, "c_fc": 1, "dense_h_to_4h": 1, "gate_up_proj": 2}
 # Attention attributes holding the head size, set from the dense config when the model is built: the head
 # size of a pruned model, whatever its config says by now.

@@ -7,6 +7,7 @@ are the layers that keep a size in an attribute and use it in ``forward``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -49,12 +50,12 @@ def _out_features(module: nn.Module) -> int:
     return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
 
 
-def _child(module: nn.Module, names: dict[str, int]) -> tuple[nn.Module, int] | None:
-    """The first child of ``module`` named in ``names`` that has a weight, with its fusion factor."""
-    for name, fused in names.items():
+def _child(module: nn.Module, names: Iterable[str]) -> tuple[nn.Module, str] | None:
+    """The first child of ``module`` named in ``names`` that has a weight, with its name."""
+    for name in names:
         child = getattr(module, name, None)
         if isinstance(child, nn.Module) and hasattr(child, "weight"):
-            return child, fused
+            return child, name
     return None
 
 
@@ -138,10 +139,12 @@ def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[in
     """
     query, key = _child(module, QUERY), _child(module, KEY)
     head_size = next((getattr(module, n) for n in HEAD_SIZE if isinstance(getattr(module, n, None), int)), None)
-    if head_size is None or query is None:
-        return None if head_size is None or _child(module, FUSED_HEADS) is None else (None, None, head_size)
-    rows = _out_features(query[0]) // query[1]
-    kv_rows = _out_features(key[0]) // key[1] if key is not None else rows
+    if head_size is None:
+        return None
+    if query is None:
+        return (None, None, head_size) if _child(module, FUSED_HEADS) is not None else None
+    rows = _out_features(query[0]) // QUERY[query[1]]
+    kv_rows = _out_features(key[0]) // KEY[key[1]] if key is not None else rows
     heads, kv_heads = rows // head_size, kv_rows // head_size
     if rows % head_size or kv_rows % head_size or kv_heads == 0 or heads % kv_heads:
         raise PruningError(
