@@ -202,3 +202,22 @@ def test_gemma_embedding_scale_follows_a_cut_stream_as_the_reloaded_model_comput
         (m.model.embed_tokens.scalar_embed_scale, float(m.model.embed_tokens.embed_scale)) for m in (model, loaded)
     ]
     assert scales == [(6.0, 6.0)] * 2  # √36, not the dense √48: no config field carries the dense one
+
+
+def test_gemma_embedding_scale_is_set_again_after_verification_undid_a_stream_cut() -> None:
+    from lightning_prune import apply_cuts, plan_cuts
+    from lightning_prune.importance import ScoringContext, get_criterion, score
+    from lightning_prune.selection import select
+
+    model = build("gemma")
+    example = {"input_ids": ids(), "use_cache": False}
+    graph = lp.build_graph(model, example)
+    plan = select(graph.groups, score(graph.groups, ScoringContext(model), get_criterion("l1")), 0.25, scope="local")
+    cuts = plan_cuts(graph, plan)
+    undo = apply_cuts(model, cuts, undoable=True)
+    assert float(model.model.embed_tokens.embed_scale) == 6.0
+    undo()  # as verification does before it retries with the culprit left whole: here, the stream
+    apply_cuts(model, [cut for cut in cuts if ".mlp." in cut.tensor])
+    embedding = model.model.embed_tokens
+    assert embedding.weight.shape[1] == 48 and float(embedding.embed_scale) == pytest.approx(48**0.5)
+    assert model.config.hidden_size == 48

@@ -1,7 +1,9 @@
-"""Attribute updates for Hugging Face transformers layers after surgery (registered by class name).
+"""Attribute and config updates for Hugging Face transformers models after surgery (registered by class name).
 
-Most of their attention code already derives sizes from tensors (``view(..., -1, head_dim)``); these
-are the layers that keep a size in an attribute and use it in ``forward``.
+Most of their attention code already derives sizes from tensors (``view(..., -1, head_dim)``); the fixups
+here update the layers that keep a size in an attribute and use it in ``forward``, the constants computed
+from a width at build time, and the config, so that ``save_pretrained`` → ``from_pretrained`` rebuilds the
+pruned model (which fields follow which widths, per family: :mod:`.hf_families`).
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ def _pretrained_model(model: nn.Module) -> None:
     for key, options in values.items():
         if len(options) == 1 and (hasattr(config, key) or key == "head_dim"):
             setattr(config, key, next(iter(options)))
+    for module in model.modules():
+        if f"{type(module).__module__}.{type(module).__qualname__}" in SCALED_EMBEDDINGS:
+            _scale_embedding(module)
     reason = _inexpressible(config, names, values, found["head_dim"])
     if reason:
         warnings.warn(
@@ -110,6 +115,16 @@ def _pretrained_model(model: nn.Module) -> None:
             UserWarning,
             stacklevel=2,
         )
+
+
+def _scale_embedding(module: nn.Embedding) -> None:
+    """Gemma's embedding scale is ``√hidden`` of the width it has, as ``from_pretrained`` will compute it.
+
+    Set here rather than by a fixup of the embedding: this runs on every cut, so a scale changed by a cut
+    that verification undid is set right again by the next one.
+    """
+    module.scalar_embed_scale = module.weight.shape[1] ** 0.5
+    module.embed_scale.fill_(module.scalar_embed_scale)
 
 
 def _inexpressible(config: object, names: Family, values: dict[str, set[int]], head_sizes: set[int]) -> str:
@@ -165,17 +180,6 @@ def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[in
 
 
 register_layer("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
-
-
-def _scaled_embedding(module: nn.Embedding) -> None:
-    """Gemma's embedding scale is ``√hidden`` of the width it has, as ``from_pretrained`` will compute it."""
-    module.embedding_dim = module.weight.shape[1]
-    module.scalar_embed_scale = module.embedding_dim**0.5
-    module.embed_scale.fill_(module.scalar_embed_scale)
-
-
-for _name in SCALED_EMBEDDINGS:
-    register_layer(_name, _scaled_embedding)
 
 
 def _dropped_layers(model: nn.Module, drop: Drop) -> None:
