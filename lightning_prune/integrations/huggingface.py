@@ -76,15 +76,16 @@ def _pretrained_model(model: nn.Module) -> None:
     if config is None or not hasattr(config, "num_attention_heads") or embeddings is None:
         return
     names = family(config)
+    attention = {name: _attention_heads(name, module, model) for name, module in model.named_modules()}
     found: dict[str | None, set[int]] = {names.heads: set(), names.key_value_heads: set(), "head_dim": set()}
-    for name, module in model.named_modules():
-        counts = _attention_heads(name, module, model)
+    for name, counts in attention.items():  # all checked before anything changes
         if counts is not None:
             heads, key_value_heads, head_size = counts
             found["head_dim"].add(head_size)
             if heads is not None:
                 found[names.heads].add(heads)
                 found[names.key_value_heads].add(key_value_heads)
+                _follow_heads(model.get_submodule(name), heads, key_value_heads)
     found.pop(None, None)
     hidden = {embeddings.weight.shape[1]}
     feed_forward = set()
@@ -144,13 +145,10 @@ def _inexpressible(config: object, names: Family, values: dict[str, set[int]], h
 
 
 def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[int | None, int | None, int] | None:
-    """Query heads, key/value heads and head size of an attention layer; its own head counts follow them.
+    """Query heads, key/value heads and head size of an attention layer; None for a module that is not one.
 
     Heads fused in one projection with a per-head layout (``qkv_proj``, ``query_key_value``) stay whole:
     only their head size is known.
-
-    Grouped-query attention repeats each key/value head ``num_key_value_groups`` times; layers that keep
-    ``num_heads`` / ``num_key_value_heads`` (StableLM, OPT) use them in ``forward``: all must follow.
     """
     query, key = _child(module, QUERY), _child(module, KEY)
     head_size = next((getattr(module, n) for n in HEAD_SIZE if isinstance(getattr(module, n, None), int)), None)
@@ -169,6 +167,15 @@ def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[in
             "not fit this model).",
             module=name,
         )
+    return heads, kv_heads, head_size
+
+
+def _follow_heads(module: nn.Module, heads: int, kv_heads: int) -> None:
+    """An attention layer's stored head counts follow its weights.
+
+    Grouped-query attention repeats each key/value head ``num_key_value_groups`` times; layers that keep
+    ``num_heads`` / ``num_key_value_heads`` (StableLM, OPT) use them in ``forward``.
+    """
     for attribute, value in (
         ("num_key_value_groups", heads // kv_heads),
         ("num_heads", heads),
@@ -176,7 +183,6 @@ def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[in
     ):
         if isinstance(getattr(module, attribute, None), int):
             setattr(module, attribute, value)
-    return heads, kv_heads, head_size
 
 
 register_layer("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
