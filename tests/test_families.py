@@ -10,6 +10,7 @@ given when pruning, and that ``restore`` on a fresh dense model rebuilds the pru
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ import pytest
 import torch
 
 import lightning_prune as lp
-from lightning_prune.integrations.hf_families import HEAD_SIZE, family
+from lightning_prune.errors import PruningError
+from lightning_prune.integrations.hf_families import FEED_FORWARD, FUSED_HEADS, HEAD_SIZE, QUERY, family
 
 transformers = pytest.importorskip("transformers")
 StrictDataclassError = pytest.importorskip("huggingface_hub.errors").StrictDataclassError  # what the config raises
@@ -37,6 +39,7 @@ PER_HEAD_NORM = "RMSNorm over multi-dimensional channel labels"  # q_norm/k_norm
 FUSED_SPLIT = "`getitem` selects part of a channel dimension"  # Phi3's qkv_proj, split by slicing
 SILENT = ""  # GPT-NeoX: its per-head interleaved query_key_value is left whole, and no reason is listed
 FALCON = "FalconLinear computes `input @ self.weight.T` itself: no rule traces it, nothing is cut, no reason listed"
+NEOX_HEAD = "the saved tensor `embed_out.weight` does not exist"  # its output layer is missing from state_dict()
 STRICT_CONFIG = "is not a multiple of the number of attention heads"  # the config's own check, heads left whole
 
 
@@ -54,6 +57,7 @@ class Expected:
     ffn: bool = True
     stream: bool | str = True
     round_trip: tuple[bool | str, bool | str] = (True, True)
+    manifest: str | None = None  # where `lightning_prune.from_pretrained` cannot reload either: why
     xfail: str | None = None
 
 
@@ -78,7 +82,7 @@ FAMILIES = {
     "stablelm": Expected("StableLmConfig", STANDARD, round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
     "gpt2": Expected("GPT2Config", GPT2, round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
     "gpt_neox": Expected("GPTNeoXConfig", {**STANDARD, **NO_KV, "intermediate_size": 64}, heads=SILENT,
-                         round_trip=(True, "The hidden size is not divisible")),
+                         round_trip=(True, "The hidden size is not divisible"), manifest=NEOX_HEAD),
     "opt": Expected("OPTConfig", {**STANDARD, **NO_KV, "ffn_dim": 64, "word_embed_proj_dim": 48},
                     round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
     "falcon": Expected("FalconConfig", {**STANDARD, "intermediate_size": None, "ffn_hidden_size": 64}, xfail=FALCON),
@@ -104,6 +108,19 @@ def widths(config) -> tuple[int, int, int]:
     return config.num_attention_heads, getattr(config, family(config).ffn), config.hidden_size
 
 
+def measured(model: torch.nn.Module) -> tuple[int, int, int]:
+    """Query rows, FFN width and stream width, as the weights of the first layer have them."""
+    first = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules() if re.search(r"\b(layers|h)\.0\.", name)}
+
+    def rows(names: dict) -> int:
+        leaf = next(leaf for leaf in names if leaf in first)
+        weight = first[leaf].weight
+        return (weight.shape[1] if type(first[leaf]).__name__ == "Conv1D" else weight.shape[0]) // names[leaf]
+
+    query = rows({**QUERY, **dict.fromkeys(FUSED_HEADS, 1)})
+    return query, rows(FEED_FORWARD), model.get_input_embeddings().weight.shape[1]
+
+
 def reasons(result: lp.PruningResult, module: str) -> str:
     """Why the modules whose path contains ``module`` were left whole, in one string."""
     return " | ".join(f"{name}: {reason}" for name, reason in result.unprunable.items() if module in name)
@@ -118,6 +135,7 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
     model = build(name)
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     heads, ffn, hidden = widths(model.config)
+    query = measured(model)[0]
     head_size = next(getattr(m, n) for m in model.modules() for n in HEAD_SIZE if isinstance(getattr(m, n, None), int))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -130,17 +148,15 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
             ignore=[] if stream else [embedding],
         )
     said = [str(w.message) for w in caught if "config cannot describe the pruned model" in str(w.message)]
-    after = widths(model.config)
-    cut = {"heads": after[0] < heads, "ffn": after[1] < ffn, "stream": after[2] < hidden}
-    assert cut["ffn"]
+    after = measured(model)
+    cut = {"heads": after[0] < query, "ffn": after[1] < ffn, "stream": after[2] < hidden}
+    assert cut["ffn"] and after[1] == ffn * 3 // 4
     if expected.heads is True:
-        assert cut["heads"] and model.config.num_attention_heads == heads * 3 // 4
-        kv_heads = getattr(model.config, "num_key_value_heads", None)
-        assert kv_heads in (None, heads * 3 // 8) and getattr(model.config, "head_dim", head_size) == head_size
+        assert cut["heads"] and after[0] == query * 3 // 4
     else:
         assert not cut["heads"] and expected.heads in reasons(result, "attn")
     if stream and expected.stream is True:
-        assert cut["stream"] and model.config.hidden_size == hidden * 3 // 4
+        assert cut["stream"] and after[2] == hidden * 3 // 4
     elif stream:
         assert not cut["stream"] and expected.stream in reasons(result, "o_proj")
     else:
@@ -149,24 +165,30 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
     round_trip = expected.round_trip[stream]
     assert bool(said) == (round_trip is not True)  # the model in memory runs; its config says it cannot be saved
     tokens = ids()
-    if round_trip is True:
+    if round_trip is True:  # the config follows the weights
+        config_heads = after[0] // head_size if expected.heads is True else heads
+        assert widths(model.config) == (config_heads, *after[1:])
+        kv_heads = getattr(model.config, "num_key_value_heads", None)
+        assert kv_heads in (None, config_heads // 2) and getattr(model.config, "head_dim", head_size) == head_size
         model.save_pretrained(tmp_path)
         loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
         with torch.no_grad():
             torch.testing.assert_close(
                 loaded(input_ids=tokens).logits, model(input_ids=tokens).logits, atol=1e-5, rtol=0
             )
-    elif round_trip == HEAD_SIZE_FROM_HIDDEN:
-        assert round_trip in said[0]
-        model.save_pretrained(tmp_path)
+    else:  # the config keeps widths it can build; the saved shapes say the rest
+        assert round_trip in said[0] and widths(model.config) == (heads, ffn, hidden)
+        assert lp.save_pretrained(model, tmp_path) is False
         with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
             transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    else:
-        assert round_trip in said[0]
-        with pytest.raises((ValueError, StrictDataclassError), match=round_trip):
-            model.save_pretrained(tmp_path)
-    if round_trip is not True:  # as the warning advises: the record rebuilds the pruned model from a dense one
-        fresh = build(name)
+        if expected.manifest is None:
+            loaded = lp.from_pretrained(tmp_path).eval()
+            with torch.no_grad():
+                assert torch.equal(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
+        else:
+            with pytest.raises(PruningError, match=re.escape(expected.manifest)):
+                lp.from_pretrained(tmp_path)
+        fresh = build(name)  # and the record rebuilds it from a dense model
         with pytest.warns(UserWarning, match="config cannot describe the pruned model"):
             lp.restore(fresh, result.record)
         fresh.load_state_dict(model.state_dict())
@@ -184,20 +206,26 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
     optimizer.step()
 
 
-def test_a_config_that_checks_divisibility_refuses_head_counts_that_do_not_divide_the_stream(tmp_path) -> None:
+def test_a_config_that_checks_divisibility_keeps_its_heads_and_the_saved_shapes_say_the_rest(tmp_path) -> None:
     # Llama, Gemma 2/3 and GPT-NeoX configs check hidden_size % num_attention_heads even where head_dim is
-    # explicit: 8 heads of 8 cut to 6 with the 64-wide stream whole run in memory but cannot be saved.
+    # explicit: 8 heads of 8 cut to 6 over the whole 64-wide stream run, but no such config can be saved.
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**STANDARD, "hidden_size": 64})).eval()
-    with pytest.warns(UserWarning, match=r"llama config cannot describe .*\(6\)\): `from_pretrained` will not"):
+    with pytest.warns(UserWarning, match=r"llama config cannot describe .*\(6\)\), so it keeps the widths it had"):
         lp.prune(
             model, {"input_ids": ids(), "use_cache": False}, 0.25, "l1", scope="local", ignore=["model.embed_tokens"]
         )
-    assert (model.config.num_attention_heads, model.config.head_dim, model.config.hidden_size) == (6, 8, 64)
+    assert model.model.layers[0].self_attn.q_proj.out_features == 48
+    config = model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size) == (
+        8,
+        4,
+        8,
+        64,
+    )
+    assert lp.save_pretrained(model, tmp_path) is False
     with torch.no_grad():
-        assert model(input_ids=ids()).logits.shape == (2, 8, 97)
-    with pytest.raises(StrictDataclassError, match=r"hidden size \(64\) is not a multiple of .* heads \(6\)"):
-        model.save_pretrained(tmp_path)
+        assert torch.equal(lp.from_pretrained(tmp_path).eval()(input_ids=ids()).logits, model(input_ids=ids()).logits)
 
 
 def test_gemma_embedding_scale_follows_a_cut_stream_as_the_reloaded_model_computes_it(tmp_path) -> None:

@@ -67,9 +67,10 @@ def _pretrained_model(model: nn.Module) -> None:
     Heads are removed whole, so the head size stays: it is read from the attention layers, which were built
     from the dense config, never from the config itself (the outer and the inner model share it, and this
     runs for both). Hidden size, head counts and FFN width follow the modules, under the names of
-    :data:`~lightning_prune.integrations.hf_families.FAMILIES`. Where layers differ (global pruning), the
-    config keeps the dense values: such a model is saved with the record and rebuilt by ``restore``
-    (``from_pretrained`` cannot express it).
+    :data:`~lightning_prune.integrations.hf_families.FAMILIES`. Where no config can say the cut (layers of
+    different widths, a head count the config refuses, fewer heads where the family computes the head size
+    as ``hidden // heads``), the config keeps the widths it had, which build a model the saved shapes fit:
+    ``lightning_prune.save_pretrained`` records them and ``lightning_prune.from_pretrained`` rebuilds it.
     """
     config = getattr(model, "config", None)
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
@@ -101,21 +102,28 @@ def _pretrained_model(model: nn.Module) -> None:
         values[names.embedding] = {embeddings.weight.shape[1]}
     if not names.head_dim:
         del values["head_dim"]
-    for key, options in values.items():
-        if len(options) == 1 and (hasattr(config, key) or key == "head_dim"):
-            setattr(config, key, next(iter(options)))
     for module in model.modules():
         if f"{type(module).__module__}.{type(module).__qualname__}" in SCALED_EMBEDDINGS:
             _scale_embedding(module)
+    before = {key: getattr(config, key) for key in values if hasattr(config, key)}
+    for key, options in values.items():
+        if len(options) == 1 and (hasattr(config, key) or key == "head_dim"):
+            setattr(config, key, next(iter(options)))
     reason = _inexpressible(config, names, values, found["head_dim"])
-    if reason:
-        warnings.warn(
-            f"the {config.model_type} config cannot describe the pruned model ({reason}): `from_pretrained` will "
-            "not rebuild it from a `save_pretrained` folder. Keep the pruning record and rebuild the model with "
-            "`lightning_prune.restore`.",
-            UserWarning,
-            stacklevel=2,
-        )
+    if not reason:
+        return
+    for key in values:  # widths it can build, and the saved shapes say the rest
+        if key in before:
+            setattr(config, key, before[key])
+        elif hasattr(config, key):
+            delattr(config, key)
+    warnings.warn(
+        f"the {config.model_type} config cannot describe the pruned model ({reason}), so it keeps the widths "
+        "it had: save the model with `lightning_prune.save_pretrained`, which records the shapes it does not "
+        "build, and load it with `lightning_prune.from_pretrained` (not the class's own `from_pretrained`).",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _scale_embedding(module: nn.Embedding) -> None:
