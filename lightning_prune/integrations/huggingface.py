@@ -1,16 +1,31 @@
-"""Attribute updates for Hugging Face transformers layers after surgery (registered by class name).
+"""Attribute and config updates for Hugging Face transformers models after surgery (registered by class name).
 
-Most of their attention code already derives sizes from tensors (``view(..., -1, head_dim)``); these
-are the layers that keep a size in an attribute and use it in ``forward``.
+Most of their attention code already derives sizes from tensors (``view(..., -1, head_dim)``); the fixups
+here update the layers that keep a size in an attribute and use it in ``forward``, the constants computed
+from a width at build time, and the config, so that ``save_pretrained`` → ``from_pretrained`` rebuilds the
+pruned model (which fields follow which widths, per family: :mod:`.hf_families`).
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
 
 from torch import nn
 
 from lightning_prune.cuts import Drop
 from lightning_prune.errors import PruningError
 from lightning_prune.fixups import DROP_FIXUPS, register_layer
+from lightning_prune.integrations.hf_families import (
+    FEED_FORWARD,
+    FUSED_HEADS,
+    HEAD_SIZE,
+    KEY,
+    QUERY,
+    SCALED_EMBEDDINGS,
+    Family,
+    family,
+)
 
 
 def _conv1d(module: nn.Module) -> None:
@@ -32,72 +47,150 @@ register_layer("transformers.pytorch_utils.Conv1D", _conv1d)
 register_layer("transformers.models.gpt2.modeling_gpt2.GPT2Attention", _gpt2_attention)
 
 
-QUERY = ("q_proj", "query")
-KEY = ("k_proj", "key")
-FEED_FORWARD = ("up_proj", "fc1", "c_fc")
-
-
 def _out_features(module: nn.Module) -> int:
     weight = module.weight
     return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
 
 
+def _child(module: nn.Module, names: Iterable[str]) -> tuple[nn.Module, str] | None:
+    """The first child of ``module`` named in ``names`` that has a weight, with its name."""
+    for name in names:
+        child = getattr(module, name, None)
+        if isinstance(child, nn.Module) and hasattr(child, "weight"):
+            return child, name
+    return None
+
+
 def _pretrained_model(model: nn.Module) -> None:
     """Keep a Hugging Face model's config in step with its pruned layers, where one value fits all layers.
 
-    Heads are removed whole, so the head size stays; hidden size, head counts and FFN width follow the
-    modules. Where layers differ (global pruning), the config keeps the dense values: such a model is
-    saved with the record and rebuilt by ``restore`` (``from_pretrained`` cannot express it).
+    Heads are removed whole, so the head size stays: it is read from the attention layers, which were built
+    from the dense config, never from the config itself (the outer and the inner model share it, and this
+    runs for both). Hidden size, head counts and FFN width follow the modules, under the names of
+    :data:`~lightning_prune.integrations.hf_families.FAMILIES`. Where no config can say the cut (layers of
+    different widths, a head count the config refuses, fewer heads where the family computes the head size
+    as ``hidden // heads``), the config keeps the widths it had, which build a model the saved shapes fit:
+    ``lightning_prune.save_pretrained`` records them and ``lightning_prune.from_pretrained`` rebuilds it.
     """
     config = getattr(model, "config", None)
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     if config is None or not hasattr(config, "num_attention_heads") or embeddings is None:
         return
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    found: dict[str, set[int]] = {"num_attention_heads": set(), "num_key_value_heads": set(), "ffn": set()}
+    names = family(config)
+    attention = {name: _attention_heads(name, module, model) for name, module in model.named_modules()}
+    found: dict[str | None, set[int]] = {names.heads: set(), names.key_value_heads: set(), "head_dim": set()}
+    for name, counts in attention.items():  # all checked before anything changes
+        if counts is not None:
+            heads, key_value_heads, head_size = counts
+            found["head_dim"].add(head_size)
+            if heads is not None:
+                found[names.heads].add(heads)
+                found[names.key_value_heads].add(key_value_heads)
+                _follow_heads(model.get_submodule(name), heads, key_value_heads)
+    found.pop(None, None)
+    hidden = {embeddings.weight.shape[1]}
+    feed_forward = set()
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if not hasattr(module, "weight"):
-            continue
-        if leaf in QUERY:
-            found["num_attention_heads"].add(_out_features(module) // head_dim)
-        elif leaf in KEY:
-            found["num_key_value_heads"].add(_out_features(module) // head_dim)
-        elif leaf == "c_attn":
-            found["num_attention_heads"].add(_out_features(module) // 3 // head_dim)
-        elif leaf in FEED_FORWARD or name.endswith("intermediate.dense"):
-            found["ffn"].add(_out_features(module))
-    _key_value_groups(model, head_dim)
-    values = {"hidden_size": {embeddings.weight.shape[1]}, **found}
-    ffn_key = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
-    values[ffn_key] = values.pop("ffn")
+        fused = FEED_FORWARD.get(leaf, 1 if name.endswith("intermediate.dense") else 0)
+        if fused and hasattr(module, "weight"):
+            feed_forward.add(_out_features(module) // fused)
+        elif leaf == names.stream and hasattr(module, "weight"):
+            hidden = {_out_features(module)}
+    values = {names.hidden: hidden, names.ffn: feed_forward, **found}
+    if names.embedding is not None:
+        values[names.embedding] = {embeddings.weight.shape[1]}
+    if not names.head_dim:
+        del values["head_dim"]
+    for module in model.modules():
+        if f"{type(module).__module__}.{type(module).__qualname__}" in SCALED_EMBEDDINGS:
+            _scale_embedding(module)
+    before = {key: getattr(config, key) for key in values if hasattr(config, key)}
     for key, options in values.items():
-        if len(options) == 1 and hasattr(config, key):
-            setattr(config, key, options.pop())
-    if hasattr(config, "head_dim"):
-        config.head_dim = head_dim
+        if len(options) == 1 and (hasattr(config, key) or key == "head_dim"):
+            setattr(config, key, next(iter(options)))
+    reason = _inexpressible(config, names, values, found["head_dim"])
+    if not reason:
+        return
+    for key in values:  # widths it can build, and the saved shapes say the rest
+        if key in before:
+            setattr(config, key, before[key])
+        elif hasattr(config, key):
+            delattr(config, key)
+    warnings.warn(
+        f"the {config.model_type} config cannot describe the pruned model ({reason}), so it keeps the widths "
+        "it had: save the model with `lightning_prune.save_pretrained`, which records the shapes it does not "
+        "build, and load it with `lightning_prune.from_pretrained` (not the class's own `from_pretrained`).",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
-def _key_value_groups(model: nn.Module, head_dim: int) -> None:
-    """Grouped-query attention repeats each key/value head ``num_key_value_groups`` times: it must follow."""
-    for name, module in model.named_modules():
-        if not hasattr(module, "num_key_value_groups"):
-            continue
-        query = next((getattr(module, n) for n in QUERY if hasattr(module, n)), None)
-        key = next((getattr(module, n) for n in KEY if hasattr(module, n)), None)
-        if query is None or key is None:
-            continue
-        rows, kv_rows = _out_features(query), _out_features(key)
-        heads, kv_heads = rows // head_dim, kv_rows // head_dim
-        if rows % head_dim or kv_rows % head_dim or kv_heads == 0 or heads % kv_heads:
-            raise PruningError(
-                f"`{name}` of {type(model).__name__}: {rows} query rows and {kv_rows} key rows are not "
-                f"{head_dim}-row heads in which every key/value head serves the same number of query heads; "
-                "remove whole heads, a key/value head together with its query heads (the record or cuts do "
-                "not fit this model).",
-                module=name,
-            )
-        module.num_key_value_groups = heads // kv_heads
+def _scale_embedding(module: nn.Embedding) -> None:
+    """Gemma's embedding scale is ``√hidden`` of the width it has, as ``from_pretrained`` will compute it.
+
+    Set here rather than by a fixup of the embedding: this runs on every cut, so a scale changed by a cut
+    that verification undid is set right again by the next one.
+    """
+    module.scalar_embed_scale = module.weight.shape[1] ** 0.5
+    module.embed_scale.fill_(module.scalar_embed_scale)
+
+
+def _inexpressible(config: object, names: Family, values: dict[str, set[int]], head_sizes: set[int]) -> str:
+    """Why ``config``, updated to the pruned widths, does not build the pruned model; empty where it does."""
+    reasons = [f"layers of different {key}: {sorted(options)}" for key, options in values.items() if len(options) > 1]
+    heads, hidden = getattr(config, names.heads, None), getattr(config, names.hidden, None)
+    if not names.head_dim and len(head_sizes) == 1 and heads and hidden // heads not in head_sizes:
+        reasons.append(
+            f"its code computes the head size as {names.hidden} // {names.heads} = {hidden} // {heads}, "
+            f"not {next(iter(head_sizes))}"
+        )
+    try:
+        getattr(config, "validate", lambda: None)()
+    except Exception as error:  # the config's own checks: strict dataclasses raise their own error type
+        reasons.append(str(error.__cause__ or error).rstrip("."))
+    return "; ".join(reasons)
+
+
+def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[int | None, int | None, int] | None:
+    """Query heads, key/value heads and head size of an attention layer; None for a module that is not one.
+
+    Heads fused in one projection with a per-head layout (``qkv_proj``, ``query_key_value``) stay whole:
+    only their head size is known.
+    """
+    query, key = _child(module, QUERY), _child(module, KEY)
+    head_size = next((getattr(module, n) for n in HEAD_SIZE if isinstance(getattr(module, n, None), int)), None)
+    if head_size is None:
+        return None
+    if query is None:
+        return (None, None, head_size) if _child(module, FUSED_HEADS) is not None else None
+    rows = _out_features(query[0]) // QUERY[query[1]]
+    kv_rows = _out_features(key[0]) // KEY[key[1]] if key is not None else rows
+    heads, kv_heads = rows // head_size, kv_rows // head_size
+    if rows % head_size or kv_rows % head_size or kv_heads == 0 or heads % kv_heads:
+        raise PruningError(
+            f"`{name}` of {type(model).__name__}: {rows} query rows and {kv_rows} key rows are not "
+            f"{head_size}-row heads in which every key/value head serves the same number of query heads; "
+            "remove whole heads, a key/value head together with its query heads (the record or cuts do "
+            "not fit this model).",
+            module=name,
+        )
+    return heads, kv_heads, head_size
+
+
+def _follow_heads(module: nn.Module, heads: int, kv_heads: int) -> None:
+    """An attention layer's stored head counts follow its weights.
+
+    Grouped-query attention repeats each key/value head ``num_key_value_groups`` times; layers that keep
+    ``num_heads`` / ``num_key_value_heads`` (StableLM, OPT) use them in ``forward``.
+    """
+    for attribute, value in (
+        ("num_key_value_groups", heads // kv_heads),
+        ("num_heads", heads),
+        ("num_key_value_heads", kv_heads),
+    ):
+        if isinstance(getattr(module, attribute, None), int):
+            setattr(module, attribute, value)
 
 
 register_layer("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
