@@ -34,6 +34,7 @@ from lightning_prune.callbacks.distributed import check_same_cut, check_strategy
 from lightning_prune.callbacks.io import AtomicCheckpointIO
 from lightning_prune.callbacks.optimizers import parameter_ids, rebuild_optimizers
 from lightning_prune.callbacks.reporting import report_step
+from lightning_prune.depth import LayerPruningResult
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import build_graph
 from lightning_prune.measure import count_params
@@ -366,7 +367,7 @@ class StructuredPruning(Callback):
         if self.when == "train_epoch_start" and self.reset_best:
             _reset_best_checkpoints(trainer)  # what they scored so far was the model before this cut
         number = sorted(self.steps).index(epoch) + 1
-        what = "blocks" if self.structure == "layers" else self.target
+        what = "blocks" if isinstance(result, LayerPruningResult) else self.target
         title = f"StructuredPruning: epoch {epoch} step {number}/{len(self.steps)}"
         report_step(
             trainer, title, what, self.amount_done, self.dense, result.params_after, result.macs_after,
