@@ -6,10 +6,16 @@
 - :func:`laco` (Yang et al. 2024, "Layer Collapse"): merge blocks ``l+1 .. l+m`` into block ``l`` by
   *Reserving-Differences-while-Seeking-Common*, ``θ_l + Σ_k (θ_{l+k} − θ_l)`` for the weight of every linear
   layer of the block (attention and MLP projections; norms and biases stay block ``l``'s), then delete the merged
-  blocks. The walk starts at ``highest − m − 1`` and goes down; a merge is kept when the mean cosine similarity of
-  the final hidden states (the last block's output, each window flattened) of the merged and the original model
-  exceeds ``threshold``; after a kept merge the walk moves ``interval`` blocks down (back to ``size − 1 − m`` if
-  that is past the top), after a refused one a single block.
+  blocks. The walk starts at ``highest − m − 1`` (so the first merge ends just below ``highest``) and goes down to
+  ``lowest``; a merge is kept when the mean cosine similarity of the final hidden states (the last block's output,
+  each window flattened) of the merged and the original model exceeds ``threshold``; after a kept merge the walk
+  moves ``interval`` blocks down (back to ``size − 1 − m`` if that is past the top), after a refused one a single
+  block. Near the top a merge takes fewer blocks (those left above it), and never more than ``target`` allows.
+
+  Two differences from the authors' notebook (``laco_llama-13b.ipynb``): it adds each difference to the base
+  weights as they are being updated in place, so its "merge" leaves the *last* merged layer's weights rather than
+  the paper's formula, which is what this module computes; and it compares the hidden states after the final
+  norm (``hidden_states[-1]``), this module the last block's output, which any block stack has.
 
 All three end in one :class:`~lightning_prune.Drop`: a record that ``restore`` replays on a fresh model, into which
 the pruned ``state_dict`` (merged weights included) loads. Trial merges run on the model itself (skipped blocks
@@ -231,7 +237,8 @@ def laco(
             (the paper: 5 sentences).
         merge: blocks merged into each base block (the paper's ``C − 1``; Llama-2-13B: 6).
         interval: blocks the walk moves down after a kept merge (Llama-2-13B: 1).
-        lowest, highest: the lowest and highest block a merge touches (None: the last; Llama-2-13B: 0 and 39).
+        lowest, highest: the walk goes from ``highest − merge − 1`` down to ``lowest`` (None: the last block;
+            Llama-2-13B: 0 and 39).
         threshold: the cosine similarity in (-1, 1] a merge must exceed (Llama-2-13B: 0.45).
         target: blocks to keep, at least 1 and fewer than now (None: no limit but the threshold).
         optimizers: the deleted blocks' parameters leave these.
