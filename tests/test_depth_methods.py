@@ -208,6 +208,30 @@ def test_depth_methods_cut_at_fit_start_on_calibration_batches(structure, import
     assert step["layers"][0]["size"] == 3 and len(step["layers"][0]["keep"]) == 2
 
 
+def test_scheduled_laco_steps_are_cumulative_and_their_records_replay_in_order() -> None:
+    model, calibration = llama(4), windows()
+    dense = copy.deepcopy(model)
+    method = lp.methods.get_method("laco", merge=1, threshold=-0.99)
+    statistics = {"batches": [{"input_ids": w[None], "use_cache": False} for w in calibration]}
+    example = statistics["batches"][0]
+    first = method.step(model, example, 0.25, None, statistics=statistics)
+    second = method.step(model, example, 0.5, first.dense, statistics=statistics)
+    assert len(model.model.layers) == 2 and first.dense.removed == 1 and second.dense.removed == 2
+    fresh = copy.deepcopy(dense)
+    lp.restore(fresh, lp.merge_records(first.record, second.record))
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(logits(fresh, calibration), logits(model, calibration))
+
+
+def test_laco_in_the_callback_refuses_bad_options_and_a_missing_calibration_at_construction() -> None:
+    with pytest.raises(PruningError, match=r"`threshold` must be a cosine similarity in \(-1, 1\], got 2"):
+        StructuredPruning(0.3, structure="laco", calibration_batches=2, options={"threshold": 2})
+    with pytest.raises(PruningError, match="`interval` must be a positive integer, got 0"):
+        StructuredPruning(0.3, structure="laco", calibration_batches=2, options={"interval": 0})
+    with pytest.raises(PruningError, match="set `calibration_batches`"):
+        StructuredPruning(0.3, structure="laco", when="train_epoch_start")
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="integrations/huggingface.py `_dropped_layers` reads `config` of the pruned module only: a CausalLM "

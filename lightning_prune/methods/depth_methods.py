@@ -107,16 +107,12 @@ def _check_laco(
 ) -> int:  # fmt: skip
     """Validate LaCo's arguments against the stack; the highest block, resolved."""
     size = len(stack)
-    for name, value in (("merge", merge), ("interval", interval)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PruningError(f"`{name}` must be a positive integer, got {value!r}.")
+    _check_walk(merge, interval, threshold)
     if merge > size - 1:
         raise PruningError(
             f"`merge` {merge} exceeds the {size - 1} blocks `{blocks}` ({size} blocks) can merge into one; "
             f"lower it (LaCo on Llama-2-13B merges {LACO_MERGE})."
         )
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not -1 < threshold <= 1:
-        raise PruningError(f"`threshold` must be a cosine similarity in (-1, 1], got {threshold!r}.")
     highest = size - 1 if highest is None else highest
     for name, value in (("lowest", lowest), ("highest", highest)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
@@ -135,6 +131,15 @@ def _check_laco(
             "(prune depth before width, or width uniformly)."
         )
     return highest
+
+
+def _check_walk(merge: Any, interval: Any, threshold: Any) -> None:
+    """What LaCo's arguments must be on any model."""
+    for name, value in (("merge", merge), ("interval", interval)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PruningError(f"`{name}` must be a positive integer, got {value!r}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not -1 < threshold <= 1:
+        raise PruningError(f"`threshold` must be a cosine similarity in (-1, 1], got {threshold!r}.")
 
 
 def _linears(block: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
@@ -294,8 +299,7 @@ class LayerCollapse:
         self, merge: int = LACO_MERGE, interval: int = LACO_INTERVAL, lowest: int = 0, highest: int | None = None,
         threshold: float = LACO_THRESHOLD, blocks: str | None = None,
     ) -> None:  # fmt: skip
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not -1 < threshold <= 1:
-            raise PruningError(f"`threshold` must be a cosine similarity in (-1, 1], got {threshold!r}.")
+        _check_walk(merge, interval, threshold)
         self.options = {"merge": merge, "interval": interval, "lowest": lowest, "highest": highest}
         self.options["threshold"] = threshold
         self.blocks = blocks
