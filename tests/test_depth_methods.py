@@ -115,6 +115,23 @@ def test_laco_keeps_the_model_when_no_merge_reaches_the_threshold() -> None:
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
 
+def test_laco_failing_half_way_leaves_the_model_as_it_was() -> None:
+    model, calibration = llama(5), windows()
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def fail_in_the_second_trial(module, args, output) -> None:
+        calls.append(1)
+        if len(calls) > 2 * len(calibration):  # the reference pass, one trial (kept), then this
+            raise RuntimeError("out of memory")
+
+    model.model.norm.register_forward_hook(fail_in_the_second_trial)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lp.laco(model, calibration, merge=1, threshold=-0.99)
+    assert len(model.model.layers) == 5
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
 @pytest.mark.parametrize(
     "prune",
     [

@@ -6,11 +6,12 @@
 - :func:`laco` (Yang et al. 2024, "Layer Collapse"): merge blocks ``l+1 .. l+m`` into block ``l`` by
   *Reserving-Differences-while-Seeking-Common*, ``θ_l + Σ_k (θ_{l+k} − θ_l)`` for the weight of every linear
   layer of the block (attention and MLP projections; norms and biases stay block ``l``'s), then delete the merged
-  blocks. The walk starts at ``highest − m − 1`` (so the first merge ends just below ``highest``) and goes down to
-  ``lowest``; a merge is kept when the mean cosine similarity of the final hidden states (the last block's output,
-  each window flattened) of the merged and the original model exceeds ``threshold``; after a kept merge the walk
-  moves ``interval`` blocks down (back to ``size − 1 − m`` if that is past the top), after a refused one a single
-  block. Near the top a merge takes fewer blocks (those left above it), and never more than ``target`` allows.
+  blocks. The walk starts at ``highest − m − 1`` (so the first merge ends just below ``highest``; at ``lowest`` if
+  that is lower) and goes down to ``lowest``; a merge is kept when the mean cosine similarity of the final hidden
+  states (the last block's output, each window flattened) of the merged and the original model exceeds
+  ``threshold``; after a kept merge the walk moves ``interval`` blocks down (back to ``size − 1 − m`` if that is
+  past the top), after a refused one a single block. Near the top a merge takes fewer blocks (those left above
+  it), and never more than ``target`` allows.
 
   Two differences from the authors' notebook (``laco_llama-13b.ipynb``): it adds each difference to the base
   weights as they are being updated in place, so its "merge" leaves the *last* merged layer's weights rather than
@@ -181,6 +182,12 @@ class _Collapse:
         return states
 
 
+def _put_back(block: nn.Module, weights: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, module in _linears(block):
+            module.weight.copy_(weights[name])
+
+
 def collapse(
     model: nn.Module, blocks: str, batches: list[Any], *, merge: int = LACO_MERGE, interval: int = LACO_INTERVAL,
     lowest: int = 0, highest: int | None = None, threshold: float = LACO_THRESHOLD, target: int | None = None,
@@ -195,35 +202,39 @@ def collapse(
     view = _Collapse(model, stack, batches)
     reference = view.final_states()
     alive, merged = list(range(len(stack))), {}
+    originals: dict[int, dict[str, Tensor]] = {}  # put back if the walk fails half-way: the model stays as it was
     position = max(highest - merge - 1, lowest)
-    while position >= lowest and len(alive) > target:
-        taken = min(merge, len(alive) - position - 1, len(alive) - target)
-        if taken < 1:
-            position -= 1
-            continue
-        base, others = alive[position], alive[position + 1 : position + 1 + taken]
-        weights = {name: m.weight for name, m in _linears(stack[base])}
-        saved = {name: weight.detach().clone() for name, weight in weights.items()}
-        with torch.no_grad():
-            for name, weight in weights.items():
-                others_weights = [stack[i].get_submodule(name).weight for i in others]
-                weight.add_(sum(other - saved[name] for other in others_weights))
-        view.skipped.update(others)
-        similarity = torch.stack(
-            [F.cosine_similarity(a, b, dim=0) for a, b in zip(view.final_states(), reference, strict=True)]
-        ).mean()
-        if float(similarity) > threshold:
-            alive = [i for i in alive if i not in others]
-            merged[base] = [*merged.get(base, []), *others, *[i for o in others for i in merged.pop(o, [])]]
-            position -= interval
-            if position >= len(alive):
-                position = len(alive) - 1 - merge
-        else:
-            view.skipped.difference_update(others)
+    try:
+        while position >= lowest and len(alive) > target:
+            taken = min(merge, len(alive) - position - 1, len(alive) - target)
+            if taken < 1:
+                position -= 1
+                continue
+            base, others = alive[position], alive[position + 1 : position + 1 + taken]
+            weights = {name: m.weight for name, m in _linears(stack[base])}
+            saved = {name: weight.detach().clone() for name, weight in weights.items()}
+            originals.setdefault(base, saved)
             with torch.no_grad():
                 for name, weight in weights.items():
-                    weight.copy_(saved[name])
-            position -= 1
+                    weight.add_(sum(stack[i].get_submodule(name).weight - saved[name] for i in others))
+            view.skipped.update(others)
+            similarity = torch.stack(
+                [F.cosine_similarity(a, b, dim=0) for a, b in zip(view.final_states(), reference, strict=True)]
+            ).mean()
+            if float(similarity) > threshold:
+                alive = [i for i in alive if i not in others]
+                merged[base] = [*merged.get(base, []), *others, *[i for o in others for i in merged.pop(o, [])]]
+                position -= interval
+                if position >= len(alive):
+                    position = len(alive) - 1 - merge
+            else:
+                view.skipped.difference_update(others)
+                _put_back(stack[base], saved)
+                position -= 1
+    except BaseException:
+        for base, weights in originals.items():
+            _put_back(stack[base], weights)
+        raise
     return alive, {base: sorted(others) for base, others in merged.items()}
 
 
