@@ -2,6 +2,7 @@
 
     python benchmarks/llm_methods.py                        # 20% and 50% of the decoder's parameters
     python benchmarks/llm_methods.py --amounts 0.2 --recovery-tokens 200000 --methods flap llm_pruner_vectorwise
+    python benchmarks/llm_methods.py --amounts 0.25 0.5 --methods shortgpt angular drop_deepest laco  # whole layers
 
 For each amount and method, from the same dense model: the parameters left (all, and the decoder's: the
 block stack without embeddings and LM head), test perplexity right after the cut, test perplexity after
@@ -29,7 +30,11 @@ from lightning_prune.methods.llm_pruner import causal_lm_loss
 PAPERS = [
     "LLM-Pruner (Ma et al. 2023): 20% of Llama-7B's parameters removed keeps 94.97% of its zero-shot accuracy (LoRA).",
     "FLAP (An et al. 2024): claims to beat LLM-Pruner without any retraining.",
+    "ShortGPT (Men et al. 2024): 25% of the layers removed keeps ~85–92% of the benchmark performance.",
+    "LaCo (Yang et al. 2024): > 80% of average task performance at 25–30% of the layers removed; claims to beat "
+    "LLM-Pruner and SliceGPT.",
 ]
+DEPTH = ("shortgpt", "angular", "drop_deepest", "laco")  # whole layers: amount is rounded down to layers
 
 
 def decoder_params(model: torch.nn.Module) -> int:
@@ -45,6 +50,8 @@ def cut(method: str, calibration: torch.Tensor, activations: torch.Tensor) -> Ca
     """``cut(model, fraction_of_all_params)`` for a table row's method; ``activations``: the calibration windows of
     the activation methods (Wanda-sp, FLAP), ``calibration`` those of LLM-Pruner."""
     example = {"input_ids": calibration[:1], "use_cache": False}
+    if method in DEPTH:
+        return lambda model, amount: depth_cut(method, model, calibration, amount)
     if method in ("random", "l1"):
         return lambda model, amount: lp.prune(
             model, example, amount, method, target="params", scope="local", ignore=blockwise(model)
@@ -58,9 +65,23 @@ def cut(method: str, calibration: torch.Tensor, activations: torch.Tensor) -> Ca
     return lambda model, amount: lp.flap(model, activations, amount, target="params", compensate=compensate)
 
 
+def depth_cut(method: str, model: torch.nn.Module, calibration: torch.Tensor, amount: float) -> Any:
+    """Remove layers: ``amount`` of all parameters is turned back into a share of the decoder, then into layers
+    (rounded down). LaCo merges pairs (one layer into the one below; on 4 layers a wider merge would start the walk
+    at layer 0) with the paper's threshold 0.45, and may stop before the target."""
+    layers = len(model.get_submodule(lp.find_blocks(model)))
+    count = int(amount * lp.count_params(model) / decoder_params(model) * layers + 1e-6)
+    if method == "shortgpt":
+        batches = [{"input_ids": window[None], "use_cache": False} for window in calibration]
+        return lp.prune_layers(model, batches[0], count=count, batches=batches)
+    if method == "laco":
+        return lp.laco(model, calibration, merge=1, threshold=0.45, target=layers - count)
+    return (lp.drop_angular if method == "angular" else lp.drop_deepest)(model, calibration, count)
+
+
 METHODS = [
     "random", "l1", "llm_pruner_vectorwise", "llm_pruner_elementwise", "llm_pruner_second", "llm_pruner_mix",
-    "llm_pruner_vectorwise_ft", "wanda_sp", "flap", "flap_no_compensation",
+    "llm_pruner_vectorwise_ft", "wanda_sp", "flap", "flap_no_compensation", *DEPTH,
 ]  # fmt: skip
 
 

@@ -7,7 +7,7 @@ PyTorch: trace → groups, score, select → plan, cut, verify. ``docs/ARCHITECT
 from lightning_prune.api import LayerChange, PruningResult, prune
 from lightning_prune.budget import DenseSize
 from lightning_prune.cuts import Cut, Drop, Step
-from lightning_prune.depth import LayerPruningResult, find_blocks, prune_layers
+from lightning_prune.depth import LayerPruningResult, angular_distances, find_blocks, prune_layers
 from lightning_prune.errors import PruningError, RecordError, TraceError, VerificationError
 from lightning_prune.fixups import register_layer
 from lightning_prune.graph.groups import DependencyGraph, Group, Slot, build_graph
@@ -16,6 +16,7 @@ from lightning_prune.importance import ScoringContext, get_criterion, register_c
 from lightning_prune.integrations import load_integrations
 from lightning_prune.language import generation_speed, perplexity
 from lightning_prune.measure import compare_latency, count_macs, count_params, latency
+from lightning_prune.methods.depth_methods import drop_angular, drop_deepest, laco
 from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
 from lightning_prune.methods.recovery import finetune, lora_recover
@@ -89,6 +90,7 @@ __all__ = [
     "SyntheticDataModule",
     "TraceError",
     "VerificationError",
+    "angular_distances",
     "applied_record",
     "apply_cuts",
     "build_graph",
@@ -97,12 +99,15 @@ __all__ = [
     "count_macs",
     "count_params",
     "default_language_model",
+    "drop_angular",
+    "drop_deepest",
     "find_blocks",
     "finetune",
     "flap",
     "from_pretrained",
     "generation_speed",
     "get_criterion",
+    "laco",
     "latency",
     "llm_pruner",
     "load_from_checkpoint",

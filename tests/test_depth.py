@@ -120,7 +120,10 @@ def test_blocks_that_change_shape_cannot_go() -> None:
         ({"amount": 1.0}, r"`amount` must be a fraction in \[0, 1\)"),
         ({"count": 4}, "cannot remove 4 of the 4 blocks of `model.layers`"),
         ({"count": 1, "blocks": "model.nothing"}, "`blocks` 'model.nothing' is not a submodule"),
-        ({"count": 1, "importance": "magic"}, "`importance` must be 'block_influence', 'random' or a callable"),
+        (
+            {"count": 1, "importance": "magic"},
+            "`importance` must be 'block_influence', 'random', 'angular', 'deepest' or a callable",
+        ),
     ],
 )
 def test_bad_arguments_name_themselves_and_change_nothing(kwargs: dict, message: str) -> None:

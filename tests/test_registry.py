@@ -8,7 +8,7 @@ from nets import small_input
 from torch import nn
 
 import lightning_prune as lp
-from lightning_prune.depth import BLOCK_SCORES
+from lightning_prune.depth import BLOCK_SCORES, BLOCK_SPANS
 from lightning_prune.fixups import DROP_FIXUPS, LAYER_FIXUPS
 from lightning_prune.graph.module_rules import MODULE_RULES
 from lightning_prune.graph.rules import OP_RULES
@@ -76,7 +76,8 @@ def test_every_extension_point_of_the_engine_is_a_registry_holding_the_built_ins
         LAYER_FIXUPS: {nn.Linear, nn.MultiheadAttention, "transformers.pytorch_utils.Conv1D"},
         DROP_FIXUPS: {"transformers.config.num_hidden_layers"},
         BLOCK_SCORES: {"block_influence", "random"},
-        METHODS: {"channels", "layers"},
+        BLOCK_SPANS: {"angular", "deepest"},
+        METHODS: {"channels", "layers", "laco"},
     }
     for registry, names in expected.items():
         assert isinstance(registry, Registry)

@@ -34,6 +34,7 @@ from lightning_prune.callbacks.distributed import check_same_cut, check_strategy
 from lightning_prune.callbacks.io import AtomicCheckpointIO
 from lightning_prune.callbacks.optimizers import parameter_ids, rebuild_optimizers
 from lightning_prune.callbacks.reporting import report_step
+from lightning_prune.depth import LayerPruningResult
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import build_graph
 from lightning_prune.measure import count_params
@@ -102,7 +103,8 @@ class StructuredPruning(Callback):
         structure: the pruning method (:mod:`lightning_prune.methods`): ``"channels"`` (channels, heads, neurons,
             the stream: everything :func:`lightning_prune.prune` finds), ``"layers"``: whole blocks of the
             model's block stack leave (``amount`` is then a fraction of the blocks; ``importance`` is
-            ``"block_influence"`` or ``"random"``), or the language-model methods ``"llm_pruner"`` (importance
+            ``"block_influence"``, ``"random"``, or a contiguous span: ``"angular"``, ``"deepest"``), ``"laco"``
+            (blocks merged into others, then deleted), or the language-model methods ``"llm_pruner"`` (importance
             ``"taylor_*"``), ``"wanda_sp"`` and ``"flap"``. Each method takes the arguments here that apply to it.
         options: arguments of the method beyond those above, e.g. ``{"first": 1, "last": -1, "stream": False}``
             for the language-model methods or ``{"compensate": False}`` for FLAP.
@@ -111,7 +113,9 @@ class StructuredPruning(Callback):
             statistics from the training steps of each pruning epoch (hooks, no extra passes); ``n > 0``
             runs ``training_step`` forward and backward on ``n`` extra training batches at the step
             instead (gradients, BatchNorm statistics and RNG are restored afterwards). Under DDP the
-            statistics are summed over ranks before selection, so every rank makes the same cut.
+            statistics are summed over ranks before selection, so every rank makes the same cut. Depth methods
+            (``"layers"``, ``"laco"``) run the model on ``n`` training batches at the step (``"layers"`` with 0
+            scores the example inputs).
         verify: re-trace each pruned model and roll back anything that deviates from the plan.
         reset_best: make every ``ModelCheckpoint`` that monitors a metric forget its best scores at the
             start of the epoch after each step, so that "best" means the best model *of the current
@@ -173,6 +177,7 @@ class StructuredPruning(Callback):
         offered = {
             "importance": importance, "target": target, "selection": selection, "ignore": ignore,
             "aggregate": aggregate, "seed": seed, "verify": verify, "blocks": blocks,
+            "calibration_batches": calibration_batches,
         }  # fmt: skip
         accepted = inspect.signature(factory).parameters
         extra = dict(options or {})
@@ -362,7 +367,7 @@ class StructuredPruning(Callback):
         if self.when == "train_epoch_start" and self.reset_best:
             _reset_best_checkpoints(trainer)  # what they scored so far was the model before this cut
         number = sorted(self.steps).index(epoch) + 1
-        what = "blocks" if self.structure == "layers" else self.target
+        what = "blocks" if isinstance(result, LayerPruningResult) else self.target
         title = f"StructuredPruning: epoch {epoch} step {number}/{len(self.steps)}"
         report_step(
             trainer, title, what, self.amount_done, self.dense, result.params_after, result.macs_after,
