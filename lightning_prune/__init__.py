@@ -19,6 +19,7 @@ from lightning_prune.measure import compare_latency, count_macs, count_params, l
 from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
 from lightning_prune.methods.recovery import finetune, lora_recover
+from lightning_prune.methods.slicegpt import SliceResult, slicegpt
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import check_record, merge_records, restore
 from lightning_prune.registry import Registry, RegistryError
@@ -83,6 +84,7 @@ __all__ = [
     "RegistryError",
     "ScoringContext",
     "SelectionOptions",
+    "SliceResult",
     "Slot",
     "Step",
     "StructuredPruning",
@@ -121,6 +123,7 @@ __all__ = [
     "score",
     "select",
     "slice_tensor",
+    "slicegpt",
     "verify_pruned",
     "wanda_sp",
 ]
