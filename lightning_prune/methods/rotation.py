@@ -149,42 +149,67 @@ def fuse_norms(model: nn.Module, layout: StreamLayout) -> None:
             norm.weight.data = torch.ones_like(norm.weight)
 
 
-def rotate_stream(model: nn.Module, layout: StreamLayout, basis: Tensor) -> None:
-    """Fuse the norms, then express the stream in the orthonormal columns of ``basis`` (``D × k``, ``k ≤ D``):
-    a rotation when ``k = D``, a rotation and a slice to ``k`` dimensions otherwise (see the module doc).
+def _times(tensor: Tensor, basis: Tensor, left: bool = False) -> Tensor:
+    """``tensor @ basis`` (or ``basisᵀ @ tensor``) in float64, back in ``tensor``'s dtype."""
+    basis = basis.to(tensor.device, torch.float64)
+    product = basis.T @ tensor.double() if left else tensor.double() @ basis
+    return product.to(tensor.dtype)
 
-    The config follows (``hidden_size = k``, ``head_dim`` kept, ``rms_norm_eps`` scaled), so ``save_pretrained``
-    writes a stock model of this width.
-    """
-    width, kept = basis.shape
-    fuse_norms(model, layout)
-    basis = basis.double()
 
-    def at(tensor: Tensor) -> Tensor:
-        return basis.to(tensor.device)
-
+def rotate_embeddings(model: nn.Module, layout: StreamLayout, basis: Tensor) -> None:
+    """``E ← E·basis``: the embeddings write the stream in ``basis`` (``D × k``)."""
+    embeddings = model.get_submodule(layout.embeddings)
     with torch.no_grad():
-        embeddings = model.get_submodule(layout.embeddings)
-        embeddings.weight.data = (embeddings.weight.double() @ at(embeddings.weight)).to(embeddings.weight.dtype)
-        embeddings.embedding_dim = kept
-        for site in layout.sites:
-            for name in site.readers:
-                reader = model.get_submodule(name)
-                reader.weight.data = (reader.weight.double() @ at(reader.weight)).to(reader.weight.dtype)
-                reader.in_features = kept
-            for name in site.writers:
-                writer = model.get_submodule(name)
-                writer.weight.data = (at(writer.weight).T @ writer.weight.double()).to(writer.weight.dtype)
-                if writer.bias is not None:
-                    writer.bias.data = (writer.bias.double() @ at(writer.bias)).to(writer.bias.dtype)
-                writer.out_features = kept
-            norm = model.get_submodule(site.norm)
-            norm.weight.data = torch.full((kept,), math.sqrt(width / kept), dtype=norm.weight.dtype,
-                                          device=norm.weight.device)  # fmt: skip
-            attribute = _eps_attribute(norm)
-            setattr(norm, attribute, getattr(norm, attribute) * width / kept)
+        embeddings.weight.data = _times(embeddings.weight, basis)
+    embeddings.embedding_dim = basis.shape[1]
+
+
+def rotate_readers(model: nn.Module, site: Site, basis: Tensor) -> None:
+    """``site`` reads a stream expressed in ``basis`` (``D × k``): ``W ← W·basis`` for its (fused) readers, and its
+    norm shrinks to ``k`` with weight ``sqrt(D/k)`` and ``ε·D/k``, which keep the average over ``D``."""
+    width, kept = basis.shape
+    with torch.no_grad():
+        for name in site.readers:
+            reader = model.get_submodule(name)
+            reader.weight.data = _times(reader.weight, basis)
+            reader.in_features = kept
+        norm = model.get_submodule(site.norm)
+        scale = math.sqrt(width / kept) * norm.weight.detach()[0]  # the fused norm's weight is one constant
+        norm.weight.data = torch.full((kept,), float(scale), dtype=norm.weight.dtype, device=norm.weight.device)
+    attribute = _eps_attribute(norm)
+    setattr(norm, attribute, getattr(norm, attribute) * width / kept)
+
+
+def rotate_writers(model: nn.Module, site: Site, basis: Tensor) -> None:
+    """``site``'s block writes the stream in ``basis`` (``D × k``): ``W ← basisᵀ·W``, ``b ← basisᵀ·b``."""
+    with torch.no_grad():
+        for name in site.writers:
+            writer = model.get_submodule(name)
+            writer.weight.data = _times(writer.weight, basis, left=True)
+            if writer.bias is not None:
+                writer.bias.data = _times(writer.bias, basis)
+            writer.out_features = basis.shape[1]
+
+
+def narrow_config(model: nn.Module, layout: StreamLayout, kept: int) -> None:
+    """The config of a stream of ``kept`` dimensions: ``hidden_size``, ``head_dim`` (kept explicit, it no longer
+    follows from the width), and the norms' scaled ``ε`` as ``rms_norm_eps``."""
     config = model.config
     config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     config.hidden_size = kept
     final = model.get_submodule(layout.sites[-1].norm)
     config.rms_norm_eps = getattr(final, _eps_attribute(final))
+
+
+def rotate_stream(model: nn.Module, layout: StreamLayout, basis: Tensor) -> None:
+    """Fuse the norms, then express the whole stream in the orthonormal columns of ``basis`` (``D × k``, ``k ≤ D``):
+    a rotation when ``k = D``, a rotation and a slice to ``k`` dimensions otherwise (see the module doc).
+
+    The config follows (:func:`narrow_config`), so ``save_pretrained`` writes a stock model of this width.
+    """
+    fuse_norms(model, layout)
+    rotate_embeddings(model, layout, basis)
+    for site in layout.sites:
+        rotate_readers(model, site, basis)
+        rotate_writers(model, site, basis)
+    narrow_config(model, layout, basis.shape[1])
