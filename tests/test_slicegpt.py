@@ -97,16 +97,31 @@ def confined(model: nn.Module, kept: int) -> nn.Module:
     return model
 
 
-def test_slicing_a_stream_that_lives_in_k_dimensions_keeps_the_logits_exactly(float64_norms) -> None:
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_slicing_a_stream_that_lives_in_k_dimensions_keeps_the_logits_exactly(float64_norms, per_layer) -> None:
     """Exact only if the norms of the sliced model still average over D: weights sqrt(D/k), ε·D/k."""
     model, inputs = confined(decoder().double(), 24), windows()
     expected = logits(model, inputs)
-    result = lp.slicegpt(model, inputs, 0.25)
+    result = lp.slicegpt(model, inputs, 0.25, per_layer=per_layer)
     assert (result.hidden_before, result.hidden_after, model.config.hidden_size) == (32, 24, 24)
     assert result.kept_variance == pytest.approx(1.0, abs=1e-12)
     assert result.params_after == lp.count_params(model) < result.params_before
+    assert len(result.eigenvalues) == (5 if per_layer else 1)  # a basis per position: 2 layers × 2 sites + 1
     assert torch.allclose(model.model.norm.weight, torch.full((24,), (32 / 24) ** 0.5, dtype=torch.float64))
     assert model.config.rms_norm_eps == pytest.approx(1e-6 * 32 / 24)
+    assert torch.allclose(logits(model, inputs), expected, rtol=0, atol=1e-9)
+
+
+def test_per_layer_bases_with_nothing_sliced_leave_the_logits_unchanged(float64_norms) -> None:
+    """Every position of the stream gets its own PCA basis; the shortcuts Q_inᵀ Q_out carry the residual across."""
+    model, inputs = decoder("mistral", bias=False).double(), windows()
+    expected = logits(model, inputs)
+    result = lp.slicegpt(model, inputs, 0.0, per_layer=True)
+    shortcut = model.model.layers[1].attention_shortcut
+    assert shortcut.shape == (32, 32) and not torch.allclose(shortcut, torch.eye(32, dtype=torch.float64))
+    assert torch.allclose(shortcut @ shortcut.T, torch.eye(32, dtype=torch.float64), atol=1e-12)
+    assert result.params_after == result.params_before + 2 * 2 * 32 * 32
+    assert type(model.model.layers[0]).__name__ == "MistralDecoderLayerWithShortcuts"
     assert torch.allclose(logits(model, inputs), expected, rtol=0, atol=1e-9)
 
 

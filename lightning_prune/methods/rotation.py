@@ -21,7 +21,9 @@ readers and writers after each norm. A new family with the same pattern is one m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,27 +38,47 @@ class Site:
     norm: str
     readers: tuple[str, ...]
     writers: tuple[str, ...] = ()
+    block: str = ""  # the decoder layer the site is in ("" for the final norm)
+    shortcut: str = ""  # the block's attribute for the residual's shortcut matrix around this site (per-layer Q)
+
+
+def _llama_block_with_shortcuts(self: nn.Module, hidden_states: Tensor, **kwargs: Any) -> Tensor:
+    """A Llama-style decoder layer whose residual connections pass through ``attention_shortcut`` and
+    ``mlp_shortcut`` (``k_in × k_out`` matrices, or None for the identity), as per-layer bases need."""
+    residual = _through(hidden_states, self.attention_shortcut)
+    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    hidden_states = residual + hidden_states
+    residual = _through(hidden_states, self.mlp_shortcut)
+    return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def _through(hidden_states: Tensor, shortcut: Tensor | None) -> Tensor:
+    return hidden_states if shortcut is None else hidden_states @ shortcut
 
 
 @dataclass(frozen=True)
 class DecoderTable:
-    """Where a pre-norm decoder keeps its stream, as module paths (per block: relative to ``blocks[i]``)."""
+    """Where a pre-norm decoder keeps its stream, as module paths (per block: relative to ``blocks[i]``), and the
+    forward of its decoder layer with shortcut matrices on the residual."""
 
     embeddings: str
     blocks: str
     block_sites: tuple[Site, ...]
     final: Site
+    forward_with_shortcuts: Callable[..., Tensor]
 
 
 _LLAMA = DecoderTable(
     embeddings="model.embed_tokens",
     blocks="model.layers",
     block_sites=(
-        Site("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",)),
-        Site("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+        Site("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+             shortcut="attention_shortcut"),
+        Site("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), shortcut="mlp_shortcut"),
     ),
     final=Site("model.norm", ("lm_head",)),
-)
+    forward_with_shortcuts=_llama_block_with_shortcuts,
+)  # fmt: skip
 DECODERS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}  # config.model_type → its table
 
 
@@ -66,6 +88,7 @@ class StreamLayout:
 
     embeddings: str
     sites: tuple[Site, ...]
+    table: DecoderTable
 
 
 def stream_layout(model: nn.Module) -> StreamLayout:
@@ -86,11 +109,11 @@ def stream_layout(model: nn.Module) -> StreamLayout:
         count = len(model.get_submodule(table.blocks))
         sites = [
             Site(f"{prefix}.{site.norm}", tuple(f"{prefix}.{r}" for r in site.readers),
-                 tuple(f"{prefix}.{w}" for w in site.writers))
+                 tuple(f"{prefix}.{w}" for w in site.writers), prefix, site.shortcut)
             for prefix in (f"{table.blocks}.{i}" for i in range(count))
             for site in table.block_sites
         ]  # fmt: skip
-        layout = StreamLayout(table.embeddings, (*sites, table.final))
+        layout = StreamLayout(table.embeddings, (*sites, table.final), table)
         for name in (layout.embeddings, *(n for s in layout.sites for n in (s.norm, *s.readers, *s.writers))):
             model.get_submodule(name)
     except AttributeError as error:
@@ -213,3 +236,33 @@ def rotate_stream(model: nn.Module, layout: StreamLayout, basis: Tensor) -> None
         rotate_readers(model, site, basis)
         rotate_writers(model, site, basis)
     narrow_config(model, layout, basis.shape[1])
+
+
+_WITH_SHORTCUTS: dict[type, type] = {}
+
+
+def add_shortcuts(model: nn.Module, layout: StreamLayout) -> None:
+    """Turn every decoder layer into a subclass of its own class whose residual passes through shortcut matrices
+    (the same call signature and modules; the shortcuts start as None, the identity): see :func:`set_shortcut`."""
+    for block in dict.fromkeys(site.block for site in layout.sites if site.block):
+        layer = model.get_submodule(block)
+        base = type(layer)
+        if base not in _WITH_SHORTCUTS.values():
+            if base not in _WITH_SHORTCUTS:
+                forward = layout.table.forward_with_shortcuts
+                _WITH_SHORTCUTS[base] = type(f"{base.__name__}WithShortcuts", (base,), {"forward": forward})
+            layer.__class__ = _WITH_SHORTCUTS[base]
+        for site in layout.sites:
+            if site.block == block and not hasattr(layer, site.shortcut):
+                layer.register_parameter(site.shortcut, None)
+
+
+def set_shortcut(model: nn.Module, site: Site, matrix: Tensor) -> None:
+    """The residual around ``site`` becomes ``residual @ matrix`` (a parameter, counted like any other)."""
+    layer = model.get_submodule(site.block)
+    current, reference = getattr(layer, site.shortcut), model.get_submodule(site.writers[0]).weight
+    value = matrix.to(reference.device, reference.dtype)
+    if current is None:
+        setattr(layer, site.shortcut, nn.Parameter(value))
+    else:
+        current.data = value

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,8 @@ from torch import Tensor, nn
 from lightning_prune.errors import PruningError
 from lightning_prune.language import check_windows
 from lightning_prune.measure import count_params
-from lightning_prune.methods.rotation import StreamLayout, check_norms, rotate_stream, stream_layout
+from lightning_prune.methods import rotation
+from lightning_prune.methods.rotation import StreamLayout
 from lightning_prune.running import observe
 
 SMALLEST = 8  # fewer kept directions than this is not a model worth keeping
@@ -44,8 +46,8 @@ class SliceResult:
     params_after: int
     hidden_before: int
     hidden_after: int
-    kept_variance: float  # share of the (undamped, per-token normalised) stream energy along the kept directions
-    eigenvalues: Tensor = field(repr=False)  # of the damped XᵀX, decreasing
+    kept_variance: float  # share of the (undamped, per-token normalised) XᵀX along the kept directions; mean per basis
+    eigenvalues: list[Tensor] = field(repr=False)  # of each basis's damped XᵀX, decreasing
 
     @property
     def params_ratio(self) -> float:
@@ -57,21 +59,60 @@ def kept_width(width: int, amount: float, round_to: int) -> int:
     return min(width, round_to * math.floor((1 - amount) * width / round_to + 0.5))
 
 
-def stream_covariance(model: nn.Module, layout: StreamLayout, calibration: Tensor, batch_size: int) -> Tensor:
-    """``Σ xᵀx`` in float64 over every token of ``calibration`` at the input of every norm of ``layout``, each token
-    ``x`` scaled to unit RMS (what the norm passes on, before its scale)."""
-    width = model.get_submodule(layout.embeddings).weight.shape[1]
-    total = torch.zeros(width, width, dtype=torch.float64)
+def stream_covariance(model: nn.Module, norms: Sequence[str], calibration: Tensor, batch_size: int) -> Tensor:
+    """``Σ xᵀx`` in float64 over every token of ``calibration`` at the input of each of ``norms``, each token ``x``
+    scaled to unit RMS (what the norm passes on, before its scale)."""
+    totals: list[Tensor] = []
 
     def accumulate(module: nn.Module, inputs: tuple) -> None:
-        x = inputs[0].detach().reshape(-1, width).double()
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
         x = x * torch.rsqrt(x.square().mean(-1, keepdim=True).clamp(min=1e-30))  # each token's direction only
-        total.add_((x.T @ x).cpu())
+        totals.append((x.T @ x).cpu())
+        if len(totals) > 1:
+            totals[:] = [totals[0] + totals[1]]
 
-    handles = [model.get_submodule(s.norm).register_forward_pre_hook(accumulate) for s in layout.sites]
+    handles = [model.get_submodule(norm).register_forward_pre_hook(accumulate) for norm in norms]
     batches = [{"input_ids": chunk, "use_cache": False} for chunk in calibration.split(batch_size)]
     observe(model, batches, handles)
-    return total
+    return totals[0]
+
+
+class _Principal:
+    """The leading ``kept`` eigenvectors of damped ``XᵀX`` at some norms, and what share of ``XᵀX`` they keep."""
+
+    def __init__(self, model: nn.Module, calibration: Tensor, kept: int, damping: float, batch_size: int) -> None:
+        self.model, self.calibration, self.kept, self.damping = model, calibration, kept, damping
+        self.batch_size, self.eigenvalues, self.kept_shares = batch_size, [], []
+
+    def __call__(self, norms: Sequence[str]) -> Tensor:
+        covariance = stream_covariance(self.model, norms, self.calibration, self.batch_size)
+        identity = torch.eye(covariance.shape[0], dtype=torch.float64)
+        eigenvalues, vectors = torch.linalg.eigh(covariance + self.damping * covariance.diagonal().mean() * identity)
+        order = eigenvalues.argsort(descending=True)
+        basis = vectors[:, order[: self.kept]]
+        self.eigenvalues.append(eigenvalues[order])
+        self.kept_shares.append(float((basis.T @ covariance @ basis).trace() / covariance.trace().clamp(min=1e-300)))
+        return basis
+
+
+def _per_layer(model: nn.Module, layout: StreamLayout, principal: _Principal) -> None:
+    """A basis per position of the stream, each from the PCA of the stream there on the model sliced so far; the
+    residual around each site maps its input basis to its output basis (``Q_inᵀ Q_out``, ``k × k``)."""
+    rotation.fuse_norms(model, layout)
+    rotation.add_shortcuts(model, layout)
+    first = layout.sites[0]
+    basis = principal([first.norm])
+    rotation.rotate_embeddings(model, layout, basis)
+    rotation.rotate_readers(model, first, basis)
+    rotation.set_shortcut(model, first, basis.T)  # the residual back in full coordinates until the next basis is known
+    for site, following in zip(layout.sites, layout.sites[1:], strict=False):
+        basis = principal([following.norm])
+        rotation.rotate_writers(model, site, basis)
+        rotation.set_shortcut(model, site, getattr(model.get_submodule(site.block), site.shortcut).double() @ basis)
+        rotation.rotate_readers(model, following, basis)
+        if following.shortcut:
+            rotation.set_shortcut(model, following, basis.T)
+    rotation.narrow_config(model, layout, principal.kept)
 
 
 def _check_width(model: nn.Module, kept: int, amount: float, round_to: int) -> None:
@@ -96,7 +137,7 @@ def _check_width(model: nn.Module, kept: int, amount: float, round_to: int) -> N
 
 def slicegpt(
     model: nn.Module, calibration: Tensor, amount: float, *, round_to: int = 8, damping: float = 0.01,
-    batch_size: int = 8,
+    batch_size: int = 8, per_layer: bool = False,
 ) -> SliceResult:  # fmt: skip
     """Rotate ``model``'s residual stream to its principal directions and slice off the least used ``amount``.
 
@@ -108,6 +149,9 @@ def slicegpt(
         round_to: the kept width is a multiple of this.
         damping: added to the diagonal of ``XᵀX`` as a fraction of its mean.
         batch_size: windows per forward pass while collecting ``XᵀX``.
+        per_layer: a basis per position of the stream (the paper's SliceGPT), with ``k × k`` shortcut matrices on
+            the residual (the decoder layers become subclasses that hold them); otherwise one basis for all, and
+            a stock model.
 
     Raises:
         PruningError: an unknown family, norms that are not RMS norms, an amount that keeps fewer than 8
@@ -124,8 +168,8 @@ def slicegpt(
         raise PruningError(f"`round_to` must be a positive integer; got {round_to!r}.")
     if not isinstance(damping, int | float) or damping < 0:
         raise PruningError(f"`damping` must be ≥ 0 (a fraction of the mean of XᵀX's diagonal); got {damping!r}.")
-    layout = stream_layout(model)
-    check_norms(model, layout)
+    layout = rotation.stream_layout(model)
+    rotation.check_norms(model, layout)
     try:
         check_windows(model, calibration, "calibration")
     except ValueError as error:
@@ -139,12 +183,11 @@ def slicegpt(
             f"would be rank-deficient and its trailing directions arbitrary. Give at least {width} tokens "
             f"(e.g. {math.ceil(width / calibration.shape[1])} windows of {calibration.shape[1]})."
         )
-    covariance = stream_covariance(model, layout, calibration, batch_size)
-    damped = covariance + damping * covariance.diagonal().mean() * torch.eye(width, dtype=torch.float64)
-    eigenvalues, vectors = torch.linalg.eigh(damped)
-    order = eigenvalues.argsort(descending=True)
-    eigenvalues, basis = eigenvalues[order], vectors[:, order[:kept]]
-    energy = (basis.T @ covariance @ basis).trace() / covariance.trace().clamp(min=1e-300)
+    principal = _Principal(model, calibration, kept, damping, batch_size)
     before = count_params(model)
-    rotate_stream(model, layout, basis)
-    return SliceResult(before, count_params(model), width, kept, float(energy), eigenvalues)
+    if per_layer:
+        _per_layer(model, layout, principal)
+    else:
+        rotation.rotate_stream(model, layout, principal([site.norm for site in layout.sites]))
+    shares = principal.kept_shares
+    return SliceResult(before, count_params(model), width, kept, sum(shares) / len(shares), principal.eigenvalues)
