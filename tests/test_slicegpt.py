@@ -142,6 +142,19 @@ def test_the_sliced_model_is_a_stock_model_that_reloads_with_the_same_logits(tmp
     assert torch.allclose(logits(reloaded, inputs), sliced, rtol=0, atol=1e-6)
 
 
+def test_a_per_layer_model_reloads_with_its_shortcuts(tmp_path) -> None:
+    from lightning_prune.methods.slicegpt import load_sliced
+
+    model, inputs = decoder(), windows()
+    lp.slicegpt(model, inputs, 0.25, per_layer=True)
+    model.save_pretrained(tmp_path)
+    reloaded = load_sliced(tmp_path)
+    assert reloaded.model.layers[1].mlp_shortcut.shape == (24, 24)
+    assert torch.allclose(logits(reloaded, inputs), logits(model, inputs), rtol=0, atol=1e-6)
+    with pytest.raises(lp.PruningError, match=re.escape("`model.layers.0.attention_shortcut` does not exist")):
+        lp.from_pretrained(tmp_path)
+
+
 def test_the_kept_width_is_rounded_to_a_multiple() -> None:
     assert [kept_width(128, amount, 8) for amount in (0.0, 0.2, 0.25, 0.3)] == [128, 104, 96, 88]
     assert (kept_width(128, 0.2, 1), kept_width(48, 0.25, 8)) == (102, 40)  # halves round up

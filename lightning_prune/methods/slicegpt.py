@@ -24,6 +24,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -191,3 +192,28 @@ def slicegpt(
         rotation.rotate_stream(model, layout, principal([site.norm for site in layout.sites]))
     shares = principal.kept_shares
     return SliceResult(before, count_params(model), width, kept, sum(shares) / len(shares), principal.eigenvalues)
+
+
+def load_sliced(folder: str | Path) -> nn.Module:
+    """Load a ``save_pretrained`` folder of a model sliced with ``per_layer=True``, in eval mode.
+
+    Its decoder layers hold shortcut matrices no stock class builds (``from_pretrained`` would drop them with a
+    warning, and :func:`lightning_prune.from_pretrained` refuses them): the model is built from the saved config,
+    given its shortcuts at the saved shapes, and loaded strictly. A single-Q folder loads here too.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config)
+    state: dict[str, Tensor] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(path))
+    layout = rotation.stream_layout(model)
+    saved = [site for site in layout.sites if site.shortcut and f"{site.block}.{site.shortcut}" in state]
+    if saved:
+        rotation.add_shortcuts(model, layout)
+        for site in saved:
+            rotation.set_shortcut(model, site, state[f"{site.block}.{site.shortcut}"])
+    model.load_state_dict(state, strict=True)
+    return model.eval()
