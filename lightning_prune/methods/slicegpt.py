@@ -72,19 +72,20 @@ def kept_width(width: int, amount: float, round_to: int) -> int:
 def stream_covariance(model: nn.Module, norms: Sequence[str], calibration: Tensor, batch_size: int) -> Tensor:
     """``Σ xᵀx`` in float64 over every token of ``calibration`` at the input of each of ``norms``, each token ``x``
     scaled to unit RMS (what the norm passes on, before its scale)."""
-    totals: list[Tensor] = []
+    total: Tensor | None = None
 
     def accumulate(module: nn.Module, inputs: tuple) -> None:
+        nonlocal total
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
         x = x * torch.rsqrt(x.square().mean(-1, keepdim=True).clamp(min=1e-30))  # each token's direction only
-        totals.append((x.T @ x).cpu())
-        if len(totals) > 1:
-            totals[:] = [totals[0] + totals[1]]
+        product = (x.T @ x).cpu()
+        total = product if total is None else total + product
 
     handles = [model.get_submodule(norm).register_forward_pre_hook(accumulate) for norm in norms]
     batches = [{"input_ids": chunk, "use_cache": False} for chunk in calibration.split(batch_size)]
     observe(model, batches, handles)
-    return totals[0]
+    assert total is not None, "the calibration windows reached no norm"
+    return total
 
 
 class _Principal:
@@ -111,19 +112,18 @@ def _per_layer(model: nn.Module, layout: StreamLayout, principal: _Principal) ->
     rotation.fuse_norms(model, layout)
     rotation.add_shortcuts(model, layout)
     first = layout.sites[0]
-    basis = principal([first.norm])
-    rotation.rotate_embeddings(model, layout, basis)
-    rotation.rotate_readers(model, first, basis)
-    rotation.set_shortcut(model, first, basis.T)  # the residual back in full coordinates until the next basis is known
+    previous = principal([first.norm])
+    rotation.rotate_embeddings(model, layout, previous)
+    rotation.rotate_readers(model, first, previous)
+    rotation.set_shortcut(model, first, previous.T)  # the residual in full coordinates until the next basis is known
     for site, following in zip(layout.sites, layout.sites[1:], strict=False):
         basis = principal([following.norm])
         rotation.rotate_writers(model, site, basis)
-        rotation.set_shortcut(
-            model, site, getattr(model.get_submodule(site.block), site.shortcut).double().cpu() @ basis
-        )
+        rotation.set_shortcut(model, site, previous.T @ basis)
         rotation.rotate_readers(model, following, basis)
         if following.shortcut:
             rotation.set_shortcut(model, following, basis.T)
+        previous = basis
     rotation.narrow_config(model, layout, principal.kept)
 
 
