@@ -153,6 +153,8 @@ def test_a_per_layer_model_reloads_with_its_shortcuts(tmp_path) -> None:
     assert torch.allclose(logits(reloaded, inputs), logits(model, inputs), rtol=0, atol=1e-6)
     with pytest.raises(lp.PruningError, match=re.escape("`model.layers.0.attention_shortcut` does not exist")):
         lp.from_pretrained(tmp_path)
+    with pytest.raises(lp.PruningError, match="already sliced with `per_layer=True`"):
+        lp.slicegpt(reloaded, inputs, 0.5)
 
 
 def test_the_kept_width_is_rounded_to_a_multiple() -> None:

@@ -14,8 +14,13 @@ dimensions. An RMS norm of the sliced stream then averages over ``k`` squares in
 ``ε' = ε·D/k``. Both are set, on the modules and in the config, so the sliced model is a stock model whose
 norms keep the dense model's normalisation (exact when the dropped directions carry nothing).
 
-A family's knowledge is the table :data:`DECODERS`: which modules are the embeddings, the norms, and the
-readers and writers after each norm. A new family with the same pattern is one more entry.
+A basis per position of the stream (the paper's per-layer ``Q``) needs the residual around each attention and
+MLP carried from the basis before it to the one after: ``residual @ Q_inᵀ Q_out``. :func:`add_shortcuts` turns
+the decoder layers into subclasses that hold those matrices; :func:`set_shortcut` sets one.
+
+A family's knowledge is the table :data:`DECODERS`: which modules are the embeddings, the norms, the readers and
+writers after each norm, and its decoder layer's forward with shortcuts. A new family with the same pattern is
+one more entry.
 """
 
 from __future__ import annotations
@@ -255,6 +260,11 @@ def add_shortcuts(model: nn.Module, layout: StreamLayout) -> None:
         for site in layout.sites:
             if site.block == block and not hasattr(layer, site.shortcut):
                 layer.register_parameter(site.shortcut, None)
+
+
+def has_shortcuts(model: nn.Module, layout: StreamLayout) -> bool:
+    """Whether the decoder layers of ``model`` already hold shortcut matrices (:func:`add_shortcuts`)."""
+    return any(type(model.get_submodule(site.block)) in _WITH_SHORTCUTS.values() for site in layout.sites if site.block)
 
 
 def set_shortcut(model: nn.Module, site: Site, matrix: Tensor) -> None:

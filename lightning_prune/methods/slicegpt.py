@@ -182,6 +182,11 @@ def slicegpt(
         raise PruningError(f"`damping` must be ≥ 0 (a fraction of the mean of XᵀX's diagonal); got {damping!r}.")
     layout = rotation.stream_layout(model)
     rotation.check_norms(model, layout)
+    if rotation.has_shortcuts(model, layout):
+        raise PruningError(
+            "`model` was already sliced with `per_layer=True`: its shortcut matrices would not follow a second "
+            "slicing. Slice the dense model once with the amount you want in all."
+        )
     try:
         check_windows(model, calibration, "calibration")
     except ValueError as error:
