@@ -20,6 +20,7 @@ from lightning_prune.methods.depth_methods import drop_angular, drop_deepest, la
 from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
 from lightning_prune.methods.recovery import finetune, lora_recover
+from lightning_prune.methods.slicegpt import SliceResult, slicegpt
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import check_record, merge_records, restore
 from lightning_prune.registry import Registry, RegistryError
@@ -84,6 +85,7 @@ __all__ = [
     "RegistryError",
     "ScoringContext",
     "SelectionOptions",
+    "SliceResult",
     "Slot",
     "Step",
     "StructuredPruning",
@@ -126,6 +128,7 @@ __all__ = [
     "score",
     "select",
     "slice_tensor",
+    "slicegpt",
     "verify_pruned",
     "wanda_sp",
 ]
