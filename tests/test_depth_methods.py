@@ -249,11 +249,6 @@ def test_laco_in_the_callback_refuses_bad_options_and_a_missing_calibration_at_c
         StructuredPruning(0.3, structure="laco", when="train_epoch_start")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="integrations/huggingface.py `_dropped_layers` reads `config` of the pruned module only: a CausalLM "
-    "wrapper has none, so the wrapped model's num_hidden_layers stays 3",
-)
 def test_dropping_layers_of_a_wrapped_model_updates_its_config() -> None:
     from test_llm_callbacks import CONFIG
 

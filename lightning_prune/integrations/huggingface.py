@@ -198,8 +198,10 @@ register_layer("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
 
 def _dropped_layers(model: nn.Module, drop: Drop) -> None:
     """After blocks leave a Hugging Face model's layer stack, its config counts and types what is left."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "num_hidden_layers", None) != drop.size:
+    # the model may be a wrapper (a LightningModule around the Hugging Face model): its submodules share one config
+    configs = (getattr(module, "config", None) for module in model.modules())
+    config = next((c for c in configs if getattr(c, "num_hidden_layers", None) == drop.size), None)
+    if config is None:
         return
     config.num_hidden_layers = len(drop.keep)
     types = getattr(config, "layer_types", None)
