@@ -4,9 +4,10 @@ Shows: a LightningModule written from scratch (a small CNN with BatchNorm on sci
 Adam) trained by an ordinary ``pl.Trainer`` with two extra callbacks, ``NetworkSlimming`` (pushes unneeded
 BatchNorm scales to zero) and ``StructuredPruning`` (cuts the weakest channels in two steps mid-training,
 then training goes on as fine-tuning), next to a ``ModelCheckpoint``. The best checkpoint holds the pruned
-architecture: ``lightning_prune.load_from_checkpoint(DigitsModule, path)`` rebuilds the module in its pruned
-shape before the weights load. Prints the parameters before and after, and the test accuracy of the
-reloaded model.
+architecture: the module derives from ``lightning_prune.PrunableModule`` (a LightningModule), so Lightning's own
+``DigitsModule.load_from_checkpoint(path)`` rebuilds it in its pruned shape before the weights load (for a
+module that cannot change its base class: ``lightning_prune.load_from_checkpoint(DigitsModule, path)``). Prints the
+parameters before and after, and the test accuracy of the reloaded model.
 
     python examples/callbacks_in_your_trainer.py                       # 20 epochs, under a minute on 2 cores
     python examples/callbacks_in_your_trainer.py --epochs 4 --tiny     # a few batches per epoch, seconds
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_prune as lp
 
 
-class DigitsModule(pl.LightningModule):
+class DigitsModule(lp.PrunableModule):
     """Your own module: nothing in it knows about pruning."""
 
     def __init__(self, width: int = 32, lr: float = 3e-3) -> None:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # The best checkpoint after the last pruning step (StructuredPruning's reset_best), in its pruned shape.
-    reloaded = lp.load_from_checkpoint(DigitsModule, checkpoint.best_model_path)
+    reloaded = DigitsModule.load_from_checkpoint(checkpoint.best_model_path).eval()
     print(f"best checkpoint: {checkpoint.best_model_path}")
     print(f"params before: {params_before:,}")
     print(f"params after: {lp.count_params(reloaded):,}")

@@ -123,6 +123,25 @@ def report(root: Path, metric: str | None = None) -> tuple[Path, Path]:
     return markdown, image
 
 
+class SweepReport:
+    """A Hydra callback (``hydra.callbacks.report`` in ``conf/hydra/default.yaml``): when a multirun ends, write the
+    report of its folder and print where it is, so a sweep ends with the path of its table and plot."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        root = Path(config.hydra.sweep.dir)
+        try:
+            markdown, image = report(root)
+        except (FileNotFoundError, ValueError, ImportError) as error:  # no finished job, or no matplotlib
+            print(f"lightning-prune: no report for {root}: {error}")
+            return
+        print(f"report: {markdown}\nplot: {image}")
+
+    def __getattr__(self, name: str) -> Any:  # Hydra calls every hook of its Callback interface
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="a run or sweep folder (searched recursively for results.json)")
