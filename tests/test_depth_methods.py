@@ -255,3 +255,32 @@ def test_dropping_layers_of_a_wrapped_model_updates_its_config() -> None:
     module = lp.CausalLM(config=CONFIG, vocabulary=64)
     lp.prune_layers(module, module.example_input_array, count=1)
     assert module.model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("importance", ["angular", pytest.param("block_influence", marks=pytest.mark.slow)])
+def test_ddp_ranks_choose_the_layers_one_process_chooses_on_the_batches_of_all_ranks(tmp_path, importance) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_llm_callbacks import CONFIG, loader
+
+    job = Path(__file__).with_name("depth_ddp_job.py")
+    done = subprocess.run([sys.executable, job, tmp_path, importance], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    # every rank scored on the same batches: the batches of both ranks (a distributed sampler's halves)
+    for mine, theirs in zip(ranks[0]["batches"], ranks[1]["batches"], strict=True):
+        assert torch.equal(mine["input_ids"], theirs["input_ids"]) and mine["input_ids"].shape[0] == 4
+    rows = torch.cat([batch["input_ids"] for batch in ranks[0]["batches"]])
+    everything = torch.cat([batch["input_ids"] for batch in loader()])
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, everything.tolist()))
+    assert ranks[0]["record"] == ranks[1]["record"]
+    # and chose what one process chooses on them, from the same initial weights
+    pl.seed_everything(0, verbose=False)
+    module = lp.CausalLM(config=CONFIG, vocabulary=64, warmup_steps=1)
+    method = lp.methods.get_method("layers", importance=importance, calibration_batches=2)
+    batches = ranks[0]["batches"]
+    result = method.step(module, batches[0], 0.34, None, statistics={"batches": batches})
+    (step,) = ranks[0]["record"]["steps"]
+    assert result.record["steps"][0]["layers"] == step["layers"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_prune.errors import PruningError
@@ -28,14 +29,46 @@ def check_strategy(trainer: pl.Trainer) -> None:
 
 
 def summed_over_ranks(trainer: pl.Trainer, statistics: Statistics, device: torch.device) -> Statistics:
-    """Gradient statistics summed over all ranks (unchanged in one process)."""
+    """Gradient statistics summed over all ranks (unchanged in one process).
+
+    Calibration batches themselves (``{"batches": [...]}``, what the depth methods score blocks on) are not
+    summed but gathered: every rank gets the batches of all ranks, in rank order, so each makes the choice one
+    process would make on all of them (and the same choice as every other rank).
+    """
     if trainer.world_size == 1:
         return statistics
+    if isinstance(statistics, dict) and "batches" in statistics:
+        return {**statistics, "batches": gathered_batches(trainer, statistics["batches"], device)}
 
     def reduce(tensor: Tensor) -> Tensor:
         return trainer.strategy.reduce(tensor.to(device), reduce_op="sum").cpu()
 
     return reduce_statistics(statistics, reduce)
+
+
+def gathered_batches(trainer: pl.Trainer, batches: list[Any], device: torch.device) -> list[Any]:
+    """Each of ``batches`` with its tensors concatenated over the ranks along the batch dimension (rank order);
+    the ranks must hold as many batches of the same shapes (a distributed sampler's are)."""
+    count = torch.tensor([len(batches)], device=device)
+    counts = trainer.strategy.all_gather(count).reshape(-1).tolist()
+    if len(set(counts)) != 1:
+        raise PruningError(
+            f"ranks hold different numbers of calibration batches ({counts}): `calibration_batches` needs as "
+            "many training batches on every rank."
+        )
+
+    def gather(tensor: Tensor) -> Tensor:
+        shape = torch.tensor(tensor.shape, device=device)
+        shapes = trainer.strategy.all_gather(shape).reshape(trainer.world_size, -1)
+        if not bool((shapes == shapes[0]).all()):
+            raise PruningError(
+                f"ranks hold calibration batches of different shapes ({shapes.tolist()}): use a training loader "
+                "whose batches have one shape on every rank (drop_last=True, windows of one length)."
+            )
+        gathered = trainer.strategy.all_gather(tensor.to(device))
+        return gathered.reshape(-1, *tensor.shape[1:]).to(tensor.device)
+
+    return [apply_to_collection(batch, Tensor, gather) for batch in batches]
 
 
 def check_same_cut(trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
