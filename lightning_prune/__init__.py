@@ -9,6 +9,7 @@ from lightning_prune.budget import DenseSize
 from lightning_prune.cuts import Cut, Drop, Step
 from lightning_prune.depth import LayerPruningResult, angular_distances, find_blocks, prune_layers
 from lightning_prune.errors import PruningError, RecordError, TraceError, VerificationError
+from lightning_prune.export import ExportCheck, OnnxModule, export_onnx, export_program
 from lightning_prune.fixups import register_layer
 from lightning_prune.graph.groups import DependencyGraph, Group, Slot, build_graph
 from lightning_prune.graph.module_rules import register_module_rule
@@ -71,11 +72,13 @@ __all__ = [
     "DependencyGraph",
     "DigitsDataModule",
     "Drop",
+    "ExportCheck",
     "Group",
     "ImageClassifier",
     "LayerChange",
     "LayerPruningResult",
     "NetworkSlimming",
+    "OnnxModule",
     "Plan",
     "PrunableModule",
     "PruningError",
@@ -103,6 +106,8 @@ __all__ = [
     "default_language_model",
     "drop_angular",
     "drop_deepest",
+    "export_onnx",
+    "export_program",
     "find_blocks",
     "finetune",
     "flap",

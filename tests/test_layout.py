@@ -54,7 +54,7 @@ LAYERS = [
     ["surgery"],
     ["record", "verify"],
     ["budget"],
-    ["api", "depth", "saving"],
+    ["api", "depth", "saving", "export"],
     ["methods"],
     ["integrations"],
     ["callbacks", "data", "models"],
