@@ -17,10 +17,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from nets import removed_zeroed
 
 import lightning_prune as lp
+from lightning_prune import apply_cuts, plan_cuts
 from lightning_prune.errors import PruningError
+from lightning_prune.importance import ScoringContext, get_criterion, score
 from lightning_prune.integrations.hf_families import FEED_FORWARD, FUSED_HEADS, HEAD_SIZE, QUERY, family
+from lightning_prune.selection import select
 
 transformers = pytest.importorskip("transformers")
 StrictDataclassError = pytest.importorskip("huggingface_hub.errors").StrictDataclassError  # what the config raises
@@ -36,7 +40,6 @@ GEMMA = {"head_dim": 6, "query_pre_attn_scalar": 6}
 
 # The family's code computes the head size as `hidden // heads`: fewer heads over the whole stream reload wrong.
 HEAD_SIZE_FROM_HIDDEN = "its code computes the head size as"
-PER_HEAD_NORM = "RMSNorm over multi-dimensional channel labels"  # q_norm/k_norm: per head, issue 12 lists it
 FUSED_SPLIT = "`getitem` selects part of a channel dimension"  # Phi3's qkv_proj, split by slicing
 SILENT = ""  # GPT-NeoX: its per-head interleaved query_key_value is left whole, and no reason is listed
 FALCON = "FalconLinear computes `input @ self.weight.T` itself: no rule traces it, nothing is cut, no reason listed"
@@ -69,12 +72,10 @@ FAMILIES = {
     "llama": Expected("LlamaConfig", STANDARD),
     "mistral": Expected("MistralConfig", STANDARD),
     "qwen2": Expected("Qwen2Config", STANDARD),
-    "qwen3": Expected("Qwen3Config", {**STANDARD, "head_dim": 6}, heads=PER_HEAD_NORM),
+    "qwen3": Expected("Qwen3Config", {**STANDARD, "head_dim": 6}),
     "gemma": Expected("GemmaConfig", {**STANDARD, "head_dim": 6}),
     "gemma2": Expected("Gemma2Config", {**STANDARD, **GEMMA}),
-    "gemma3_text": Expected(
-        "Gemma3TextConfig", {**STANDARD, **GEMMA}, heads=PER_HEAD_NORM, round_trip=(True, STRICT_CONFIG)
-    ),
+    "gemma3_text": Expected("Gemma3TextConfig", {**STANDARD, **GEMMA}),
     "phi": Expected("PhiConfig", {**STANDARD, "hidden_size": 64}),  # head size 8: its rotary half must be even
     "phi3": Expected("Phi3Config", STANDARD, heads=FUSED_SPLIT),
     "olmo": Expected("OlmoConfig", STANDARD, stream="`layer_norm` without affine parameters"),
@@ -206,6 +207,28 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     model(input_ids=tokens, labels=tokens).loss.backward()
     optimizer.step()
+
+
+# Families whose heads carry something of their own that a cut must keep exact: per-head q_norm/k_norm.
+EQUIVALENT = ["llama", "qwen3", "gemma3_text"]
+
+
+@pytest.mark.parametrize("name", EQUIVALENT)
+def test_removed_heads_and_neurons_compute_what_zeroed_ones_do(name: str) -> None:
+    model = build(name)
+    example = {"input_ids": ids(), "use_cache": False}
+    graph = lp.build_graph(model, example)
+    scores = score(graph.groups, ScoringContext(model), get_criterion("l1"))
+    scores = [None if g.normalized else s for g, s in zip(graph.groups, scores, strict=True)]  # heads, FFN
+    plan = select(graph.groups, scores, 0.25, scope="local")
+    reference = removed_zeroed(model, graph, plan)  # every reader of a removed head or neuron reads zero
+    query, ffn, hidden = measured(model)
+    cuts = plan_cuts(graph, plan)
+    apply_cuts(model, cuts)
+    assert measured(model) == (query * 3 // 4, ffn * 3 // 4, hidden)
+    lp.verify_pruned(model, example, graph, cuts)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**example).logits, reference(**example).logits, atol=1e-5, rtol=0)
 
 
 def test_a_config_that_checks_divisibility_keeps_its_heads_and_the_saved_shapes_say_the_rest(tmp_path) -> None:

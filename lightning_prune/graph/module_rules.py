@@ -65,11 +65,23 @@ def _rms_norm(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) ->
         return
     labels = b.label(source)
     if L.varying_dims(labels) - {source.ndim - 1}:
-        b.freeze(labels, f"{type(module).__name__} over multi-dimensional channel labels")
+        _per_row_norm(b, module, labels, output)
         return
     channels = b.along(source, -1)
     b.normalized.append(channels)
     b.slot(module.weight, 0, "follow", channels)
+    b.set(output, labels)
+
+
+def _per_row_norm(b: TraceBuilder, module: nn.Module, labels: Tensor, output: Tensor) -> None:
+    """An RMSNorm over the last dimension of an input whose channels vary along other dimensions too: a
+    per-head ``q_norm``/``k_norm`` (Qwen3, Gemma 3, OLMo 2 style) normalises each head's features on their own.
+
+    Each row of the last dimension is normalised by itself, so removing whole rows (whole heads) changes
+    nothing in the rows left, and the weight, shared by all rows, is not sliced. Only the last dimension must
+    keep its size: its classes may not vary along it (a head's features go together or not at all).
+    """
+    b.require(labels, {labels.ndim - 1}, f"{type(module).__name__} normalises each row of its last dimension")
     b.set(output, labels)
 
 
