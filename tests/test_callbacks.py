@@ -128,6 +128,23 @@ def test_params_drop_exactly_at_the_scheduled_epochs(tmp_path) -> None:
     assert pruning.done[1]["amount"] == 0.2 and pruning.done[3]["amount"] == 0.6
 
 
+def test_training_in_chunks_runs_the_steps_beyond_max_epochs_when_training_continues(tmp_path) -> None:
+    pruning = StructuredPruning(0.6, schedule={1: 0.2, 3: 0.6}, log_table=False)
+    saving = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    first = trainer(tmp_path, [pruning, saving], epochs=2, enable_checkpointing=True)
+    with pytest.warns(UserWarning, match=r"steps at epochs \[3\] are at or beyond `max_epochs`=2.*only if training"):
+        first.fit(small_model(), DigitsDataModule())
+    assert list(pruning.done) == [1] and pruning.dense.removed == round(0.2 * pruning.dense.units)
+
+    continued = StructuredPruning(0.6, schedule={1: 0.2, 3: 0.6}, log_table=False)
+    model = small_model()  # dense: the checkpoint's record cuts it before the weights load
+    second = trainer(tmp_path, [continued], epochs=6)
+    second.fit(model, DigitsDataModule(), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert list(continued.done) == [1, 3] and second.current_epoch == 6
+    assert continued.dense.removed == round(0.6 * continued.dense.units)
+    assert len(applied_record(model)["steps"]) == 2
+
+
 def test_optimizer_state_survives_each_step(tmp_path) -> None:
     class Snapshot(Callback):
         def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -297,7 +314,6 @@ def test_a_schedule_that_prunes_nothing_warns_at_construction(arguments: dict) -
 @pytest.mark.parametrize(
     ("callbacks", "model", "message"),
     [
-        ([StructuredPruning(schedule="oneshot", start_epoch=3)], None, "step at epoch 3 but `max_epochs` is 3"),
         ([StructuredPruning(importance="bn_scale")], "torchvision:squeezenet1_1", "has no BatchNorm layer"),
         ([NetworkSlimming()], "torchvision:squeezenet1_1", "no affine BatchNorm layer"),
         ([NetworkSlimming(include=["head.*"])], None, r"matches `include`=\['head\.\*'\]"),

@@ -128,14 +128,15 @@ class StructuredPruning(Callback):
     first training batch of the run (its first 8 rows).
 
     Raises:
-        PruningError: bad arguments at construction; in ``setup`` a schedule epoch at or beyond
-            ``max_epochs``, ``ignore`` names matching nothing, ``"bn_scale"`` on a model without
-            BatchNorm, or an unsupported strategy.
+        PruningError: bad arguments at construction; in ``setup`` ``ignore`` names matching nothing,
+            ``"bn_scale"`` on a model without BatchNorm, or an unsupported strategy.
 
     Warns:
         UserWarning: at construction, when every amount of the schedule is 0 (nothing would be pruned); in
             ``setup``, when the trainer writes checkpoints of a module that is not a
-            :class:`~lightning_prune.PrunableModule` (its own ``load_from_checkpoint`` would fail on them).
+            :class:`~lightning_prune.PrunableModule` (its own ``load_from_checkpoint`` would fail on them), and
+            when steps of the schedule lie at or beyond ``max_epochs``: they run when a later
+            ``fit(..., ckpt_path=...)`` with more epochs continues the run (training in chunks).
 
     Example::
 
@@ -234,12 +235,13 @@ class StructuredPruning(Callback):
         if stage != "fit":
             return
         check_strategy(trainer)
-        last = max(self.steps)
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and last >= trainer.max_epochs:
-            raise PruningError(
-                f"the pruning schedule has a step at epoch {last} but `max_epochs` is {trainer.max_epochs} "
-                f"(epochs are 0-based): no step would run at or after epoch {trainer.max_epochs}. Lower "
-                "`end_epoch`/`start_epoch`/the schedule epochs or raise `max_epochs`."
+        limit = trainer.max_epochs
+        later = [epoch for epoch in sorted(self.steps) if limit is not None and 0 <= limit <= epoch]
+        if later:  # training in chunks: a later fit(..., ckpt_path=...) with more epochs runs them
+            rank_zero_warn(
+                f"StructuredPruning: the schedule's steps at epochs {later} are at or beyond `max_epochs`={limit} "
+                "(epochs are 0-based): they run only if training continues, e.g. "
+                f"`Trainer(max_epochs={later[-1] + 1}).fit(model, ckpt_path='last')`."
             )
         self.method.check(pl_module, None)
         reference = weakref.ref(trainer)
