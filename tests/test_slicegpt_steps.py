@@ -126,3 +126,25 @@ def test_a_record_with_an_unknown_or_malformed_rewrite_is_refused_and_the_model_
     with pytest.raises(lp.RecordError, match="`options` of plain data"):
         lp.restore(fresh, malformed)
     assert all(torch.equal(before[name], tensor) for name, tensor in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_the_slicegpt_experiment_saves_a_model_that_reloads_to_the_reported_perplexity(tmp_path, per_layer) -> None:
+    import yaml
+    from test_hydra import CLI, CONF, FAST, TINY_LM, read_results, run
+
+    variant = [f"callbacks.pruning.options.per_layer={str(per_layer).lower()}"]
+    command = [*CLI, "experiment=slicegpt", "debug=smoke", *TINY_LM, *FAST, *variant, f"hydra.run.dir={tmp_path}"]
+    done = run(command, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_results(tmp_path)
+    assert results["model"]["stock_from_pretrained"] is not per_layer
+    model = lp.from_pretrained(results["model"]["path"])
+    assert model.config.hidden_size == 24  # 25% of the 32 dimensions, a multiple of 8
+    assert hasattr(model.model.layers[0], "attention_shortcut") == per_layer
+    data = lp.CausalLMDataModule(window=32, tokenizer=results["model"]["path"])
+    data.setup()
+    batch_size = yaml.safe_load((CONF / "data" / "text.yaml").read_text())["batch_size"]
+    with torch.no_grad():
+        ppl = lp.perplexity(model, data.splits["test"].windows[:batch_size])
+    assert ppl == pytest.approx(results["final"]["perplexity"], rel=1e-4)
