@@ -1,5 +1,6 @@
 """What a pruning step removes, as plain data: :class:`Cut` (indices of one dimension of one tensor),
-:class:`Drop` (blocks of a block stack) and :class:`Step` (the cuts and drops of one pruning call).
+:class:`Drop` (blocks of a block stack), :class:`Rewrite` (a method's own change that is not a cut, replayed by
+name) and :class:`Step` (the cuts, drops and rewrites of one pruning call).
 
 Records (see :mod:`lightning_prune.record`) are lists of steps. Everything here is validated twice: on
 parsing (types, keys) and against a model's current shapes (:func:`check_steps`), before anything changes.
@@ -119,17 +120,54 @@ class Drop:
         return cls(module, size, keep)
 
 
+def _plain(value: object) -> bool:
+    """JSON-like data: what a checkpoint read with ``weights_only=True`` and a JSON file both hold."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+@dataclass
+class Rewrite:
+    """A change of ``kind`` that a step makes besides cuts and drops (SliceGPT: untie the head, set the norms' ε,
+    add shortcut matrices), described by ``options`` (plain data) and replayed by the function registered under
+    ``kind`` in :data:`lightning_prune.fixups.REWRITES`. The values it sets are absolute: replaying twice is
+    replaying once."""
+
+    kind: str
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "options": dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "record") -> Rewrite:
+        if not isinstance(data, dict) or set(data) != {"kind", "options"}:
+            raise RecordError(f"{where}: a rewrite must be a dict with keys kind, options; got {shown(data)}")
+        if not isinstance(data["kind"], str) or not isinstance(data["options"], dict) or not _plain(data["options"]):
+            raise RecordError(
+                f"{where}: a rewrite needs a `kind` string and `options` of plain data (dicts, lists, numbers, "
+                f"strings); got {shown(data)}"
+            )
+        return cls(data["kind"], dict(data["options"]))
+
+
 @dataclass
 class Step:
-    """One pruning call: channel cuts (applied first), then layer drops."""
+    """One pruning call: channel cuts (applied first), then layer drops, then rewrites."""
 
     cuts: list[Cut] = field(default_factory=list)
     drops: list[Drop] = field(default_factory=list)
+    rewrites: list[Rewrite] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         step: dict = {"cuts": [cut.to_dict() for cut in self.cuts]}
         if self.drops:
             step["layers"] = [drop.to_dict() for drop in self.drops]
+        if self.rewrites:
+            step["rewrites"] = [rewrite.to_dict() for rewrite in self.rewrites]
         return step
 
 

@@ -5,7 +5,9 @@ After surgery a layer's tensors have their new shapes but its attributes (``in_c
 from the tensors, or returns a module to put in the layer's place when its class cannot express the new
 shape. Fixups are registered by module class, or by the class's qualified name (``"package.module.Class"``)
 for libraries that are not imported; a subclass uses its closest registered base. *Drop fixups*
-``fixup(model, drop)`` run after blocks leave a block stack (a config that counts layers, say).
+``fixup(model, drop)`` run after blocks leave a block stack (a config that counts layers, say). *Rewrites*
+``rewrite(model, options)`` replay a method's own changes that are not cuts (:class:`~lightning_prune.cuts.Rewrite`),
+registered by the method under its kind.
 
 This module owns the registries and the fixups of ``torch.nn``'s own layers; each library's layers are
 registered by its file in :mod:`lightning_prune.integrations`.
@@ -17,7 +19,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_prune.cuts import Drop
+from lightning_prune.cuts import Drop, Rewrite
 from lightning_prune.registry import Registry
 
 LayerFixup = Callable[[nn.Module], "nn.Module | None"]
@@ -27,6 +29,15 @@ LAYER_FIXUPS: Registry[type | str, LayerFixup] = Registry(
     "layer fixup", "Register one with lightning_prune.register_layer(module_type, fixup)."
 )
 DROP_FIXUPS: Registry[str, DropFixup] = Registry("drop fixup")
+REWRITES: Registry[str, Callable[[nn.Module, dict], None]] = Registry(
+    "rewrite", "The method that wrote the record registers its kind when it is imported (lightning_prune.methods)."
+)
+
+
+def apply_rewrites(model: nn.Module, rewrites: list[Rewrite]) -> None:
+    """Replay ``rewrites`` on ``model``, each through the function registered under its kind."""
+    for rewrite in rewrites:
+        REWRITES[rewrite.kind](model, rewrite.options)
 
 
 def register_layer(module_type: type | str, fixup: LayerFixup, *, replace: bool = False) -> None:

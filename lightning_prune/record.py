@@ -1,8 +1,8 @@
 """Pruning records: what was removed, as plain data that survives ``torch.load(weights_only=True)``.
 
 A record is ``{"format": "lightning-prune/record", "version": 1, "steps": [{"cuts": [...]}, ...]}``;
-each step lists the cuts of one pruning call (and ``"layers"``: blocks dropped from block stacks), in
-order, relative to the model as it was then.
+each step lists the cuts of one pruning call (and ``"layers"``: blocks dropped from block stacks;
+``"rewrites"``: a method's own changes, replayed by kind), in order, relative to the model as it was then.
 :func:`restore` replays a record on a freshly built dense model so that the pruned ``state_dict``
 loads into it. Records are validated completely (and rehearsed on a meta copy of the model) before the
 first tensor changes.
@@ -15,8 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from lightning_prune.cuts import Cut, Drop, Step, check_steps
+from lightning_prune.cuts import Cut, Drop, Rewrite, Step, check_steps
 from lightning_prune.errors import PruningError, RecordError, shown
+from lightning_prune.fixups import REWRITES
 from lightning_prune.running import meta_clone
 from lightning_prune.surgery import apply_step
 
@@ -63,13 +64,12 @@ def parse_record(record: Any, where: str = "record") -> list[Step]:
     for number, step in enumerate(steps):
         if not isinstance(step, Mapping) or not isinstance(step.get("cuts"), list):
             raise RecordError(f"{where}: step {number} must be a dict with a list of `cuts`.")
-        layers = step.get("layers", [])
-        if not isinstance(layers, list):
-            raise RecordError(f"{where}: step {number}: `layers` must be a list of layer drops.")
+        layers, rewrites = step.get("layers", []), step.get("rewrites", [])
+        if not isinstance(layers, list) or not isinstance(rewrites, list):
+            raise RecordError(f"{where}: step {number}: `layers` and `rewrites` must be lists.")
         here = f"{where} step {number}"
-        parsed.append(
-            Step([Cut.from_dict(cut, here) for cut in step["cuts"]], [Drop.from_dict(d, here) for d in layers])
-        )
+        cuts, drops = [Cut.from_dict(cut, here) for cut in step["cuts"]], [Drop.from_dict(d, here) for d in layers]
+        parsed.append(Step(cuts, drops, [Rewrite.from_dict(r, here) for r in rewrites]))
     return parsed
 
 
@@ -82,6 +82,12 @@ def check_record(model: nn.Module, record: Any, where: str = "record") -> list[S
     """
     steps = parse_record(record, where)
     check_steps(model, steps, where)
+    unknown = sorted({r.kind for step in steps for r in step.rewrites if r.kind not in REWRITES})
+    if unknown:
+        raise RecordError(
+            f"{where}: rewrites of kind {unknown} are not registered (known: {sorted(REWRITES)}). Import the method "
+            "that wrote the record (`import lightning_prune` registers the built-in ones)."
+        )
     rehearsal = meta_clone(model)
     try:
         for step in steps:

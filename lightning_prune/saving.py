@@ -6,7 +6,8 @@ Where layers differ (global selection, FLAP, layers left whole), no config value
 :func:`save_pretrained` then writes, beside the weights, ``lightning_prune.json`` with the shape of every
 tensor that differs from what the config builds, and :func:`from_pretrained` builds the model from its
 config, cuts it to those shapes (through the same surgery as pruning, so every layer's attributes follow)
-and loads the weights. The file also says which case a folder is in (``"stock"``).
+and loads the weights. The file also says which case a folder is in (``"stock"``), and lists a method's
+rewrites that shapes cannot say (``"rewrites"``: SliceGPT's shortcut matrices), replayed before the cut.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.cuts import Cut, Step
+from lightning_prune.cuts import Cut, Rewrite, Step
 from lightning_prune.errors import PruningError
+from lightning_prune.fixups import apply_rewrites
 from lightning_prune.running import named_tensors
 from lightning_prune.surgery import apply_step
 
@@ -86,7 +88,8 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: Any = None)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
         differences = _differences(_built_shapes(model.config), _shapes(model))
-        manifest = {"format": FORMAT, "stock": not differences, "shapes": differences}
+        rewrites = list(getattr(model, "_lightning_prune_rewrites", []))  # set by a method (SliceGPT)
+        manifest = {"format": FORMAT, "stock": not differences, "shapes": differences, "rewrites": rewrites}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -161,6 +164,8 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> nn.
     config = AutoConfig.from_pretrained(folder)
     state = _saved_state(folder)
     model = _architecture(config)(config)
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
+    apply_rewrites(model, [Rewrite.from_dict(r, f"'{folder / MANIFEST}'") for r in manifest.get("rewrites", [])])
     _cut_to(model, _differences(_shapes(model), {k: tuple(v.shape) for k, v in state.items()}), f"'{folder}'")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.cuts import Cut, Drop, Step, check_cuts
-from lightning_prune.fixups import DROP_FIXUPS, fixup_for
+from lightning_prune.fixups import DROP_FIXUPS, apply_rewrites, fixup_for
 from lightning_prune.running import named_tensors, tensor_owners
 from lightning_prune.slicing import slice_tensor, unslice_tensor
 
@@ -50,6 +50,7 @@ def apply_step(model: nn.Module, step: Step, optimizers: Iterable[torch.optim.Op
     if step.cuts:
         apply_cuts(model, step.cuts, optimizers)
     apply_drops(model, step.drops, optimizers)
+    apply_rewrites(model, step.rewrites)
 
 
 @dataclass

@@ -15,7 +15,15 @@ Register a new one with ``METHODS.register(name, factory)`` (:mod:`base`); ``fac
 callback's method options.
 """
 
-from lightning_prune.methods import channels, depth_methods, flap, layers, llm_pruner, recovery  # noqa: F401  (built-ins)
+from lightning_prune.methods import (  # noqa: F401  (built-ins)
+    channels,
+    depth_methods,
+    flap,
+    layers,
+    llm_pruner,
+    recovery,
+    slicegpt_step,
+)
 from lightning_prune.methods.base import METHODS, Method, StepResult, get_method
 
 __all__ = ["METHODS", "Method", "StepResult", "get_method"]

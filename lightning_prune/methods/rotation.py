@@ -128,7 +128,8 @@ def stream_layout(model: nn.Module) -> StreamLayout:
     return layout
 
 
-def _eps_attribute(norm: nn.Module) -> str | None:
+def eps_attribute(norm: nn.Module) -> str | None:
+    """The name of the attribute holding an RMS norm's ε (None if it has none)."""
     return next((a for a in ("variance_epsilon", "eps") if isinstance(getattr(norm, a, None), float)), None)
 
 
@@ -138,7 +139,7 @@ def check_norms(model: nn.Module, layout: StreamLayout) -> None:
     for site in layout.sites:
         norm = model.get_submodule(site.norm)
         weight = getattr(norm, "weight", None)
-        attribute = _eps_attribute(norm)
+        attribute = eps_attribute(norm)
         fits = isinstance(weight, Tensor) and weight.ndim == 1 and getattr(norm, "bias", None) is None
         if fits and attribute is not None:
             eps = getattr(norm, attribute)
@@ -204,7 +205,7 @@ def rotate_readers(model: nn.Module, site: Site, basis: Tensor) -> None:
         norm = model.get_submodule(site.norm)
         scale = math.sqrt(width / kept) * norm.weight.detach()[0]  # the fused norm's weight is one constant
         norm.weight.data = torch.full((kept,), float(scale), dtype=norm.weight.dtype, device=norm.weight.device)
-    attribute = _eps_attribute(norm)
+    attribute = eps_attribute(norm)
     setattr(norm, attribute, getattr(norm, attribute) * width / kept)
 
 
@@ -226,7 +227,7 @@ def narrow_config(model: nn.Module, layout: StreamLayout, kept: int) -> None:
     config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     config.hidden_size = kept
     final = model.get_submodule(layout.sites[-1].norm)
-    config.rms_norm_eps = getattr(final, _eps_attribute(final))
+    config.rms_norm_eps = getattr(final, eps_attribute(final))
 
 
 def rotate_stream(model: nn.Module, layout: StreamLayout, basis: Tensor) -> None:

@@ -34,11 +34,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.cuts import Rewrite
 from lightning_prune.errors import PruningError
+from lightning_prune.fixups import REWRITES
 from lightning_prune.language import check_windows
 from lightning_prune.measure import count_params
 from lightning_prune.methods import rotation
@@ -46,6 +49,7 @@ from lightning_prune.methods.rotation import StreamLayout
 from lightning_prune.running import observe
 
 SMALLEST = 8  # fewer kept directions than this is not a model worth keeping
+KIND = "slicegpt"  # the kind of its rewrites in records and in lightning_prune.json
 
 
 @dataclass
@@ -69,9 +73,13 @@ def kept_width(width: int, amount: float, round_to: int) -> int:
     return min(width, round_to * math.floor((1 - amount) * width / round_to + 0.5))
 
 
-def stream_covariance(model: nn.Module, norms: Sequence[str], calibration: Tensor, batch_size: int) -> Tensor:
-    """``Σ xᵀx`` in float64 over every token of ``calibration`` at the input of each of ``norms``, each token ``x``
-    scaled to unit RMS (what the norm passes on, before its scale)."""
+def _batches(calibration: Tensor, batch_size: int) -> list[dict[str, Any]]:
+    return [{"input_ids": chunk, "use_cache": False} for chunk in calibration.split(batch_size)]
+
+
+def stream_covariance(model: nn.Module, norms: Sequence[str], batches: Sequence[Any]) -> Tensor:
+    """``Σ xᵀx`` in float64 over every token of ``batches`` (model inputs) at the input of each of ``norms``, each
+    token ``x`` scaled to unit RMS (what the norm passes on, before its scale)."""
     total: Tensor | None = None
 
     def accumulate(module: nn.Module, inputs: tuple) -> None:
@@ -82,7 +90,6 @@ def stream_covariance(model: nn.Module, norms: Sequence[str], calibration: Tenso
         total = product if total is None else total + product
 
     handles = [model.get_submodule(norm).register_forward_pre_hook(accumulate) for norm in norms]
-    batches = [{"input_ids": chunk, "use_cache": False} for chunk in calibration.split(batch_size)]
     observe(model, batches, handles)
     assert total is not None, "the calibration windows reached no norm"
     return total
@@ -91,12 +98,13 @@ def stream_covariance(model: nn.Module, norms: Sequence[str], calibration: Tenso
 class _Principal:
     """The leading ``kept`` eigenvectors of damped ``XᵀX`` at some norms, and what share of ``XᵀX`` they keep."""
 
-    def __init__(self, model: nn.Module, calibration: Tensor, kept: int, damping: float, batch_size: int) -> None:
-        self.model, self.calibration, self.kept, self.damping = model, calibration, kept, damping
-        self.batch_size, self.eigenvalues, self.kept_shares = batch_size, [], []
+    def __init__(self, model: nn.Module, batches: Sequence[Any], kept: int, damping: float) -> None:
+        self.model, self.batches, self.kept, self.damping = model, batches, kept, damping
+        self.eigenvalues: list[Tensor] = []
+        self.kept_shares: list[float] = []
 
     def __call__(self, norms: Sequence[str]) -> Tensor:
-        covariance = stream_covariance(self.model, norms, self.calibration, self.batch_size)
+        covariance = stream_covariance(self.model, norms, self.batches)
         identity = torch.eye(covariance.shape[0], dtype=torch.float64)
         eigenvalues, vectors = torch.linalg.eigh(covariance + self.damping * covariance.diagonal().mean() * identity)
         order = eigenvalues.argsort(descending=True)
@@ -147,6 +155,56 @@ def _check_width(model: nn.Module, kept: int, amount: float, round_to: int) -> N
         ) from error
 
 
+def check_options(round_to: Any, damping: Any, amount: Any = 0.0) -> None:
+    """What SliceGPT's arguments must be on any model."""
+    if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 <= amount < 1:
+        raise PruningError(f"`amount` is the fraction of the stream to remove, in [0, 1); got {amount!r}.")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise PruningError(f"`round_to` must be a positive integer; got {round_to!r}.")
+    if isinstance(damping, bool) or not isinstance(damping, int | float) or damping < 0:
+        raise PruningError(f"`damping` must be ≥ 0 (a fraction of the mean of XᵀX's diagonal); got {damping!r}.")
+
+
+def check_model(model: nn.Module) -> StreamLayout:
+    """The stream of ``model`` if SliceGPT can slice it (a known family, RMS norms, not sliced per layer yet)."""
+    layout = rotation.stream_layout(model)
+    rotation.check_norms(model, layout)
+    if rotation.has_shortcuts(model, layout):
+        raise PruningError(
+            "`model` was already sliced with `per_layer=True`: its shortcut matrices would not follow a second "
+            "slicing. Slice the dense model once with the amount you want in all."
+        )
+    return layout
+
+
+def slice_to(
+    model: nn.Module, batches: Sequence[Any], kept: int, *, amount: float, round_to: int = 8, damping: float = 0.01,
+    per_layer: bool = False,
+) -> SliceResult:  # fmt: skip
+    """:func:`slicegpt` to ``kept`` dimensions on ``batches`` (model inputs with ``input_ids``); ``amount`` and
+    ``round_to`` only name the request in errors."""
+    layout = check_model(model)
+    width = model.get_submodule(layout.embeddings).weight.shape[1]
+    _check_width(model, kept, amount, round_to)
+    tokens = sum(batch["input_ids"].numel() for batch in batches)
+    if tokens < width:
+        length = max(batch["input_ids"].shape[-1] for batch in batches)
+        raise PruningError(
+            f"`calibration` holds {tokens} tokens, fewer than the stream's {width} dimensions: XᵀX "
+            f"would be rank-deficient and its trailing directions arbitrary. Give at least {width} tokens "
+            f"(e.g. {math.ceil(width / length)} windows of {length})."
+        )
+    principal = _Principal(model, batches, kept, damping)
+    before = count_params(model)
+    if per_layer:
+        _per_layer(model, layout, principal)
+    else:
+        rotation.rotate_stream(model, layout, principal([site.norm for site in layout.sites]))
+    model._lightning_prune_rewrites = [rewrite_of(model).to_dict()]  # what lightning_prune.save_pretrained writes
+    shares = principal.kept_shares
+    return SliceResult(before, count_params(model), width, kept, sum(shares) / len(shares), principal.eigenvalues)
+
+
 def slicegpt(
     model: nn.Module, calibration: Tensor, amount: float, *, round_to: int = 8, damping: float = 0.01,
     batch_size: int = 8, per_layer: bool = False,
@@ -172,50 +230,68 @@ def slicegpt(
     Example::
 
         result = lp.slicegpt(model, data.calibration(128, 128), 0.25)
-        model.save_pretrained(folder)  # AutoModelForCausalLM.from_pretrained(folder) reads it back
+        lp.save_pretrained(model, folder)  # single basis: AutoModelForCausalLM.from_pretrained(folder) reads it
+        model = lp.from_pretrained(folder)  # either variant
     """
-    if not isinstance(amount, int | float) or not 0 <= amount < 1:
-        raise PruningError(f"`amount` is the fraction of the stream to remove, in [0, 1); got {amount!r}.")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise PruningError(f"`round_to` must be a positive integer; got {round_to!r}.")
-    if not isinstance(damping, int | float) or damping < 0:
-        raise PruningError(f"`damping` must be ≥ 0 (a fraction of the mean of XᵀX's diagonal); got {damping!r}.")
-    layout = rotation.stream_layout(model)
-    rotation.check_norms(model, layout)
-    if rotation.has_shortcuts(model, layout):
-        raise PruningError(
-            "`model` was already sliced with `per_layer=True`: its shortcut matrices would not follow a second "
-            "slicing. Slice the dense model once with the amount you want in all."
-        )
+    check_options(round_to, damping, amount)
+    layout = check_model(model)
     try:
         check_windows(model, calibration, "calibration")
     except ValueError as error:
         raise PruningError(str(error)) from error
-    width = model.get_submodule(layout.embeddings).weight.shape[1]
-    kept = kept_width(width, amount, round_to)
-    _check_width(model, kept, amount, round_to)
-    if calibration.numel() < width:
-        raise PruningError(
-            f"`calibration` holds {calibration.numel()} tokens, fewer than the stream's {width} dimensions: XᵀX "
-            f"would be rank-deficient and its trailing directions arbitrary. Give at least {width} tokens "
-            f"(e.g. {math.ceil(width / calibration.shape[1])} windows of {calibration.shape[1]})."
-        )
-    principal = _Principal(model, calibration, kept, damping, batch_size)
-    before = count_params(model)
-    if per_layer:
-        _per_layer(model, layout, principal)
-    else:
-        rotation.rotate_stream(model, layout, principal([site.norm for site in layout.sites]))
-    shares = principal.kept_shares
-    return SliceResult(before, count_params(model), width, kept, sum(shares) / len(shares), principal.eigenvalues)
+    kept = kept_width(model.get_submodule(layout.embeddings).weight.shape[1], amount, round_to)
+    return slice_to(
+        model, _batches(calibration, batch_size), kept, amount=amount, round_to=round_to, damping=damping,
+        per_layer=per_layer,
+    )  # fmt: skip
+
+
+def rewrite_of(model: nn.Module, prefix: str = "") -> Rewrite:
+    """What a sliced ``model`` (at ``prefix`` inside the model a record is for) has that cuts to its shapes do not
+    rebuild: an untied head, the norms' ε, an explicit head size, the shortcut matrices (their shapes)."""
+    layout = rotation.stream_layout(model)
+    final = model.get_submodule(layout.sites[-1].norm)
+    shortcuts = {
+        f"{site.block}.{site.shortcut}": list(matrix.shape)
+        for site in layout.sites
+        if site.shortcut and (matrix := getattr(model.get_submodule(site.block), site.shortcut, None)) is not None
+    }
+    options = {"model": prefix, "head_dim": model.config.head_dim, "eps": getattr(final, rotation.eps_attribute(final))}
+    return Rewrite(KIND, {**options, "shortcuts": shortcuts})
+
+
+def replay(root: nn.Module, options: dict[str, Any]) -> None:
+    """Replay :func:`rewrite_of` on a model already cut to the sliced shapes (values: from its state dict)."""
+    model = root.get_submodule(options["model"])
+    layout = rotation.stream_layout(model)
+    rotation.untie_head(model, layout)
+    for site in layout.sites:
+        norm = model.get_submodule(site.norm)
+        setattr(norm, rotation.eps_attribute(norm), float(options["eps"]))
+    model.config.rms_norm_eps = float(options["eps"])
+    model.config.head_dim = int(options["head_dim"])
+    model.config.hidden_size = model.get_submodule(layout.embeddings).weight.shape[1]
+    if options["shortcuts"]:
+        rotation.add_shortcuts(model, layout)
+        reference = model.get_submodule(layout.embeddings).weight
+        for site in layout.sites:
+            shape = options["shortcuts"].get(f"{site.block}.{site.shortcut}")
+            if site.shortcut and shape is not None:
+                rotation.set_shortcut(model, site, torch.zeros(shape, dtype=reference.dtype, device=reference.device))
+    model._lightning_prune_rewrites = [rewrite_of(model).to_dict()]
+
+
+REWRITES.register(KIND, replay)
 
 
 def load_sliced(folder: str | Path) -> nn.Module:
-    """Load a ``save_pretrained`` folder of a model sliced with ``per_layer=True``, in eval mode.
+    """Load a folder of a model sliced with ``per_layer=True`` that its own ``save_pretrained`` wrote, in eval mode
+    (:func:`lightning_prune.save_pretrained` folders load with :func:`lightning_prune.from_pretrained`).
 
     Its decoder layers hold shortcut matrices no stock class builds (``from_pretrained`` would drop them with a
-    warning, and :func:`lightning_prune.from_pretrained` refuses them): the model is built from the saved config,
-    given its shortcuts at the saved shapes, and loaded strictly. A single-Q folder loads here too.
+    warning, and :func:`lightning_prune.from_pretrained` refuses them without the manifest that names them): the
+    model is built from the saved config, given its shortcuts at the saved shapes, and loaded strictly. A
+    single-Q folder loads here too.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
