@@ -37,7 +37,7 @@ def summed_over_ranks(trainer: pl.Trainer, statistics: Statistics, device: torch
     """
     if trainer.world_size == 1:
         return statistics
-    if isinstance(statistics, dict) and "batches" in statistics:
+    if isinstance(statistics, dict) and isinstance(statistics.get("batches"), list):  # not a count of batches
         return {**statistics, "batches": gathered_batches(trainer, statistics["batches"], device)}
 
     def reduce(tensor: Tensor) -> Tensor:
