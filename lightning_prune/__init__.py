@@ -9,7 +9,7 @@ from lightning_prune.budget import DenseSize
 from lightning_prune.cuts import Cut, Drop, Step
 from lightning_prune.depth import LayerPruningResult, angular_distances, find_blocks, prune_layers
 from lightning_prune.errors import PruningError, RecordError, TraceError, VerificationError
-from lightning_prune.export import ExportCheck, OnnxModule, export_onnx, export_program
+from lightning_prune.export import ExportCheck, OnnxModule, export_onnx, export_pair, export_program
 from lightning_prune.fixups import register_layer
 from lightning_prune.graph.groups import DependencyGraph, Group, Slot, build_graph
 from lightning_prune.graph.module_rules import register_module_rule
@@ -107,6 +107,7 @@ __all__ = [
     "drop_angular",
     "drop_deepest",
     "export_onnx",
+    "export_pair",
     "export_program",
     "find_blocks",
     "finetune",

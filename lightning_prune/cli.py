@@ -39,6 +39,7 @@ from torch import nn
 from lightning_prune.callbacks import StructuredPruning
 from lightning_prune.callbacks.snapshot import KeepDense
 from lightning_prune.data import SplitDataModule
+from lightning_prune.export import EXPORTERS, export_pair
 from lightning_prune.measure import compare_latency, count_macs, count_params
 from lightning_prune.report import RESULTS
 
@@ -84,6 +85,7 @@ def check_config(cfg: DictConfig) -> None:
                 "epoch of the first step, after a 'validation_end' cut. Use when=train_epoch_end (the default) with "
                 "this entry point."
             )
+    check_export(plain.get("export") or {})
     metric = plain.get("optimized_metric")
     for name in [metric] if isinstance(metric, str) else metric or []:
         if name not in MEASURED and not name.startswith("test/"):
@@ -91,6 +93,18 @@ def check_config(cfg: DictConfig) -> None:
                 f"`optimized_metric` {name!r} is not something a run records: use one of {', '.join(MEASURED)} "
                 "or a metric the model logs in `test_step` (test/acc for ImageClassifier)."
             )
+
+
+def check_export(export: dict[str, Any]) -> None:
+    """Refuse an ``export`` block the run could not carry out, before anything trains."""
+    unknown = sorted(set(export) - {"onnx", "exporter"})
+    if unknown:
+        raise ConfigError(f"`export.{unknown[0]}` is not an export option: the options are `export.onnx` and "
+                          "`export.exporter`.")  # fmt: skip
+    if not isinstance(export.get("onnx", False), bool):
+        raise ConfigError(f"`export.onnx` must be true or false, got {export['onnx']!r}.")
+    if export.get("exporter", "dynamo") not in EXPORTERS:
+        raise ConfigError(f"`export.exporter` must be one of {', '.join(EXPORTERS)}, got {export['exporter']!r}.")
 
 
 def nodes_with_target(node: Any, key: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -225,6 +239,29 @@ def measure_language(model: pl.LightningModule, tested: dict[str, float], data: 
     }  # fmt: skip
 
 
+def export_models(
+    dense: pl.LightningModule, final: pl.LightningModule, data: Any, cfg: DictConfig, folder: Path
+) -> dict:
+    """Both models as checked ONNX files in ``folder`` and their ONNX Runtime latencies, timed in turns: one test
+    window of a language model (any batch and length), the test batch of an image model (any batch)."""
+    timing = cfg.get("measure") or {}
+    if is_language(cfg):
+        window = data.splits["test"].windows[:1]
+        models = (dense.model.cpu().eval(), final.model.cpu().eval())
+        inputs: Any = {"input_ids": window, "use_cache": False}
+        dims, checks = (
+            {0: "batch", 1: "sequence"},
+            [{"input_ids": window[:, : window.shape[1] // 2], "use_cache": False}],
+        )
+    else:
+        images = next(iter(data.test_dataloader()))[0]
+        models, inputs, dims, checks = (dense.cpu().eval(), final.cpu().eval()), images, {0: "batch"}, [images[:3]]
+    return export_pair(
+        *models, inputs, folder, exporter=cfg.export.exporter, dynamic_dims=dims, check_inputs=checks,
+        threads=timing.get("threads"), min_run_time=timing.get("min_run_time", 1.0),
+    )  # fmt: skip
+
+
 def summary(results: dict[str, Any], paths: list[tuple[str, Any]]) -> str:
     """The before/after table a run ends with, and where its files are."""
     dense, final = results["dense"], results["final"]
@@ -250,6 +287,11 @@ def summary(results: dict[str, Any], paths: list[tuple[str, Any]]) -> str:
         ratio = f"{results['latency_ratio']:.2f}x faster" if results["latency_resolved"] else "within noise"
         rows.append((f"latency (forward of {results['latency_batch']} images; IQR)", _milliseconds(dense),
                      _milliseconds(final), ratio))  # fmt: skip
+    if "export" in results:
+        onnx = results["export"]
+        told = f"{onnx['onnx_latency_ratio']:.2f}x faster" if onnx["onnx_latency_resolved"] else "within noise"
+        rows.append(("ONNX Runtime latency (IQR)", _milliseconds(onnx["onnx_latency_dense"], ""),
+                     _milliseconds(onnx["onnx_latency_final"], ""), told))  # fmt: skip
     width, cell = max(len(row[0]) for row in rows), max(14, *(len(value) for row in rows for value in row[1:3]))
     lines = [f"{'':{width}}  {'dense':>{cell}}  {'final':>{cell}}  change"]
     lines += [f"{name:{width}}  {before:>{cell}}  {after:>{cell}}  {change}" for name, before, after, change in rows]
@@ -261,8 +303,11 @@ def _spread(entry: dict[str, float]) -> str:
     return f"{entry['tokens_per_second']:.0f} [{entry['low']:.0f}-{entry['high']:.0f}]"
 
 
-def _milliseconds(entry: dict[str, float]) -> str:
-    return f"{entry['latency'] * 1e3:.2f} ms [{entry['latency_low'] * 1e3:.2f}-{entry['latency_high'] * 1e3:.2f}]"
+def _milliseconds(entry: dict[str, float], prefix: str = "latency_") -> str:
+    """``entry``'s median and interquartile range in ms: keys ``latency``/``latency_low``/``latency_high``, or
+    ``median``/``low``/``high`` with ``prefix=""``."""
+    median, low, high = entry["latency" if prefix else "median"], entry[f"{prefix}low"], entry[f"{prefix}high"]
+    return f"{median * 1e3:.2f} ms [{low * 1e3:.2f}-{high * 1e3:.2f}]"
 
 
 def checkpoint_paths(trainer: pl.Trainer) -> list[tuple[str, Any]]:
@@ -376,6 +421,8 @@ def train(cfg: DictConfig) -> float | list[float] | None:
             "latency_batch": len(images),
             "widths": {name: [width, final_widths[name]] for name, width in dense_widths.items()},
         }
+    if trainer.is_global_zero and (cfg.get("export") or {}).get("onnx"):
+        results["export"] = export_models(dense, model, data, cfg, folder)
     if trainer.is_global_zero:
         path = write_results(results, folder)
         print(summary(results, [("results", path), *checkpoint_paths(trainer), *model_path(results)]))

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.errors import PruningError
+from lightning_prune.measure import compare_latency
 from lightning_prune.running import ExampleInputs, preserved_state
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -266,6 +267,49 @@ class OnnxModule(nn.Module):
         outputs = self.session.run(None, {name: tensors[name].detach().cpu().numpy() for name in self.names})
         results = tuple(torch.from_numpy(array) for array in outputs)
         return results[0] if len(results) == 1 else results
+
+
+def export_pair(
+    dense: nn.Module,
+    final: nn.Module,
+    example_inputs: ExampleInputs,
+    folder: str | os.PathLike[str],
+    *,
+    exporter: str = "dynamo",
+    dynamic_dims: Mapping[int, str] | None = None,
+    check_inputs: Sequence[ExampleInputs] = (),
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+) -> dict[str, Any]:
+    """Export the dense and the final model to ``folder/dense.onnx`` and ``folder/model.onnx`` (each checked in
+    ONNX Runtime by :func:`export_onnx`), then time both there in turns on ``example_inputs``.
+
+    Returns:
+        What a run's ``results.json`` records under ``"export"``: the exporter, each file with its largest
+        deviation from the eager model, and the ONNX Runtime latencies (median, interquartile range) with their
+        ratio, told (``onnx_latency_resolved``) only where the ranges are apart.
+    """
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    checks = {
+        name: export_onnx(
+            model, example_inputs, target / f"{file}.onnx", exporter=exporter, dynamic_dims=dynamic_dims,
+            check_inputs=check_inputs,
+        )
+        for name, model, file in (("dense", dense, "dense"), ("final", final, "model"))
+    }  # fmt: skip
+    _, tensors, _, _ = _split(example_inputs)
+    sessions = [OnnxModule(check.path, threads) for check in checks.values() if check.path is not None]
+    timing = compare_latency(*sessions, tuple(tensors), threads=threads, min_run_time=min_run_time)
+    return {
+        "exporter": exporter,
+        **{name: {"path": str(check.path), "max_abs_error": check.max_abs_error} for name, check in checks.items()},
+        **{f"onnx_latency_{name}": {"median": spread.median, "low": spread.low, "high": spread.high}
+           for name, spread in (("dense", timing.dense), ("final", timing.pruned))},
+        "onnx_latency_ratio": timing.ratio,
+        "onnx_latency_resolved": timing.resolved,
+        "onnx_threads": timing.threads,
+    }  # fmt: skip
 
 
 def _onnxruntime() -> Any:

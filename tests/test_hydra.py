@@ -384,6 +384,7 @@ BAD = {
         ["data=cifar10", "model=resnet20", "data.root=nowhere"],
         ["nowhere' has no folder cifar-10-batches-py", "data.root="],
     ),
+    "unknown_exporter": (["export.onnx=true", "export.exporter=tflite"], ["`export.exporter` must be one of dynamo"]),
     "unsupported_when": (
         ["callbacks.pruning.when=validation_end"],
         ["`callbacks.pruning.when`='validation_end'", "when=train_epoch_end"],
@@ -417,6 +418,33 @@ def test_bad_config_fails_before_training(tmp_path: Path, overrides: list[str], 
 def test_config_check_names_the_key(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         check_config(compose_into(tmp_path, overrides))
+
+
+def test_export_writes_both_models_as_onnx_files_that_compute_what_the_run_measured(tmp_path: Path) -> None:
+    import onnx
+    import torch
+
+    import lightning_prune as lp
+
+    command = [*CLI, "debug=smoke", "export.onnx=true", "export.exporter=torchscript", *FAST]
+    done = run([*command, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_results(tmp_path / "run")
+    export = results["export"]
+    assert export["exporter"] == "torchscript" and export["onnx_latency_dense"]["median"] > 0
+    assert "ONNX Runtime latency (IQR)" in done.stdout
+    channels = {}
+    for name, column in (("dense", 0), ("final", 1)):
+        path = Path(export[name]["path"])
+        assert path.parent == tmp_path / "run" and export[name]["max_abs_error"] < 1e-3
+        graph = onnx.load(path).graph
+        shapes = {tuple(init.dims) for init in graph.initializer if len(init.dims) == 4}  # conv weights
+        channels[name] = {shape[0] for shape in shapes}
+        # each file holds its model's widths: every conv's output channels are among that model's layer widths
+        assert channels[name] <= {pair[column] for pair in results["widths"].values()}, shapes
+        session = lp.OnnxModule(path, threads=1)
+        assert session(torch.randn(5, 1, 8, 8)).shape == (5, 10)  # any batch: the batch dimension is dynamic
+    assert channels["final"] != channels["dense"]
 
 
 @pytest.mark.slow
