@@ -6,10 +6,17 @@ load into a module (resume, inference), the record is replayed on the freshly bu
 that the shapes match (:func:`restore_pruned`): in Lightning's own ``MyModule.load_from_checkpoint`` for a
 :class:`PrunableModule`, in :func:`load_from_checkpoint` for any module. Checkpoints are read with
 ``weights_only=True``: nothing in them runs code.
+
+A :class:`PrunableModule` also carries its record in its own ``state_dict`` (key ``_lightning_prune_record``,
+UTF-8 JSON as a uint8 tensor) and cuts itself to a carried record before weights load, so that
+``load_state_dict`` of a pruned module's state into a dense one works as it is. That is what ``ddp_spawn``
+needs: at the end of ``fit`` Lightning loads rank 0's ``state_dict`` into the main process's module, which no
+callback has cut.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +32,7 @@ from lightning_prune.surgery import apply_step
 
 CHECKPOINT_KEY = "lightning_prune"
 _ATTRIBUTE = "_lightning_prune_record"
+STATE_KEY = "_lightning_prune_record"  # the record in a PrunableModule's state dict
 
 Module = TypeVar("Module", bound=pl.LightningModule)
 
@@ -135,6 +143,32 @@ def load_from_checkpoint(
     return model
 
 
+def _carry_record(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    record = applied_record(module)
+    if parse_record(record):  # an unpruned module's state dict is the usual one
+        state_dict[prefix + STATE_KEY] = torch.tensor(list(json.dumps(record).encode()), dtype=torch.uint8)
+
+
+def _cut_to_carried_record(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    carried = state_dict.pop(prefix + STATE_KEY, None)
+    if carried is None:
+        return
+    where = f"state dict key '{prefix + STATE_KEY}'"
+    try:
+        record = json.loads(bytes(carried.tolist()).decode())
+    except (AttributeError, TypeError, ValueError) as error:
+        raise RecordError(f"{where}: not a record written by lightning-prune ({error}).") from error
+    shapes = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+    incoming = {
+        name.removeprefix(prefix): tuple(tensor.shape)
+        for name, tensor in state_dict.items()
+        if name.startswith(prefix) and isinstance(tensor, torch.Tensor)
+    }
+    if all(shapes.get(name) == shape for name, shape in incoming.items()):
+        return  # already in the record's shapes (cut by `lightning_prune.restore`, say)
+    restore_pruned(module, {CHECKPOINT_KEY: {"record": record}}, where)
+
+
 class PrunableModule(pl.LightningModule):
     """A ``LightningModule`` whose own ``load_from_checkpoint`` loads checkpoints of pruned runs.
 
@@ -142,7 +176,9 @@ class PrunableModule(pl.LightningModule):
     ``on_load_checkpoint`` before it loads the weights; this class cuts the module there to the architecture
     recorded in the checkpoint (:func:`restore_pruned`), so that the pruned weights fit. Derive from it instead
     of ``LightningModule``; a subclass that overrides ``on_load_checkpoint`` calls ``super().on_load_checkpoint``.
-    Resuming with ``trainer.fit(model, ckpt_path=...)`` cuts once, as without it.
+    Resuming with ``trainer.fit(model, ckpt_path=...)`` cuts once, as without it. Its ``state_dict`` carries the
+    record too, and ``load_state_dict`` cuts a dense module to it first: ``strategy="ddp_spawn"`` hands the main
+    process the pruned model this way.
 
     Example::
 
@@ -151,6 +187,11 @@ class PrunableModule(pl.LightningModule):
 
         model = MyModule.load_from_checkpoint("last.ckpt").eval()
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_state_dict_post_hook(_carry_record)
+        self.register_load_state_dict_pre_hook(_cut_to_carried_record)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -235,6 +236,17 @@ class StructuredPruning(Callback):
         if stage != "fit":
             return
         check_strategy(trainer)
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and not isinstance(
+            pl_module, PrunableModule
+        ):
+            name = type(pl_module).__name__
+            raise PruningError(
+                f"StructuredPruning under a spawning strategy ({type(trainer.strategy).__name__} started by "
+                f"Lightning's multiprocessing launcher, e.g. 'ddp_spawn' or 'ddp_notebook'): at the end of fit "
+                f"Lightning loads rank 0's weights into the main process's {name}, which is still dense, and {name} "
+                f"cannot take the pruned shapes. Derive {name} from `lightning_prune.PrunableModule` (it carries its "
+                "record in its state dict), or use strategy='ddp'."
+            )
         limit = trainer.max_epochs
         later = [epoch for epoch in sorted(self.steps) if limit is not None and 0 <= limit <= epoch]
         if later:  # training in chunks: a later fit(..., ckpt_path=...) with more epochs runs them
