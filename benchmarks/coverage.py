@@ -1,13 +1,20 @@
-"""Coverage: which torchvision classification models prune at 50% and still run, ours next to Torch-Pruning.
+"""Coverage: which image models prune and still run and train, ours next to Torch-Pruning.
 
-Every model of ``torchvision.models.list_models(module=torchvision.models)`` (weights=None) is pruned by
-L1 norm, 50% of channels, the classifier excluded, once by lightning-prune and once by Torch-Pruning
-(``pip install torch-pruning==1.6.1``), each in a fresh subprocess with a time limit. A model counts
-when pruning finishes and the pruned model runs with the dense output shape. For lightning-prune the
-pruned model is also verified by re-tracing (a plan that would compute something else is rolled back).
+Every model of ``torchvision.models.list_models(module=torchvision.models)`` (weights=None), or with
+``--zoo timm`` one representative model of each timm family (``TIMM``, pretrained=False), is pruned by L1
+norm (50% of channels for torchvision, 30% for timm; the classifier excluded), once by lightning-prune and
+once by Torch-Pruning (``pip install torch-pruning==1.6.1``), each in a fresh subprocess with a time limit.
+A model counts when pruning finishes, the pruned model runs with the dense output shape and takes one
+training step (SGD on a cross-entropy loss) with finite outputs. For lightning-prune the pruned model is
+also verified by re-tracing (a plan that would compute something else is rolled back).
 
-    python benchmarks/coverage.py                 # every model, both engines (about an hour on 2 cores)
+``--exact`` adds the equivalence test of BatchNorm models: zero γ and β of the first quarter of every
+BatchNorm's channels, prune 10% of channels by ``bn_scale`` (Torch-Pruning: ``BNScaleImportance``), and
+report the largest change of the eval-mode output relative to its scale (0 is exact: only dead channels went).
+
+    python benchmarks/coverage.py                 # every torchvision model, both engines (about an hour)
     python benchmarks/coverage.py resnet18 swin_t # a few
+    python benchmarks/coverage.py --zoo timm --exact --timeout 240
     python benchmarks/coverage.py --engines ours --timeout 120
 """
 
@@ -21,10 +28,72 @@ import time
 
 import torch
 
+# One model per timm family (the smallest of each), as a user would pick them.
+TIMM = [
+    "resnet18", "resnext26ts", "regnetx_002", "regnety_002", "efficientnet_b0", "mobilenetv3_small_100",
+    "mobilenetv2_050", "mixnet_s", "ghostnet_100", "rexnet_100", "lcnet_050", "tinynet_e", "hardcorenas_a",
+    "densenet121", "dla34", "dpn48b", "cspresnet50", "cspdarknet53", "cs3darknet_s", "res2net50_14w_8s",
+    "skresnet18", "selecsls42b", "vovnet39a", "repvgg_a0", "hrnet_w18_small", "inception_v3", "xception41",
+    "nf_resnet26", "convnext_atto", "convnextv2_atto", "efficientformer_l1", "edgenext_xx_small",
+    "mobilevit_xxs", "fastvit_t8", "poolformer_s12", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
+    "cait_xxs24_224", "beit_base_patch16_224", "swin_tiny_patch4_window7_224", "levit_128s", "pit_ti_224",
+    "mixer_s32_224", "resmlp_12_224", "convmixer_768_32", "twins_svt_small", "visformer_tiny", "coat_lite_tiny",
+    "maxvit_nano_rw_256", "tresnet_m",
+]  # fmt: skip
 
-def inputs_for(name: str) -> torch.Tensor:
-    size = 299 if name == "inception_v3" else 224
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+def build(name: str, zoo: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model (random weights) and two inputs of the size it was made for."""
+    if zoo == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+        size = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
+    return model.eval(), torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+
+
+def trains_one_step(model: torch.nn.Module, x: torch.Tensor) -> bool:
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    out = model(x)
+    out = out[0] if isinstance(out, tuple) else out  # inception's auxiliary logits in training mode
+    loss = torch.nn.functional.cross_entropy(out, torch.zeros(len(x), dtype=torch.long))
+    loss.backward()
+    optimizer.step()
+    return bool(torch.isfinite(loss))
+
+
+def exact_change(model: torch.nn.Module, x: torch.Tensor, engine: str) -> float | None:
+    """Largest relative change of the output when 10% of channels go by BN scale after the first quarter of
+    every BatchNorm's channels was zeroed (None: no BatchNorm)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if not norms:
+        return None
+    with torch.no_grad():
+        for norm in norms:
+            quarter = norm.num_features // 4
+            norm.weight[:quarter] = 0
+            norm.bias[:quarter] = 0
+        before = model(x)
+    if engine == "ours":
+        import lightning_prune as lp
+
+        lp.prune(model, x, 0.1, "bn_scale", ignore=classifier_names(model))
+    else:
+        import torch_pruning as tp
+
+        tp.pruner.MagnitudePruner(
+            model, x, importance=tp.importance.BNScaleImportance(), pruning_ratio=0.1,
+            ignored_layers=classifier_layers(model),
+        ).step()  # fmt: skip
+    with torch.no_grad():
+        after = model(x)
+    return float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
 
 
 def classifier_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -36,13 +105,15 @@ def classifier_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-def run_one(name: str, engine: str) -> dict:
-    import torchvision
+def classifier_names(model: torch.nn.Module) -> list[str]:
+    layers = classifier_layers(model)
+    return [name for name, module in model.named_modules() if any(module is layer for layer in layers)]
 
+
+def run_one(name: str, engine: str, zoo: str, amount: float, exact: bool) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    x = inputs_for(name)
+    model, x = build(name, zoo)
     with torch.no_grad():
         shape = tuple(model(x).shape)
     params = sum(p.numel() for p in model.parameters())
@@ -50,7 +121,7 @@ def run_one(name: str, engine: str) -> dict:
     if engine == "ours":
         import lightning_prune as lp
 
-        result = lp.prune(model, x, 0.5, "l1")
+        result = lp.prune(model, x, amount, "l1", ignore=classifier_names(model))
         left_alone = len(result.unprunable)
     else:
         import torch_pruning as tp
@@ -59,7 +130,7 @@ def run_one(name: str, engine: str) -> dict:
             model,
             x,
             importance=tp.importance.MagnitudeImportance(p=1),
-            pruning_ratio=0.5,
+            pruning_ratio=amount,
             ignored_layers=classifier_layers(model),
         )
         pruner.step()
@@ -70,11 +141,14 @@ def run_one(name: str, engine: str) -> dict:
         out = model(x)
     ok = tuple(out.shape) == shape and bool(torch.isfinite(out).all())
     after = sum(p.numel() for p in model.parameters())
-    return {"ok": ok, "seconds": seconds, "params": after / params, "left_alone": left_alone}
+    trained = ok and trains_one_step(model, x)
+    change = exact_change(build(name, zoo)[0], x, engine) if exact else None
+    return {"ok": ok and trained, "seconds": seconds, "params": after / params, "left_alone": left_alone,
+            "exact": change}  # fmt: skip
 
 
-def run_isolated(name: str, engine: str, timeout: float) -> dict:
-    command = [sys.executable, __file__, "--one", name, "--engines", engine]
+def run_isolated(name: str, engine: str, timeout: float, options: list[str]) -> dict:
+    command = [sys.executable, __file__, "--one", name, "--engines", engine, *options]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -91,31 +165,53 @@ def main() -> None:
     parser.add_argument("models", nargs="*")
     parser.add_argument("--engines", default="ours,tp")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision")
+    parser.add_argument("--amount", type=float, default=None, help="of channels (default 0.5 torchvision, 0.3 timm)")
+    parser.add_argument("--exact", action="store_true", help="also the zeroed-BatchNorm equivalence test")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    amount = args.amount if args.amount is not None else (0.3 if args.zoo == "timm" else 0.5)
     if args.one:
-        print(json.dumps(run_one(args.one, args.engines)))
+        print(json.dumps(run_one(args.one, args.engines, args.zoo, amount, args.exact)))
         return
-    import torchvision
+    if args.zoo == "timm":
+        names = args.models or TIMM
+    else:
+        import torchvision
 
-    names = args.models or torchvision.models.list_models(module=torchvision.models)
+        names = args.models or torchvision.models.list_models(module=torchvision.models)
+    options = ["--zoo", args.zoo, "--amount", str(amount), *(["--exact"] if args.exact else [])]
     engines = args.engines.split(",")
-    totals = dict.fromkeys(engines, 0)
-    print(f"| model | {' | '.join(f'{e}: result | {e}: s | {e}: params kept' for e in engines)} |")
-    print("|---|" + "---|---|---|" * len(engines))
+    totals, real, exact = dict.fromkeys(engines, 0), dict.fromkeys(engines, 0), dict.fromkeys(engines, 0)
+    columns = ["result", "s", "params kept", "unprunable"] + (["BN zeroed: change"] if args.exact else [])
+    print(f"| model | {' | '.join(f'{e}: {c}' for e in engines for c in columns)} |")
+    print("|---|" + "---|" * len(columns) * len(engines))
     for name in names:
         cells = []
         for engine in engines:
-            result = run_isolated(name, engine, args.timeout)
+            result = run_isolated(name, engine, args.timeout, options)
             totals[engine] += result["ok"]
             if result["ok"]:
-                cells += ["ok", f"{result['seconds']:.1f}", f"{result['params']:.0%}"]
+                real[engine] += result["params"] <= 0.8
+                left = result.get("left_alone")
+                cells += [
+                    "ok",
+                    f"{result['seconds']:.1f}",
+                    f"{result['params']:.0%}",
+                    "–" if left is None else str(left),
+                ]
             else:
-                cells += [result.get("error", "wrong output"), "", ""]
+                cells += [result.get("error", "wrong output"), "", "", ""]
+            if args.exact:
+                change = result.get("exact")
+                exact[engine] += change is not None and change < 1e-4
+                cells.append("no BN" if change is None else f"{change:.1e}")
         print(f"| {name} | {' | '.join(cells)} |", flush=True)
     print()
     for engine in engines:
-        print(f"{engine}: {totals[engine]} of {len(names)} models pruned at 50% and ran with the right output shape")
+        print(f"{engine}: {totals[engine]} of {len(names)} models pruned at {amount:.0%} of channels, ran with the "
+              f"right output shape and trained one step; {real[engine]} lost at least 20% of their parameters"
+              + (f"; {exact[engine]} exact on zeroed BatchNorm channels" if args.exact else ""))  # fmt: skip
 
 
 if __name__ == "__main__":
