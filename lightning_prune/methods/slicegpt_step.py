@@ -24,8 +24,8 @@ from lightning_prune.cuts import Cut, Step
 from lightning_prune.errors import PruningError
 from lightning_prune.measure import count_macs, count_params
 from lightning_prune.methods.base import METHODS
+from lightning_prune.methods.decoder_families import DECODERS
 from lightning_prune.methods.depth_methods import batches_from, collect_batches
-from lightning_prune.methods.rotation import DECODERS
 from lightning_prune.methods.slicegpt import check_model, check_options, kept_width, rewrite_of, slice_to
 from lightning_prune.record import new_record
 from lightning_prune.running import ExampleInputs, named_tensors
