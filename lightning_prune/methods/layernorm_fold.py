@@ -93,11 +93,16 @@ def check_layer_norms(model: nn.Module, layout: StreamLayout) -> None:
         return
     for (site, norm), done in zip(norms, folded, strict=True):
         if done or not _is_layer_norm(norm, width):
-            state = "is already a StreamRMSNorm while others are not" if done else "is not a LayerNorm"
+            found = (
+                "is a StreamRMSNorm (folded by an earlier slicing) while other norms are LayerNorms"
+                if done
+                else f"({type(norm).__name__}) is not a LayerNorm γ·(x−mean)/sqrt(var+ε)+β over the stream's {width} "
+                "dimensions"
+            )
             raise PruningError(
-                f"`{site.norm}` ({type(norm).__name__}) {state} γ·(x−mean)/sqrt(var+ε)+β over the stream's {width} "
-                f"dimensions: a {model.config.model_type!r} model's norms must all be its LayerNorms (or all folded "
-                "by an earlier slicing) for their mean, scale and bias to be folded into the layers around them."
+                f"`{site.norm}` {found}: a {model.config.model_type!r} model's norms must all be its LayerNorms (or "
+                "all folded by an earlier slicing) for their mean, scale and bias to be folded into the layers around "
+                "them."
             )
         for name in (*site.readers, *site.writers):
             layer = model.get_submodule(name)
