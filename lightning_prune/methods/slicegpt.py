@@ -17,6 +17,11 @@ Two variants:
   attention and MLP then carries a ``k × k`` shortcut ``Q_inᵀ Q_out`` (counted in the parameters, as the paper
   does), held by a subclass of the decoder layer; such a folder loads with :func:`load_sliced`.
 
+LayerNorm families (OPT, GPT-2, Phi) have their norms folded first (:mod:`~lightning_prune.methods.layernorm_fold`:
+writers and embeddings centred, scale and bias into the readers, a scale-free RMS norm over the dense width in
+their place), and the PCA runs on that centred stream. Their sliced norms are not their class's: both variants
+save with :func:`lightning_prune.save_pretrained` and load with :func:`lightning_prune.from_pretrained`.
+
 Each token enters ``XᵀX`` scaled to unit RMS. The stream grows with depth, so raw inputs let the last layers
 decide the one basis for all; but a norm passes on only a token's direction, and the error slicing makes in
 its output is the share of that direction outside the kept subspace. On the default model (dense test
