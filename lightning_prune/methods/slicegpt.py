@@ -191,7 +191,7 @@ def check_options(round_to: Any, damping: Any, amount: Any = 0.0) -> None:
 
 
 def check_model(model: nn.Module) -> StreamLayout:
-    """The stream of ``model`` if SliceGPT can slice it (a known family, RMS norms, not sliced per layer yet)."""
+    """The stream of ``model`` if SliceGPT can slice it (known family, its kind of norms, not sliced per layer)."""
     layout = stream_layout(model)
     rotation.check_norms(model, layout)
     if rotation.has_shortcuts(model, layout):
