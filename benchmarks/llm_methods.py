@@ -3,12 +3,17 @@
     python benchmarks/llm_methods.py                        # 20% and 50% of the decoder's parameters
     python benchmarks/llm_methods.py --amounts 0.2 --recovery-tokens 200000 --methods flap llm_pruner_vectorwise
     python benchmarks/llm_methods.py --amounts 0.25 0.5 --methods shortgpt angular drop_deepest laco  # whole layers
+    python benchmarks/llm_methods.py --amounts 0.2 0.25 0.3 --methods slicegpt slicegpt_per_layer  # of the stream
 
 For each amount and method, from the same dense model: the parameters left (all, and the decoder's: the
 block stack without embeddings and LM head), test perplexity right after the cut, test perplexity after
 the same recovery budget for every method (``--recovery-tokens`` of training windows; LoRA r=8 as in
 LLM-Pruner, or full fine-tuning where the row says so), greedy generation speed relative to dense (median
 of repeats, dense and pruned timed alternately, with the interquartile range), and the time the cut took.
+
+SliceGPT rows slice ``amount`` of the stream's dimensions (not of the decoder's parameters: it also narrows the
+embeddings and the LM head, and per-layer bases add shortcut matrices, counted); each is followed by the
+``--equal-size`` methods at the share of all parameters that SliceGPT removed, so they compare at the same size.
 """
 
 from __future__ import annotations
@@ -33,8 +38,11 @@ PAPERS = [
     "ShortGPT (Men et al. 2024): 25% of the layers removed keeps ~85–92% of the benchmark performance.",
     "LaCo (Yang et al. 2024): > 80% of average task performance at 25–30% of the layers removed; claims to beat "
     "LLM-Pruner and SliceGPT.",
+    "SliceGPT (Ashkboos et al. 2024): 25% of the parameters of Llama-2-70B / OPT-66B / Phi-2 removed keeps 99% / 99% "
+    "/ 90% of zero-shot performance without recovery.",
 ]
 DEPTH = ("shortgpt", "angular", "drop_deepest", "laco")  # whole layers: amount is rounded down to layers
+SLICING = ("slicegpt", "slicegpt_per_layer")  # amount: of the stream's dimensions
 
 
 def decoder_params(model: torch.nn.Module) -> int:
@@ -59,6 +67,8 @@ def cut(method: str, calibration: torch.Tensor, activations: torch.Tensor) -> Ca
     if method.startswith("llm_pruner_"):
         variant = method.removeprefix("llm_pruner_").removesuffix("_ft")
         return lambda model, amount: lp.llm_pruner(model, calibration, amount, variant=variant, target="params")
+    if method in SLICING:
+        return lambda model, amount: lp.slicegpt(model, activations, amount, per_layer=method == "slicegpt_per_layer")
     if method == "wanda_sp":
         return lambda model, amount: lp.wanda_sp(model, activations, amount, target="params")
     compensate = method == "flap"
@@ -81,7 +91,7 @@ def depth_cut(method: str, model: torch.nn.Module, calibration: torch.Tensor, am
 
 METHODS = [
     "random", "l1", "llm_pruner_vectorwise", "llm_pruner_elementwise", "llm_pruner_second", "llm_pruner_mix",
-    "llm_pruner_vectorwise_ft", "wanda_sp", "flap", "flap_no_compensation", *DEPTH,
+    "llm_pruner_vectorwise_ft", "wanda_sp", "flap", "flap_no_compensation", *DEPTH, *SLICING,
 ]  # fmt: skip
 
 
@@ -103,7 +113,11 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, nargs=2, default=[10, 64], help="windows and tokens (LLM-Pruner)")
     parser.add_argument(
         "--activation-calibration", type=int, nargs=2, default=[128, 128],
-        help="windows and tokens of Wanda-sp and FLAP (FLAP's paper: 1024 × 128; its mean needs many tokens)",
+        help="windows and tokens of Wanda-sp, FLAP and SliceGPT (FLAP's paper: 1024 × 128; its mean needs many tokens)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--equal-size", nargs="*", default=["llm_pruner_vectorwise", "flap"], choices=METHODS,
+        help="methods run after each SliceGPT row at the share of all parameters it removed",
     )  # fmt: skip
     parser.add_argument("--speed-batch", type=int, default=16, help="prompts generated side by side when timing")
     parser.add_argument("--recovery-tokens", type=int, default=None, help="default: 5%% of the dense training tokens")
@@ -141,24 +155,37 @@ def main() -> None:
     lp.lora_recover(tuned, recovery, causal_lm_loss, lr=1e-3, epochs=1)
     print(f"| 0% | dense (+ LoRA on the same budget) | {total:,} | {decoder:,} | {dense_ppl:.2f} "
           f"| {lp.perplexity(tuned, test):.2f} | 1.00× | – |")  # fmt: skip
+
+    def row(method: str, removed: str, share: float) -> torch.nn.Module:
+        """Cut a copy of the dense model (``share`` of all its parameters, or of SliceGPT's stream), recover, time,
+        print a table row; returns the cut model."""
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        cut(method, calibration, activations)(model, share)
+        seconds = time.perf_counter() - start
+        after_cut = lp.perplexity(model, test)
+        recover = lp.finetune if method.endswith("_ft") else lp.lora_recover
+        options = {"lr": 1e-4, "epochs": 1} if method.endswith("_ft") else {"lr": 1e-3, "epochs": 1}
+        recover(model, recovery, causal_lm_loss, **options)
+        recovered = lp.perplexity(model, test)
+        ratio, low, high = speed_ratio(dense, model.eval(), prompt)
+        label = method + (" + full FT" if method.endswith("_ft") else " + LoRA")
+        print(
+            f"| {removed} | {label} | {lp.count_params(model):,} | {decoder_params(model):,} | {after_cut:.2f} "
+            f"| {recovered:.2f} | {ratio:.2f}× ({low:.2f}–{high:.2f}) | {seconds:.1f} s |",
+            flush=True,
+        )
+        return model
+
     for amount in args.amounts:
         for method in args.methods:
-            model = copy.deepcopy(dense)
-            start = time.perf_counter()
-            cut(method, calibration, activations)(model, amount * decoder / total)
-            seconds = time.perf_counter() - start
-            after_cut = lp.perplexity(model, test)
-            recover = lp.finetune if method.endswith("_ft") else lp.lora_recover
-            options = {"lr": 1e-4, "epochs": 1} if method.endswith("_ft") else {"lr": 1e-3, "epochs": 1}
-            recover(model, recovery, causal_lm_loss, **options)
-            recovered = lp.perplexity(model, test)
-            ratio, low, high = speed_ratio(dense, model.eval(), prompt)
-            label = method + (" + full FT" if method.endswith("_ft") else " + LoRA")
-            print(
-                f"| {amount:.0%} | {label} | {lp.count_params(model):,} | {decoder_params(model):,} | {after_cut:.2f} "
-                f"| {recovered:.2f} | {ratio:.2f}× ({low:.2f}–{high:.2f}) | {seconds:.1f} s |",
-                flush=True,
-            )
+            if method not in SLICING:
+                row(method, f"{amount:.0%}", amount * decoder / total)
+                continue
+            sliced = row(method, f"{amount:.0%} of the stream", amount)
+            share = 1 - lp.count_params(sliced) / total  # shortcut matrices included
+            for other in args.equal_size:
+                row(other, f"{share:.1%} of all, as {method} {amount:.0%}", share)
     print()
     for line in PAPERS:
         print(f"- {line}")

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import lightning_prune as lp
-from lightning_prune.methods.rotation import fuse_norms, rotate_stream, stream_layout
+from lightning_prune.methods.decoder_families import stream_layout
+from lightning_prune.methods.rotation import fuse_norms, rotate_stream
 from lightning_prune.methods.slicegpt import kept_width
 
 
@@ -178,14 +179,16 @@ class ScaledLayerNorm(nn.LayerNorm):
         (None, 0.25, windows(2, 12), "holds 24 tokens, fewer than the stream's 32 dimensions"),
         (None, 1.0, windows(), "in [0, 1)"),
         (None, 0.25, windows()[:, :1], "must be (count, tokens ≥ 2) token ids"),
-        ("gpt2", 0.25, windows(), "model_type 'gpt2'"),
+        ("gpt_neox", 0.25, windows(), "model_type 'gpt_neox'"),
     ],
 )
 def test_bad_input_is_refused_and_the_model_is_unchanged(change, amount, calibration, message) -> None:
-    if change == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
+    if change == "gpt_neox":
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64))
+        config = GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                               num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+        model = GPTNeoXForCausalLM(config)
     else:
         model = decoder()
     if change == "layernorm":

@@ -107,11 +107,12 @@ def test_bad_slicegpt_options_are_refused_at_construction() -> None:
 
 
 def test_a_model_without_a_known_decoder_is_refused_before_training() -> None:
-    gpt2 = lp.CausalLM(config={"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 64},
-                       vocabulary=64)  # fmt: skip
+    neox = {"model_type": "gpt_neox", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "max_position_embeddings": 64}  # fmt: skip
+    other = lp.CausalLM(config=neox, vocabulary=64)
     pruning = StructuredPruning(0.25, structure="slicegpt", **OPTIONS)
     with pytest.raises(lp.PruningError, match="needs a Hugging Face decoder of a known family"):
-        trainer(1, [pruning], enable_checkpointing=False).fit(gpt2, loader())
+        trainer(1, [pruning], enable_checkpointing=False).fit(other, loader())
 
 
 def test_a_record_with_an_unknown_or_malformed_rewrite_is_refused_and_the_model_unchanged() -> None:

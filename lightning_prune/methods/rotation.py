@@ -18,114 +18,22 @@ A basis per position of the stream (the paper's per-layer ``Q``) needs the resid
 MLP carried from the basis before it to the one after: ``residual @ Q_inᵀ Q_out``. :func:`add_shortcuts` turns
 the decoder layers into subclasses that hold those matrices; :func:`set_shortcut` sets one.
 
-A family's knowledge is the table :data:`DECODERS`: which modules are the embeddings, the norms, the readers and
-writers after each norm, and its decoder layer's forward with shortcuts. A new family with the same pattern is
-one more entry.
+A family's knowledge is its table in :mod:`~lightning_prune.methods.decoder_families`: which modules are the
+embeddings, the norms, the readers and writers after each norm, whether its norms are LayerNorms (folded first:
+:mod:`~lightning_prune.methods.layernorm_fold`), and its decoder layer's forward with shortcuts.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_prune.errors import PruningError
-
-
-@dataclass(frozen=True)
-class Site:
-    """A norm on the stream, the layers that read its output and the layers that write their result back."""
-
-    norm: str
-    readers: tuple[str, ...]
-    writers: tuple[str, ...] = ()
-    block: str = ""  # the decoder layer the site is in ("" for the final norm)
-    shortcut: str = ""  # the block's attribute for the residual's shortcut matrix around this site (per-layer Q)
-
-
-def _llama_block_with_shortcuts(self: nn.Module, hidden_states: Tensor, **kwargs: Any) -> Tensor:
-    """A Llama-style decoder layer whose residual connections pass through ``attention_shortcut`` and
-    ``mlp_shortcut`` (``k_in × k_out`` matrices, or None for the identity), as per-layer bases need."""
-    residual = _through(hidden_states, self.attention_shortcut)
-    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-    hidden_states = residual + hidden_states
-    residual = _through(hidden_states, self.mlp_shortcut)
-    return residual + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-def _through(hidden_states: Tensor, shortcut: Tensor | None) -> Tensor:
-    return hidden_states if shortcut is None else hidden_states @ shortcut
-
-
-@dataclass(frozen=True)
-class DecoderTable:
-    """Where a pre-norm decoder keeps its stream, as module paths (per block: relative to ``blocks[i]``), and the
-    forward of its decoder layer with shortcut matrices on the residual."""
-
-    embeddings: str
-    blocks: str
-    block_sites: tuple[Site, ...]
-    final: Site
-    forward_with_shortcuts: Callable[..., Tensor]
-
-
-_LLAMA = DecoderTable(
-    embeddings="model.embed_tokens",
-    blocks="model.layers",
-    block_sites=(
-        Site("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-             shortcut="attention_shortcut"),
-        Site("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), shortcut="mlp_shortcut"),
-    ),
-    final=Site("model.norm", ("lm_head",)),
-    forward_with_shortcuts=_llama_block_with_shortcuts,
-)  # fmt: skip
-DECODERS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}  # config.model_type → its table
-
-
-@dataclass(frozen=True)
-class StreamLayout:
-    """One model's stream: its embeddings and every norm site, in order (the last one feeds the LM head)."""
-
-    embeddings: str
-    sites: tuple[Site, ...]
-    table: DecoderTable
-
-
-def stream_layout(model: nn.Module) -> StreamLayout:
-    """The stream of ``model``, a Hugging Face causal LM of a family in :data:`DECODERS`.
-
-    Raises:
-        PruningError: for a model of another family, or one whose modules are not where its table says.
-    """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DECODERS:
-        raise PruningError(
-            f"rotating the stream needs a decoder of a known family; got {type(model).__name__} "
-            f"(model_type {model_type!r}). Known: {sorted(DECODERS)} (add a table to "
-            "lightning_prune.methods.rotation.DECODERS for another Llama-style family)."
-        )
-    table = DECODERS[model_type]
-    try:
-        count = len(model.get_submodule(table.blocks))
-        sites = [
-            Site(f"{prefix}.{site.norm}", tuple(f"{prefix}.{r}" for r in site.readers),
-                 tuple(f"{prefix}.{w}" for w in site.writers), prefix, site.shortcut)
-            for prefix in (f"{table.blocks}.{i}" for i in range(count))
-            for site in table.block_sites
-        ]  # fmt: skip
-        layout = StreamLayout(table.embeddings, (*sites, table.final), table)
-        for name in (layout.embeddings, *(n for s in layout.sites for n in (s.norm, *s.readers, *s.writers))):
-            model.get_submodule(name)
-    except AttributeError as error:
-        raise PruningError(
-            f"{type(model).__name__} is not laid out as its {model_type!r} table says: {error}"
-        ) from error
-    return layout
+from lightning_prune.methods import layernorm_fold
+from lightning_prune.methods.decoder_families import Site, StreamLayout
+from lightning_prune.methods.layernorm_fold import StreamRMSNorm, matrix, set_matrix
 
 
 def eps_attribute(norm: nn.Module) -> str | None:
@@ -134,8 +42,13 @@ def eps_attribute(norm: nn.Module) -> str | None:
 
 
 def check_norms(model: nn.Module, layout: StreamLayout) -> None:
-    """Refuse norms that are not a scale-only RMS norm ``g · x / sqrt(mean(x²) + ε)``, by what they compute
-    (a LayerNorm subtracts the mean, Gemma's norm scales by ``1 + g``): their scale could not be folded away."""
+    """Refuse norms whose work cannot be folded away: a LayerNorm family's (its table says so) must be LayerNorms
+    (:func:`~lightning_prune.methods.layernorm_fold.check_layer_norms`); the others a scale-only RMS norm
+    ``g · x / sqrt(mean(x²) + ε)``, checked by what they compute (a LayerNorm subtracts the mean, Gemma's norm
+    scales by ``1 + g``)."""
+    if layout.table.layer_norm:
+        layernorm_fold.check_layer_norms(model, layout)
+        return
     for site in layout.sites:
         norm = model.get_submodule(site.norm)
         weight = getattr(norm, "weight", None)
@@ -151,8 +64,8 @@ def check_norms(model: nn.Module, layout: StreamLayout) -> None:
         if not fits:
             raise PruningError(
                 f"`{site.norm}` ({type(norm).__name__}) is not an RMS norm g·x/sqrt(mean(x²)+ε): its scale cannot "
-                "be folded into the layers after it. Rotating the stream supports Llama-style RMSNorm models "
-                "(LayerNorm models such as OPT, GPT-2 and Phi are not supported yet)."
+                f"be folded into the layers after it. A {model.config.model_type!r} model's table says its norms "
+                "are RMS norms (the LayerNorm families are OPT, GPT-2 and Phi)."
             )
 
 
@@ -166,43 +79,47 @@ def untie_head(model: nn.Module, layout: StreamLayout) -> None:
 
 
 def fuse_norms(model: nn.Module, layout: StreamLayout) -> None:
-    """Fold each norm's scale into its readers (``W ← W·diag(g)``) and set it to ones; the function is unchanged."""
+    """Leave scale-free norms on the stream, the function unchanged: an RMS norm's scale is folded into its readers
+    (``W ← W·diag(g)``) and set to ones; LayerNorms are folded into the layers around them and replaced
+    (:func:`~lightning_prune.methods.layernorm_fold.fold_layer_norms`). The LM head is untied first."""
     untie_head(model, layout)
+    if layout.table.layer_norm:
+        layernorm_fold.fold_layer_norms(model, layout)
+        return
     with torch.no_grad():
         for site in layout.sites:
             norm = model.get_submodule(site.norm)
             scale = norm.weight.detach().double()
-            for name in site.readers:
-                reader = model.get_submodule(name)
-                reader.weight.data = (reader.weight.double() * scale.to(reader.weight.device)).to(reader.weight.dtype)
+            for reader in (model.get_submodule(name) for name in site.readers):
+                set_matrix(reader, matrix(reader) * scale.to(reader.weight.device))
             norm.weight.data = torch.ones_like(norm.weight)
 
 
-def _times(tensor: Tensor, basis: Tensor, left: bool = False) -> Tensor:
-    """``tensor @ basis`` (or ``basisᵀ @ tensor``) in float64, back in ``tensor``'s dtype."""
-    basis = basis.to(tensor.device, torch.float64)
-    product = basis.T @ tensor.double() if left else tensor.double() @ basis
-    return product.to(tensor.dtype)
+def _times(tensor: Tensor, basis: Tensor) -> Tensor:
+    """``tensor @ basis`` in float64, back in ``tensor``'s dtype."""
+    return (tensor.double() @ basis.to(tensor.device, torch.float64)).to(tensor.dtype)
 
 
 def rotate_embeddings(model: nn.Module, layout: StreamLayout, basis: Tensor) -> None:
-    """``E ← E·basis``: the embeddings write the stream in ``basis`` (``D × k``)."""
-    embeddings = model.get_submodule(layout.embeddings)
-    with torch.no_grad():
-        embeddings.weight.data = _times(embeddings.weight, basis)
-    embeddings.embedding_dim = basis.shape[1]
+    """``E ← E·basis``: the token (and position) embeddings write the stream in ``basis`` (``D × k``)."""
+    for name in (layout.embeddings, *layout.positions):
+        embeddings = model.get_submodule(name)
+        with torch.no_grad():
+            embeddings.weight.data = _times(embeddings.weight, basis)
+        embeddings.embedding_dim = basis.shape[1]
 
 
 def rotate_readers(model: nn.Module, site: Site, basis: Tensor) -> None:
-    """``site`` reads a stream expressed in ``basis`` (``D × k``): ``W ← W·basis`` for its (fused) readers, and its
-    norm shrinks to ``k`` with weight ``sqrt(D/k)`` and ``ε·D/k``, which keep the average over ``D``."""
+    """``site`` reads a stream expressed in ``basis`` (``D × k``): ``W ← W·basis`` for its (fused) readers. An RMS
+    norm of the model's own class shrinks to ``k`` with weight ``sqrt(D/k)`` and ``ε·D/k``, which keep the average
+    over ``D``; a :class:`StreamRMSNorm` averages over ``D`` already."""
     width, kept = basis.shape
     with torch.no_grad():
-        for name in site.readers:
-            reader = model.get_submodule(name)
-            reader.weight.data = _times(reader.weight, basis)
-            reader.in_features = kept
+        for reader in (model.get_submodule(name) for name in site.readers):
+            set_matrix(reader, matrix(reader) @ basis.to(reader.weight.device, torch.float64))
         norm = model.get_submodule(site.norm)
+        if isinstance(norm, StreamRMSNorm):
+            return
         scale = math.sqrt(width / kept) * norm.weight.detach()[0]  # the fused norm's weight is one constant
         norm.weight.data = torch.full((kept,), float(scale), dtype=norm.weight.dtype, device=norm.weight.device)
     attribute = eps_attribute(norm)
@@ -212,17 +129,22 @@ def rotate_readers(model: nn.Module, site: Site, basis: Tensor) -> None:
 def rotate_writers(model: nn.Module, site: Site, basis: Tensor) -> None:
     """``site``'s block writes the stream in ``basis`` (``D × k``): ``W ← basisᵀ·W``, ``b ← basisᵀ·b``."""
     with torch.no_grad():
-        for name in site.writers:
-            writer = model.get_submodule(name)
-            writer.weight.data = _times(writer.weight, basis, left=True)
+        for writer in (model.get_submodule(name) for name in site.writers):
+            set_matrix(writer, basis.T.to(writer.weight.device, torch.float64) @ matrix(writer))
             if writer.bias is not None:
                 writer.bias.data = _times(writer.bias, basis)
-            writer.out_features = basis.shape[1]
 
 
 def narrow_config(model: nn.Module, layout: StreamLayout, kept: int) -> None:
-    """The config of a stream of ``kept`` dimensions: ``hidden_size``, ``head_dim`` (kept explicit, it no longer
-    follows from the width), and the norms' scaled ``ε`` as ``rms_norm_eps``."""
+    """The config of a stream of ``kept`` dimensions, for an RMS family: ``hidden_size``, ``head_dim`` (kept
+    explicit, it no longer follows from the width), and the norms' scaled ``ε`` as ``rms_norm_eps``.
+
+    A LayerNorm family's config keeps the dense width, which its :class:`StreamRMSNorm` divides by and from which
+    its layers' head sizes follow: such a model is no stock model (its norms are not the class's), and
+    :func:`lightning_prune.from_pretrained` rebuilds it from the dense config, the rewrite and the saved shapes.
+    """
+    if layout.table.layer_norm:
+        return
     config = model.config
     config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     config.hidden_size = kept
@@ -234,7 +156,8 @@ def rotate_stream(model: nn.Module, layout: StreamLayout, basis: Tensor) -> None
     """Fuse the norms, then express the whole stream in the orthonormal columns of ``basis`` (``D × k``, ``k ≤ D``):
     a rotation when ``k = D``, a rotation and a slice to ``k`` dimensions otherwise (see the module doc).
 
-    The config follows (:func:`narrow_config`), so ``save_pretrained`` writes a stock model of this width.
+    The config follows (:func:`narrow_config`), so ``save_pretrained`` writes a stock model of this width (RMS
+    families). Fusing twice changes nothing: the basis may come from a PCA of the fused model.
     """
     fuse_norms(model, layout)
     rotate_embeddings(model, layout, basis)

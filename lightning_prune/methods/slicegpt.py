@@ -17,6 +17,11 @@ Two variants:
   attention and MLP then carries a ``k × k`` shortcut ``Q_inᵀ Q_out`` (counted in the parameters, as the paper
   does), held by a subclass of the decoder layer; such a folder loads with :func:`load_sliced`.
 
+LayerNorm families (OPT, GPT-2, Phi) have their norms folded first (:mod:`~lightning_prune.methods.layernorm_fold`:
+writers and embeddings centred, scale and bias into the readers, a scale-free RMS norm over the dense width in
+their place), and the PCA runs on that centred stream. Their sliced norms are not their class's: both variants
+save with :func:`lightning_prune.save_pretrained` and load with :func:`lightning_prune.from_pretrained`.
+
 Each token enters ``XᵀX`` scaled to unit RMS. The stream grows with depth, so raw inputs let the last layers
 decide the one basis for all; but a norm passes on only a token's direction, and the error slicing makes in
 its output is the share of that direction outside the kept subspace. On the default model (dense test
@@ -29,6 +34,7 @@ A damping of ``λ·I`` moves every eigenvalue alike and leaves the eigenvectors,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Sequence
@@ -44,9 +50,9 @@ from lightning_prune.errors import PruningError
 from lightning_prune.fixups import REWRITES
 from lightning_prune.language import check_windows
 from lightning_prune.measure import count_params
-from lightning_prune.methods import rotation
-from lightning_prune.methods.rotation import StreamLayout
-from lightning_prune.running import observe
+from lightning_prune.methods import layernorm_fold, rotation
+from lightning_prune.methods.decoder_families import StreamLayout, stream_layout
+from lightning_prune.running import preserved_state, run_model
 
 SMALLEST = 8  # fewer kept directions than this is not a model worth keeping
 KIND = "slicegpt"  # the kind of its rewrites in records and in lightning_prune.json
@@ -77,10 +83,17 @@ def _batches(calibration: Tensor, batch_size: int) -> list[dict[str, Any]]:
     return [{"input_ids": chunk, "use_cache": False} for chunk in calibration.split(batch_size)]
 
 
+class _Reached(Exception):
+    """Raised after the last norm a PCA needs: the rest of the forward pass has nothing to give it (and may not run
+    half-rotated: GPT-2 reshapes its output to the embeddings' width)."""
+
+
 def stream_covariance(model: nn.Module, norms: Sequence[str], batches: Sequence[Any]) -> Tensor:
-    """``Σ xᵀx`` in float64 over every token of ``batches`` (model inputs) at the input of each of ``norms``, each
-    token ``x`` scaled to unit RMS (what the norm passes on, before its scale)."""
+    """``Σ xᵀx`` in float64 over every token of ``batches`` (model inputs) at the input of each of ``norms`` (in the
+    order the forward pass reaches them), each token ``x`` scaled to unit RMS (what the norm passes on, before its
+    scale). Each forward pass stops at the last of ``norms``."""
     total: Tensor | None = None
+    last = model.get_submodule(norms[-1])
 
     def accumulate(module: nn.Module, inputs: tuple) -> None:
         nonlocal total
@@ -88,9 +101,19 @@ def stream_covariance(model: nn.Module, norms: Sequence[str], batches: Sequence[
         x = x * torch.rsqrt(x.square().mean(-1, keepdim=True).clamp(min=1e-30))  # each token's direction only
         product = (x.T @ x).cpu()
         total = product if total is None else total + product
+        if module is last:
+            raise _Reached
 
     handles = [model.get_submodule(norm).register_forward_pre_hook(accumulate) for norm in norms]
-    observe(model, batches, handles)
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            for batch in batches:
+                with contextlib.suppress(_Reached):
+                    run_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
     assert total is not None, "the calibration windows reached no norm"
     return total
 
@@ -135,13 +158,15 @@ def _per_layer(model: nn.Module, layout: StreamLayout, principal: _Principal) ->
     rotation.narrow_config(model, layout, principal.kept)
 
 
-def _check_width(model: nn.Module, kept: int, amount: float, round_to: int) -> None:
-    width = model.config.hidden_size
+def _check_width(model: nn.Module, layout: StreamLayout, kept: int, amount: float, round_to: int) -> None:
+    width = model.get_submodule(layout.embeddings).weight.shape[1]
     if kept < SMALLEST:
         raise PruningError(
             f"`amount={amount}` keeps {kept} of the stream's {width} dimensions (rounded to a multiple of "
             f"`round_to={round_to}`); at least {SMALLEST} must stay: use a smaller amount."
         )
+    if layout.table.layer_norm:  # the config keeps the dense width (rotation.narrow_config)
+        return
     config = copy.deepcopy(model.config)
     config.head_dim = getattr(config, "head_dim", None) or width // config.num_attention_heads
     config.hidden_size = kept
@@ -166,8 +191,8 @@ def check_options(round_to: Any, damping: Any, amount: Any = 0.0) -> None:
 
 
 def check_model(model: nn.Module) -> StreamLayout:
-    """The stream of ``model`` if SliceGPT can slice it (a known family, RMS norms, not sliced per layer yet)."""
-    layout = rotation.stream_layout(model)
+    """The stream of ``model`` if SliceGPT can slice it (known family, its kind of norms, not sliced per layer)."""
+    layout = stream_layout(model)
     rotation.check_norms(model, layout)
     if rotation.has_shortcuts(model, layout):
         raise PruningError(
@@ -185,7 +210,7 @@ def slice_to(
     ``round_to`` only name the request in errors."""
     layout = check_model(model)
     width = model.get_submodule(layout.embeddings).weight.shape[1]
-    _check_width(model, kept, amount, round_to)
+    _check_width(model, layout, kept, amount, round_to)
     tokens = sum(batch["input_ids"].numel() for batch in batches)
     if tokens < width:
         length = max(batch["input_ids"].shape[-1] for batch in batches)
@@ -199,6 +224,7 @@ def slice_to(
     if per_layer:
         _per_layer(model, layout, principal)
     else:
+        rotation.fuse_norms(model, layout)  # the PCA sees the stream the rotated model carries (centred: LayerNorms)
         rotation.rotate_stream(model, layout, principal([site.norm for site in layout.sites]))
     model._lightning_prune_rewrites = [rewrite_of(model).to_dict()]  # what lightning_prune.save_pretrained writes
     shares = principal.kept_shares
@@ -212,8 +238,8 @@ def slicegpt(
     """Rotate ``model``'s residual stream to its principal directions and slice off the least used ``amount``.
 
     Args:
-        model: a Hugging Face causal LM of a family in ``lightning_prune.methods.rotation.DECODERS`` (Llama,
-            Mistral, Qwen2), changed in place.
+        model: a Hugging Face causal LM of a family in ``lightning_prune.methods.decoder_families.DECODERS``
+            (Llama, Mistral, Qwen2; OPT, GPT-2, Phi: LayerNorms folded first), changed in place.
         calibration: ``(count, tokens)`` token ids; at least ``hidden_size`` tokens in all.
         amount: the fraction of the stream's dimensions to remove, in ``[0, 1)``.
         round_to: the kept width is a multiple of this.
@@ -221,16 +247,17 @@ def slicegpt(
         batch_size: windows per forward pass while collecting ``XᵀX``.
         per_layer: a basis per position of the stream (the paper's SliceGPT), with ``k × k`` shortcut matrices on
             the residual (the decoder layers become subclasses that hold them); otherwise one basis for all, and
-            a stock model.
+            a stock model (RMS families; a LayerNorm family's sliced norms are :class:`~.layernorm_fold.StreamRMSNorm`).
 
     Raises:
-        PruningError: an unknown family, norms that are not RMS norms, an amount that keeps fewer than 8
-            dimensions, a calibration set too small to span the stream; the model is then unchanged.
+        PruningError: an unknown family or a configuration its table cannot take (post-norm OPT), norms that are
+            not the family's RMS norms or LayerNorms, an amount that keeps fewer than 8 dimensions, a calibration set
+            too small to span the stream; the model is then unchanged.
 
     Example::
 
         result = lp.slicegpt(model, data.calibration(128, 128), 0.25)
-        lp.save_pretrained(model, folder)  # single basis: AutoModelForCausalLM.from_pretrained(folder) reads it
+        lp.save_pretrained(model, folder)  # single basis, RMS family: AutoModelForCausalLM.from_pretrained reads it
         model = lp.from_pretrained(folder)  # either variant
     """
     check_options(round_to, damping, amount)
@@ -248,29 +275,41 @@ def slicegpt(
 
 def rewrite_of(model: nn.Module, prefix: str = "") -> Rewrite:
     """What a sliced ``model`` (at ``prefix`` inside the model a record is for) has that cuts to its shapes do not
-    rebuild: an untied head, the norms' ε, an explicit head size, the shortcut matrices (their shapes)."""
-    layout = rotation.stream_layout(model)
+    rebuild: an untied head, the shortcut matrices (their shapes), the norms' ε; for an RMS family an explicit head
+    size; for a LayerNorm family the dense width its :class:`~.layernorm_fold.StreamRMSNorm` norms divide by and
+    the readers folding gave a bias."""
+    layout = stream_layout(model)
     final = model.get_submodule(layout.sites[-1].norm)
     shortcuts = {
         f"{site.block}.{site.shortcut}": list(matrix.shape)
         for site in layout.sites
         if site.shortcut and (matrix := getattr(model.get_submodule(site.block), site.shortcut, None)) is not None
     }
-    options = {"model": prefix, "head_dim": model.config.head_dim, "eps": getattr(final, rotation.eps_attribute(final))}
+    options: dict[str, Any] = {"model": prefix, "eps": getattr(final, rotation.eps_attribute(final))}
+    if isinstance(final, layernorm_fold.StreamRMSNorm):
+        options |= {"width": final.width, "biases": layernorm_fold.biased_readers(model, layout)}
+    else:
+        options["head_dim"] = model.config.head_dim
     return Rewrite(KIND, {**options, "shortcuts": shortcuts})
 
 
 def replay(root: nn.Module, options: dict[str, Any]) -> None:
     """Replay :func:`rewrite_of` on a model already cut to the sliced shapes (values: from its state dict)."""
     model = root.get_submodule(options["model"])
-    layout = rotation.stream_layout(model)
+    layout = stream_layout(model)
     rotation.untie_head(model, layout)
-    for site in layout.sites:
-        norm = model.get_submodule(site.norm)
-        setattr(norm, rotation.eps_attribute(norm), float(options["eps"]))
-    model.config.rms_norm_eps = float(options["eps"])
-    model.config.head_dim = int(options["head_dim"])
-    model.config.hidden_size = model.get_submodule(layout.embeddings).weight.shape[1]
+    eps = float(options["eps"])
+    if "width" in options:  # a LayerNorm family: scale-free norms over the dense width, biases folding added
+        for site in layout.sites:
+            layernorm_fold.replace_norm(model, site.norm, layernorm_fold.StreamRMSNorm(int(options["width"]), eps))
+        layernorm_fold.add_reader_biases(model, list(options["biases"]))
+    else:
+        for site in layout.sites:
+            norm = model.get_submodule(site.norm)
+            setattr(norm, rotation.eps_attribute(norm), eps)
+        model.config.rms_norm_eps = eps
+        model.config.head_dim = int(options["head_dim"])
+        model.config.hidden_size = model.get_submodule(layout.embeddings).weight.shape[1]
     if options["shortcuts"]:
         rotation.add_shortcuts(model, layout)
         reference = model.get_submodule(layout.embeddings).weight
@@ -301,7 +340,13 @@ def load_sliced(folder: str | Path) -> nn.Module:
     state: dict[str, Tensor] = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         state.update(load_file(path))
-    layout = rotation.stream_layout(model)
+    layout = stream_layout(model)
+    if layout.table.layer_norm:
+        raise PruningError(
+            f"`{folder}` holds a {config.model_type!r} model: a sliced LayerNorm family's norms are not its class's, "
+            "which a plain folder cannot say. Save it with `lightning_prune.save_pretrained` and load it with "
+            "`lightning_prune.from_pretrained`."
+        )
     saved = [site for site in layout.sites if site.shortcut and f"{site.block}.{site.shortcut}" in state]
     if saved:
         rotation.add_shortcuts(model, layout)

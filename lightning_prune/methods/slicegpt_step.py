@@ -4,7 +4,8 @@ The step slices the residual stream of the Hugging Face decoder inside the modul
 on ``n`` training batches. Its record replays on a freshly built dense module: cuts to the sliced shapes (every
 tensor on the stream keeps its first ``k`` entries, which the rotated weights of the state dict then fill), and a
 ``"slicegpt"`` rewrite for what shapes cannot say (the untied head, the norms' ε, the shortcut matrices of
-``per_layer=True``). Every weight on the stream is rotated, so the optimizers forget their state (moments in the
+``per_layer=True``; for OPT, GPT-2 and Phi the scale-free norms over the dense width and the biases folding
+added). Every weight on the stream is rotated, so the optimizers forget their state (moments in the
 old basis mean nothing in the new one); new parameters (an untied head, shortcuts) make the callback build its
 optimizers again.
 """
@@ -24,8 +25,8 @@ from lightning_prune.cuts import Cut, Step
 from lightning_prune.errors import PruningError
 from lightning_prune.measure import count_macs, count_params
 from lightning_prune.methods.base import METHODS
+from lightning_prune.methods.decoder_families import DECODERS
 from lightning_prune.methods.depth_methods import batches_from, collect_batches
-from lightning_prune.methods.rotation import DECODERS
 from lightning_prune.methods.slicegpt import check_model, check_options, kept_width, rewrite_of, slice_to
 from lightning_prune.record import new_record
 from lightning_prune.running import ExampleInputs, named_tensors
