@@ -111,7 +111,8 @@ class Distillation(Callback):
     and the record of the teacher's architecture; with ``save_teacher=True`` every checkpoint carries the weights
     in the callback's state instead. ``fit(ckpt_path=...)`` rebuilds the teacher from the module as built before
     the checkpoint loads, cut to the teacher's record, with those weights. A teacher passed as ``teacher`` is
-    never saved: pass it again to resume.
+    never saved: pass it again to resume. The state is keyed by the class alone (one instance per trainer), so a
+    resumed run finds its teacher even with another ``alpha``.
 
     Args:
         loss: ``"forward_kl"`` (Hinton KD at ``temperature``; Minitron's logit distillation),
@@ -170,11 +171,6 @@ class Distillation(Callback):
         self._skeleton: nn.Module | None = None
         self._generator_path: str | None = None
         self._wrapped: dict[str, Any] = {}
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(loss=self.loss, alpha=self.alpha, temperature=self.temperature)
 
     @property
     def source(self) -> str:
@@ -308,6 +304,11 @@ class Distillation(Callback):
             )
         if self.loss == "minillm":
             ids = call.kwargs.get("input_ids", call.args[0] if call.args else None)
+            if not isinstance(ids, Tensor) or ids.ndim != 2:
+                raise PruningError(
+                    f"`loss='minillm'` takes its prompts from the token ids given to `{call.path}`, but it was called "
+                    f"without `input_ids` of shape (batch, tokens) (got {type(ids).__name__})."
+                )
             path = self._generator_path or ""
             student = pl_module.get_submodule(path)
             generator = torch.Generator(device=ids.device).manual_seed(
