@@ -33,12 +33,14 @@ from transformers import AutoModelForCausalLM
 
 import lightning_prune as lp
 from lightning_prune.callbacks import Distillation, NetworkSlimming
+from lightning_prune.demo import accuracy as test_accuracy
 from lightning_prune.methods.minillm import agreement
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_methods import cut, decoder_params
 
-LOSSES = ("ce", "forward_kl", "reverse_kl", "minillm")
+# (loss, alpha): None is --alpha; forward KL also alone (alpha 1: Minitron's logit-only distillation)
+RECOVERIES = (("ce", 0.0), ("forward_kl", None), ("forward_kl", 1.0), ("reverse_kl", None), ("minillm", None))
 
 
 class StepTimer(Callback):
@@ -61,7 +63,9 @@ def quiet_trainer(callbacks: list[Callback], **options) -> pl.Trainer:
     )  # fmt: skip
 
 
-def recover(model, dense, windows: torch.Tensor, loss: str, args: argparse.Namespace) -> tuple[lp.CausalLM, float]:
+def recover(
+    model, dense, windows: torch.Tensor, loss: str, alpha: float, args: argparse.Namespace
+) -> tuple[lp.CausalLM, float]:
     """Fine-tune ``model`` (a cut Hugging Face model) on ``windows`` by ``loss``; return the module and s/step."""
     pl.seed_everything(0, verbose=False)
     module = lp.CausalLM(pretrained=str(lp.default_language_model()), lr=args.lr, weight_decay=0.0, warmup_steps=5,
@@ -71,7 +75,7 @@ def recover(model, dense, windows: torch.Tensor, loss: str, args: argparse.Names
     callbacks: list[Callback] = [timer]
     if loss != "ce":
         teacher = copy.deepcopy(dense)
-        callbacks.insert(0, Distillation(loss, alpha=args.alpha, teacher=teacher, prompt_tokens=16, new_tokens=16))
+        callbacks.insert(0, Distillation(loss, alpha=alpha, teacher=teacher, prompt_tokens=16, new_tokens=16))
     loader = torch.utils.data.DataLoader([{"input_ids": w} for w in windows], batch_size=args.batch_size)
     quiet_trainer(callbacks, max_epochs=1, accelerator="cpu", gradient_clip_val=1.0).fit(module, loader)
     return module, float(torch.tensor(timer.seconds[2:] or timer.seconds).median())
@@ -95,7 +99,7 @@ def language_model_part(args: argparse.Namespace) -> list[str]:
     lines = [
         f"dense: {total:,} parameters, test ppl {lp.perplexity(dense, test):.2f}; recovery: {len(windows)} windows "
         f"× {train.shape[1]} = {windows.numel():,} tokens ({windows.numel() / dense_tokens:.1%} of the dense "
-        f"training tokens), batch {args.batch_size}, AdamW lr {args.lr}, α = {args.alpha}, T = 1; MiniLLM: 16-token "
+        f"training tokens), batch {args.batch_size}, AdamW lr {args.lr}, T = 1; MiniLLM: 16-token "
         f"prompts, 16 sampled tokens, mix 0.2; agreement on {len(prompts)} test prompts × 16 greedy tokens; "
         f"{args.threads} thread(s)",
         "",
@@ -115,13 +119,15 @@ def language_model_part(args: argparse.Namespace) -> list[str]:
     for method, pruned in (("flap", flap), (strongest_depth, depth[strongest_depth][1])):
         after_cut = lp.perplexity(pruned, test)
         base = None
-        for loss in LOSSES:
-            module, seconds = recover(copy.deepcopy(pruned), dense, windows, loss, args)
+        for loss, alpha in RECOVERIES:
+            alpha = args.alpha if alpha is None else alpha
+            module, seconds = recover(copy.deepcopy(pruned), dense, windows, loss, alpha, args)
             student = module.model.eval()
             base = base or seconds
             agreed = agreement(student, dense, prompts, 16)
+            label = "CE (fine-tuning)" if loss == "ce" else f"{loss}, α = {alpha}"
             line = (
-                f"| {method} | {loss if loss != 'ce' else 'CE (fine-tuning)'} | {lp.count_params(student):,} "
+                f"| {method} | {label} | {lp.count_params(student):,} "
                 f"| {after_cut:.2f} | {lp.perplexity(student, test):.2f} | {agreed:.1%} "
                 f"| {seconds:.3f} ({seconds / base:.2f}×) |"
             )
@@ -134,35 +140,44 @@ def language_model_part(args: argparse.Namespace) -> list[str]:
     return [*lines, note]
 
 
-def digits_run(seed: int, distill: bool, args: argparse.Namespace) -> float:
+def digits_run(seed: int, distill: bool, epochs: int, args: argparse.Namespace) -> tuple[float, float | None]:
+    """Test accuracy of the final model and, when distilling, of the teacher (the snapshot before the first cut)."""
     pl.seed_everything(seed, verbose=False)
     data = lp.DigitsDataModule(seed=seed)
     model = lp.ImageClassifier()
     pruning = lp.StructuredPruning(0.6, "bn_scale", schedule="linear", start_epoch=15, end_epoch=18, target="macs",
                                    log_table=False)  # fmt: skip
     callbacks: list[Callback] = [NetworkSlimming(1e-3, stop_epoch=19), pruning]
+    distillation = Distillation("forward_kl", alpha=args.alpha, temperature=args.digits_temperature)
     if distill:
-        callbacks.insert(1, Distillation("forward_kl", alpha=args.alpha, temperature=args.digits_temperature))
-    trainer = quiet_trainer(callbacks, max_epochs=40, accelerator="cpu")
+        callbacks.insert(1, distillation)
+    trainer = quiet_trainer(callbacks, max_epochs=epochs, accelerator="cpu")
     trainer.fit(model, data)
-    return float(trainer.test(model, data, verbose=False)[0]["test/acc"])
+    accuracy = float(trainer.test(model, data, verbose=False)[0]["test/acc"])
+    return accuracy, test_accuracy(distillation.teacher, data) if distill else None
 
 
 def digits_part(args: argparse.Namespace) -> list[str]:
-    rows = {name: [digits_run(seed, name != "ce", args) for seed in args.seeds] for name in ("ce", "forward_kl")}
     lines = [
         "",
-        f"Digits CNN, demo recipe (60% of MACs removed at epochs 15-18, 40 epochs); KD: forward KL, α = {args.alpha}, "
-        f"T = {args.digits_temperature}, teacher = the snapshot before the first cut; seeds {args.seeds}",
+        f"Digits CNN, demo recipe (Network Slimming, 60% of MACs removed at epochs 15-18); KD: forward KL, α = "
+        f"{args.alpha}, T = {args.digits_temperature}, teacher = the snapshot before the first cut; seeds {args.seeds}",
         "",
-        "| recovery | test accuracy per seed | mean |",
-        "|---|---|---|",
+        "| epochs (recovery epochs after the last cut) | recovery | test accuracy per seed | mean | teacher's |",
+        "|---|---|---|---|---|",
     ]
-    for name, values in rows.items():
-        label = "CE (fine-tuning)" if name == "ce" else "forward KL distillation"
-        shown = ", ".join(f"{v:.2%}" for v in values)
-        lines.append(f"| {label} | {shown} | {sum(values) / len(values):.2%} |")
     print("\n".join(lines), flush=True)
+    for epochs in args.digits_epochs:
+        for name in ("ce", "forward_kl"):
+            runs = [digits_run(seed, name != "ce", epochs, args) for seed in args.seeds]
+            values = [accuracy for accuracy, _ in runs]
+            teachers = [teacher for _, teacher in runs if teacher is not None]
+            label = "CE (fine-tuning)" if name == "ce" else "forward KL distillation"
+            shown = ", ".join(f"{v:.2%}" for v in values)
+            teacher = f"{sum(teachers) / len(teachers):.2%}" if teachers else "–"
+            line = f"| {epochs} ({epochs - 19}) | {label} | {shown} | {sum(values) / len(values):.2%} | {teacher} |"
+            print(line, flush=True)
+            lines.append(line)
     return lines
 
 
@@ -176,6 +191,7 @@ def main() -> None:
     parser.add_argument("--digits-temperature", type=float, default=4.0)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--digits-epochs", type=int, nargs="+", default=[40, 21], help="40: the demo's recipe")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
