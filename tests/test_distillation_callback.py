@@ -204,3 +204,47 @@ def test_bad_setups_fail_before_the_first_step() -> None:
     module = classifier()
     with pytest.raises(PruningError, match=r"shares \d+ parameters with ImageClassifier"):
         trainer(1, [Distillation(teacher=module.net), NoStep()]).fit(module, images())
+
+
+def ddp_job(root: str) -> None:
+    """Two CPU ranks (gloo), a teacher of the user's on each: rank r writes ROOT/rank{r}.pt with the gradients of the
+    first optimizer step and the windows it trained on (``python tests/test_distillation_callback.py ROOT``)."""
+    warnings.filterwarnings("ignore")
+    probe, seen = Gradients(), []
+
+    class Windows(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.append(batch["input_ids"])
+
+    distillation = Distillation("forward_kl", alpha=0.7, temperature=2.0, teacher=language_model(seed=1).model)
+    fit = trainer(1, [distillation, probe, Windows()], limit_train_batches=1, strategy="ddp", accelerator="cpu",
+                  devices=2)  # fmt: skip
+    fit.fit(language_model(), texts(batch_size=2))
+    state = {"gradients": probe.first, "windows": seen[0], "teacher": distillation.teacher.state_dict()}
+    torch.save(state, f"{root}/rank{fit.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_distils_from_its_own_teacher_and_the_gradients_are_those_of_one_process(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, value in ranks[0]["teacher"].items():
+        assert torch.equal(ranks[1]["teacher"][key], value)
+    probe = Gradients()  # one process on the windows of both ranks together
+    distillation = Distillation("forward_kl", alpha=0.7, temperature=2.0, teacher=language_model(seed=1).model)
+    both = torch.cat([ranks[0]["windows"], ranks[1]["windows"]])
+    loader = torch.utils.data.DataLoader([{"input_ids": w} for w in both], batch_size=len(both))
+    trainer(1, [distillation, probe], limit_train_batches=1).fit(language_model(), loader)
+    for name, gradient in probe.first.items():
+        for rank in ranks:
+            assert torch.allclose(rank["gradients"][name], gradient, rtol=1e-4, atol=1e-6), name
+
+
+if __name__ == "__main__":
+    import sys
+
+    ddp_job(sys.argv[1])
