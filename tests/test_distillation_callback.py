@@ -201,6 +201,19 @@ def test_bad_setups_fail_before_the_first_step() -> None:
         trainer(1, [Distillation("minillm"), StructuredPruning(0.5, "l1"), NoStep()]).fit(classifier(), images())
     with pytest.raises(PruningError, match="has no teacher: pass `teacher`"):
         trainer(1, [Distillation(), NoStep()]).fit(classifier(), images())
+
+    class TwoCalls(ImageClassifier):  # features, then the head: no single call gives both models' logits
+        def __init__(self) -> None:
+            super().__init__(arch_kwargs={"channels": [8, 16, 32]})
+            self.features, self.head = self.net.features, self.net.classifier
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.head(self.features(x)), y)
+
+    pl.seed_everything(0, verbose=False)
+    with pytest.raises(PruningError, match="calls `features`, `head` one after the other"):
+        trainer(1, [Distillation(teacher=copy.deepcopy(ImageClassifier()))]).fit(TwoCalls(), images())
     module = classifier()
     with pytest.raises(PruningError, match=r"shares \d+ parameters with ImageClassifier"):
         trainer(1, [Distillation(teacher=module.net), NoStep()]).fit(module, images())

@@ -60,6 +60,7 @@ class _Call:
         self.kwargs: dict[str, Any] = {}
         self.output: Any = None
         self.depth = 0
+        self.others: list[str] = []  # outermost calls after the first
         # metrics are submodules too, but not the model
         self.watched = {"": module} | {n: c for n, c in module.named_children() if not isinstance(c, Metric)}
 
@@ -79,6 +80,8 @@ class _Call:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             if self.depth == 0 and self.path is None:
                 self.path, self.args, self.kwargs = path, args, dict(kwargs)
+            elif self.depth == 0:
+                self.others.append(path)
             self.depth += 1
 
         return hook
@@ -301,6 +304,13 @@ class Distillation(Callback):
                 f"Distillation saw no call of {type(pl_module).__name__} or its direct submodules in `training_step`: "
                 "call the model as `self(x)` or `self.net(x)` (not `.forward(x)`), so that its inputs can be given to "
                 "the teacher."
+            )
+        if call.others:
+            called = ", ".join(f"`{path or type(pl_module).__name__}`" for path in [call.path, *call.others])
+            raise PruningError(
+                f"`training_step` of {type(pl_module).__name__} calls {called} one after the other: Distillation gives "
+                "the teacher the inputs of one call and compares its output as logits. Compute the logits in one call, "
+                "e.g. through `self(x)` with a `forward` that runs them all."
             )
         if self.loss == "minillm":
             ids = call.kwargs.get("input_ids", call.args[0] if call.args else None)
