@@ -212,8 +212,10 @@ def test_bad_setups_fail_before_the_first_step() -> None:
             return F.cross_entropy(self.head(self.features(x)), y)
 
     pl.seed_everything(0, verbose=False)
+    two = TwoCalls()
     with pytest.raises(PruningError, match="calls `features`, `head` one after the other"):
-        trainer(1, [Distillation(teacher=copy.deepcopy(ImageClassifier()))]).fit(TwoCalls(), images())
+        trainer(1, [Distillation(teacher=copy.deepcopy(ImageClassifier()))]).fit(two, images())
+    assert "training_step" not in vars(two)  # the failed fit leaves the module as it was
     module = classifier()
     with pytest.raises(PruningError, match=r"shares \d+ parameters with ImageClassifier"):
         trainer(1, [Distillation(teacher=module.net), NoStep()]).fit(module, images())

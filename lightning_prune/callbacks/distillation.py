@@ -214,6 +214,13 @@ class Distillation(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unwrap(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unwrap(pl_module)  # a failed fit leaves the module as it was given
+
+    def _unwrap(self, pl_module: pl.LightningModule) -> None:
         for name, wrapper in self._wrapped.items():
             if vars(pl_module).get(name) is wrapper:
                 delattr(pl_module, name)
@@ -261,7 +268,7 @@ class Distillation(Callback):
         megabytes = teacher_bytes(self.teacher) / 2**20
         rank_zero_info(
             f"Distillation: teacher = the model before the first cut (epoch {trainer.current_epoch}): "
-            f"{sum(p.numel() for p in self.teacher.parameters()):,} parameters, {megabytes:.1f} MiB on "
+            f"{sum(p.numel() for p in self.teacher.parameters()):,} parameters, {megabytes:.2f} MiB on "
             f"{pl_module.device}; one extra forward pass per training step ({self.loss})"
         )
 
