@@ -10,7 +10,7 @@ drop_deepest (lower perplexity right after the cut; cuts from ``benchmarks/llm_m
 fine-tuned in a ``Trainer`` on the same training windows in the same order, with the same optimizer and schedule,
 by the LM loss alone (CE) or by ``(1 − α)·CE + α·distill`` with the dense model as teacher: forward KL, reverse KL,
 MiniLLM. Reported: test perplexity, teacher-student agreement on greedy continuations of test prompts (the share of
-generated tokens the teacher would have chosen too), and seconds per training step relative to CE.
+generated tokens the teacher would have chosen too), and CPU seconds per training step relative to CE.
 
 Digits CNN (the demo's recipe: Network Slimming, four bn_scale steps at epochs 15-18 down to 40% of the MACs, 40
 epochs): test accuracy after recovery by CE vs forward-KL distillation from the snapshot before the first cut.
