@@ -38,6 +38,7 @@ load_integrations()  # each layer family registers its rules and fixups; third-p
 # Lightning-facing names load on first use, so that the engine imports neither Lightning nor Hydra.
 _LAZY = {
     "AtomicCheckpointIO": "lightning_prune.callbacks",
+    "Distillation": "lightning_prune.callbacks",
     "NetworkSlimming": "lightning_prune.callbacks",
     "PrunableModule": "lightning_prune.callbacks",
     "StructuredPruning": "lightning_prune.callbacks",
@@ -71,6 +72,7 @@ __all__ = [
     "DenseSize",
     "DependencyGraph",
     "DigitsDataModule",
+    "Distillation",
     "Drop",
     "ExportCheck",
     "Group",

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from lightning_prune.callbacks import StructuredPruning
+from lightning_prune.callbacks import Distillation, StructuredPruning
 from lightning_prune.callbacks.snapshot import KeepDense
 from lightning_prune.data import SplitDataModule
 from lightning_prune.export import EXPORTERS, export_pair
@@ -185,6 +185,15 @@ def keep_dense(callbacks: list[pl.Callback]) -> KeepDense | None:
     keeper = KeepDense(min(min(c.steps) for _, c in prunings), at_start=start)
     callbacks.insert(prunings[0][0], keeper)
     return keeper
+
+
+def recovery(callbacks: list[pl.Callback]) -> dict[str, Any]:
+    """How the pruned model was recovered: the distillation loss and its settings, or the task loss alone."""
+    found = [c for c in callbacks if isinstance(c, Distillation)]
+    if not found:
+        return {"loss": "task"}
+    return {"loss": found[0].loss, "alpha": found[0].alpha, "temperature": found[0].temperature,
+            "teacher": found[0].source}  # fmt: skip
 
 
 # --- measuring ---------------------------------------------------------------------------------------
@@ -421,6 +430,7 @@ def train(cfg: DictConfig) -> float | list[float] | None:
             "latency_batch": len(images),
             "widths": {name: [width, final_widths[name]] for name, width in dense_widths.items()},
         }
+    results["recovery"] = recovery(callbacks)
     if trainer.is_global_zero and (cfg.get("export") or {}).get("onnx"):
         results["export"] = export_models(dense, model, data, cfg, folder)
     if trainer.is_global_zero:

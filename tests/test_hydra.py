@@ -129,6 +129,7 @@ def test_config_composes_and_instantiates(tmp_path: Path, overrides: list[str]) 
 def test_every_yaml_is_exercised() -> None:
     covered = {f"{group}/{option}.yaml" for group in GROUPS for option in options(group)}
     covered |= {f"callbacks/{o}.yaml" for o in options("callbacks")}  # composed by callbacks/default.yaml
+    covered |= {f"callbacks/distillation/{o}.yaml" for o in options("callbacks/distillation")}  # + on the command line
     covered |= {"train.yaml", "hydra/default.yaml", "hydra/launcher/slurm.yaml"}
     covered |= {f"hparams_search/{o}.yaml" for o in options("hparams_search")}
     assert {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")} == covered

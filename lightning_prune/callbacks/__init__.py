@@ -1,12 +1,14 @@
 """Lightning callbacks: thin glue that decides *when* the plain-PyTorch engine runs."""
 
 from lightning_prune.callbacks.checkpoint import PrunableModule, applied_record, load_from_checkpoint, restore_pruned
+from lightning_prune.callbacks.distillation import Distillation
 from lightning_prune.callbacks.io import AtomicCheckpointIO
 from lightning_prune.callbacks.pruning import StructuredPruning
 from lightning_prune.callbacks.slimming import NetworkSlimming
 
 __all__ = [
     "AtomicCheckpointIO",
+    "Distillation",
     "NetworkSlimming",
     "PrunableModule",
     "StructuredPruning",
