@@ -19,7 +19,7 @@ from lightning_prune.importance import Criterion, ScoringContext, get_criterion,
 from lightning_prune.measure import count_macs, count_params
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import new_record
-from lightning_prune.running import ExampleInputs, meta_clone, tensor_owners, to_device
+from lightning_prune.running import ExampleInputs, meta_clone, tensor_owners, to_device, tracing_modes
 from lightning_prune.selection import Plan, SelectionOptions, select
 from lightning_prune.statistics import collect_statistics
 from lightning_prune.surgery import apply_cuts
@@ -162,7 +162,7 @@ def prune(
     batches: Iterable[Any] | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     verify: bool = True,
-    modes: Iterable[str] = ("train", "eval"),
+    modes: Iterable[str] | None = None,
 ) -> PruningResult:
     """Remove the least important structures of ``model`` in place, leaving a smaller dense model.
 
@@ -188,7 +188,8 @@ def prune(
             batches to run forward and backward on before scoring.
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` for those calibration passes.
         verify: re-trace the pruned model and roll back if it deviates from the plan.
-        modes: modes to trace in; both by default so training-only branches are covered.
+        modes: modes to trace (and verify) in. None: both where some module's forward can branch on
+            ``training`` (auxiliary heads, stochastic depth), else eval only (see ``running.tracing_modes``).
 
     Returns:
         A :class:`PruningResult` with the plain-data ``record`` and params/MACs before and after.
@@ -233,8 +234,9 @@ def prune(
         count_params(model),
     )
     graph, plan, cuts, macs_after, left_alone = _cut_until_verified(
-        model, example_inputs, planner, ignored, list(optimizers), verify, tuple(modes)
-    )
+        model, example_inputs, planner, ignored, list(optimizers), verify,
+        tracing_modes(model) if modes is None else tuple(modes),
+    )  # fmt: skip
     macs_before = planner.macs_before
     if not cuts:
         macs_after = macs_before

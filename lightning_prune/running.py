@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -96,3 +99,39 @@ def tensor_owners(model: nn.Module) -> dict[str, list[str]]:
             if module_name not in owners[id(tensor)]:
                 owners[id(tensor)].append(module_name)
     return {names[key]: value for key, value in owners.items()}
+
+
+# Layers whose training mode changes values, never which ops run or how channels flow: tracing one mode covers both.
+SAME_FLOW_IN_BOTH_MODES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+@functools.cache
+def _reads_training(forward: Any) -> bool:
+    """Whether a forward's source mentions ``training`` (True where the source cannot be read)."""
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return True
+    return re.search(r"\btraining\b", source) is not None
+
+
+def tracing_modes(model: nn.Module) -> tuple[str, ...]:
+    """The modes a trace of ``model`` must run in: ``("eval",)`` when no module's forward can take another path in
+    training (no forward mentions ``training``, BatchNorm and dropout aside), else ``("train", "eval")``.
+
+    Branches that run only in training (auxiliary heads, stochastic depth, a fast path taken only in eval) are
+    found by reading each module class's ``forward``; a forward whose source cannot be read counts as one that
+    branches. Tracing once where both modes flow alike halves the cost of tracing and verifying.
+    """
+    for module in model.modules():
+        if isinstance(module, SAME_FLOW_IN_BOTH_MODES):
+            continue
+        if _reads_training(type(module).forward):
+            return ("train", "eval")
+    return ("eval",)
