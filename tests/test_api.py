@@ -178,8 +178,10 @@ def test_bad_arguments_are_named_and_leave_the_model_unchanged(kwargs: dict, mes
 def test_wrong_example_inputs_name_the_argument_and_the_module() -> None:
     model = PlainCNN()
     before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TraceError, match=r"`example_inputs` in eval mode failed in module `features.0`"):
+        lp.prune(model, torch.randn(2, 5, 16, 16), 0.3)  # no forward branches on `training`: eval only
     with pytest.raises(TraceError, match=r"`example_inputs` in train mode failed in module `features.0`"):
-        lp.prune(model, torch.randn(2, 5, 16, 16), 0.3)
+        lp.prune(model, torch.randn(2, 5, 16, 16), 0.3, modes=("train", "eval"))
     with pytest.raises(TraceError, match=r"failed in module `classifier\.1`"):
         lp.prune(model, torch.randn(2, 3, 20, 20), 0.3)
     assert unchanged(model, before)
@@ -198,10 +200,41 @@ def test_model_that_cannot_run_is_reported() -> None:
         lp.prune(Broken(), small_input(), 0.3)
 
 
-def test_batch_of_one_with_batch_norm_gets_a_hint() -> None:
+def test_batch_of_one_with_batch_norm_gets_a_hint_when_traced_in_training() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 16), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    before = copy.deepcopy(model.state_dict())
     with pytest.raises(TraceError, match="batch of at least 2 examples"):
-        lp.prune(model, torch.randn(1, 3, 16, 16), 0.3)
+        lp.prune(model, torch.randn(1, 3, 16, 16), 0.3, modes=("train", "eval"))
+    assert unchanged(model, before)
+    # nothing here branches on `training`, so the default traces in eval mode, where one example is enough
+    assert lp.prune(model, torch.randn(1, 3, 16, 16), 0.3).params_after < lp.count_params(
+        nn.Sequential(nn.Conv2d(3, 4, 16), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    )
+
+
+class Auxiliary(nn.Module):
+    """A head that runs only in training, as in Inception: its input channels must be traced too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.stem(x)
+        out = self.head(features)
+        return out + self.aux(features) if self.training else out
+
+
+def test_a_forward_that_branches_on_training_is_traced_in_both_modes() -> None:
+    from lightning_prune.running import tracing_modes
+
+    assert tracing_modes(PlainCNN()) == ("eval",) and tracing_modes(Auxiliary()) == ("train", "eval")
+    model = Auxiliary()
+    lp.prune(model, torch.randn(2, 3, 12, 12), 0.5)
+    assert model.aux[2].in_features == model.stem[0].out_channels < 8  # the training-only head followed the cut
+    model.train()(torch.randn(2, 3, 12, 12))
 
 
 def test_non_finite_scores_name_the_layer() -> None:
