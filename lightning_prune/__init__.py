@@ -21,6 +21,8 @@ from lightning_prune.methods.depth_methods import drop_angular, drop_deepest, la
 from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
 from lightning_prune.methods.recovery import finetune, lora_recover
+from lightning_prune.methods.shear_training import shear
+from lightning_prune.methods.sheared import Shearing, ShearResult
 from lightning_prune.methods.slicegpt import SliceResult, slicegpt
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import check_record, merge_records, restore
@@ -88,6 +90,8 @@ __all__ = [
     "RegistryError",
     "ScoringContext",
     "SelectionOptions",
+    "ShearResult",
+    "Shearing",
     "SliceResult",
     "Slot",
     "Step",
@@ -132,6 +136,7 @@ __all__ = [
     "save_pretrained",
     "score",
     "select",
+    "shear",
     "slice_tensor",
     "slicegpt",
     "verify_pruned",
