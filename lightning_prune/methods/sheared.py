@@ -76,6 +76,7 @@ class ShearResult:
     params_before: int
     params_after: int
     shape: dict[str, int]
+    step: Step
     history: list[dict[str, float]] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -380,4 +381,4 @@ class Shearing:
                 f"the cut model's config has {shape}, not the target {self.shape}: the family's integration did "
                 "not follow the cut. Please report the model."
             )
-        return ShearResult(new_record([step]), params_before, count_params(self.model), shape)
+        return ShearResult(new_record([step]), params_before, count_params(self.model), shape, step)
