@@ -1,6 +1,7 @@
 """Lightning callbacks: thin glue that decides *when* the plain-PyTorch engine runs."""
 
 from lightning_prune.callbacks.checkpoint import PrunableModule, applied_record, load_from_checkpoint, restore_pruned
+from lightning_prune.callbacks.domains import DynamicBatchLoading
 from lightning_prune.callbacks.io import AtomicCheckpointIO
 from lightning_prune.callbacks.pruning import StructuredPruning
 from lightning_prune.callbacks.sheared import ShearedPruning
@@ -8,6 +9,7 @@ from lightning_prune.callbacks.slimming import NetworkSlimming
 
 __all__ = [
     "AtomicCheckpointIO",
+    "DynamicBatchLoading",
     "NetworkSlimming",
     "PrunableModule",
     "ShearedPruning",
