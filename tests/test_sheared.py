@@ -154,6 +154,7 @@ def test_shear_trains_the_gates_to_the_target_and_cuts_to_it() -> None:
         ({"num_attention_heads": 4, "num_key_value_heads": 1}, r"ratio of 2 .*`num_attention_heads`=2"),
         ({"hidden_size": 30}, r"family refuses: .*hidden size \(30\) is not a multiple.*heads \(4\)"),
         ({"hiden_size": 30}, r"unknown field\(s\) \['hiden_size'\]"),
+        ({}, r"`target` names no field"),
     ],
 )
 def test_bad_targets_are_refused_naming_the_field_and_the_model_is_unchanged(target, message) -> None:

@@ -131,6 +131,10 @@ class Shearing:
         if not 0.0 < droprate < 1.0:
             raise PruningError(f"`droprate` must be in (0, 1), got {droprate!r}.")
         self.target = ShearTarget.from_any(target)
+        if not self.target.to_dict():
+            raise PruningError(
+                f"`target` names no field: give at least one of {', '.join(ShearTarget.__dataclass_fields__)}."
+            )
         self.shape = target_shape(config, self.target)
         self.model, self.dense_shape = model, dense_shape(config)
         asked = set(self.target.to_dict())
@@ -286,6 +290,7 @@ class Shearing:
         device = next(self.model.parameters()).device
         for site in self._sites:
             site.elements = site.elements.to(device)
+        self._dims = {key: (gate, elements.to(device)) for key, (gate, elements) in self._dims.items()}
 
         def reset(module: nn.Module, args: Any) -> None:
             self._gates = None
