@@ -123,3 +123,14 @@ def test_an_unreachable_target_is_refused_before_training(target, options, messa
 def test_bad_arguments_are_refused_at_construction(arguments, message) -> None:
     with pytest.raises(lp.PruningError, match=message):
         ShearedPruning(*arguments)
+
+
+def test_the_phase_runs_under_bf16_autocast_and_cuts_to_a_head_target() -> None:
+    pl.seed_everything(0, verbose=False)
+    module = lp.CausalLM(config=CONFIG, vocabulary=64, warmup_steps=1)
+    callback = ShearedPruning({"hidden_size": 16, "num_key_value_heads": 1}, mask_steps=3, warmup=1, gate_lr=0.1)
+    trainer(2, [callback], max_steps=5, precision="bf16-mixed", enable_checkpointing=False).fit(module, loader())
+    config = module.model.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (16, 2, 1)
+    assert module.model.model.layers[0].self_attn.q_proj.weight.shape == (16, 16)
+    assert len(callback.history) == 3 and callback.done["step"] == 3
