@@ -21,6 +21,8 @@ from lightning_prune.methods.depth_methods import drop_angular, drop_deepest, la
 from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
 from lightning_prune.methods.recovery import finetune, lora_recover
+from lightning_prune.methods.shear_training import shear
+from lightning_prune.methods.sheared import Shearing, ShearResult
 from lightning_prune.methods.slicegpt import SliceResult, slicegpt
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import check_record, merge_records, restore
@@ -42,6 +44,9 @@ _LAZY = {
     "NetworkSlimming": "lightning_prune.callbacks",
     "PrunableModule": "lightning_prune.callbacks",
     "StructuredPruning": "lightning_prune.callbacks",
+    "ShearedPruning": "lightning_prune.callbacks",
+    "DynamicBatchLoading": "lightning_prune.callbacks",
+    "MixedTextDataModule": "lightning_prune.data",
     "load_from_checkpoint": "lightning_prune.callbacks",
     "applied_record": "lightning_prune.callbacks",
     "restore_pruned": "lightning_prune.callbacks",
@@ -74,11 +79,13 @@ __all__ = [
     "DigitsDataModule",
     "Distillation",
     "Drop",
+    "DynamicBatchLoading",
     "ExportCheck",
     "Group",
     "ImageClassifier",
     "LayerChange",
     "LayerPruningResult",
+    "MixedTextDataModule",
     "NetworkSlimming",
     "OnnxModule",
     "Plan",
@@ -90,6 +97,9 @@ __all__ = [
     "RegistryError",
     "ScoringContext",
     "SelectionOptions",
+    "ShearResult",
+    "ShearedPruning",
+    "Shearing",
     "SliceResult",
     "Slot",
     "Step",
@@ -135,6 +145,7 @@ __all__ = [
     "save_pretrained",
     "score",
     "select",
+    "shear",
     "slice_tensor",
     "slicegpt",
     "verify_pruned",

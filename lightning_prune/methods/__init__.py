@@ -22,6 +22,7 @@ from lightning_prune.methods import (  # noqa: F401  (built-ins)
     layers,
     llm_pruner,
     recovery,
+    sheared,
     slicegpt_step,
 )
 from lightning_prune.methods.base import METHODS, Method, StepResult, get_method
