@@ -201,3 +201,24 @@ def test_expert_pruning_refuses_bad_arguments_and_leaves_the_model_unchanged() -
     assert {name: p.shape for name, p in model.named_parameters()} == shapes
     with pytest.raises(lp.PruningError, match="has no mixture-of-experts layer"):
         lp.prune_experts(torch.nn.Linear(4, 4), count=1, score="l1")
+
+
+def test_experts_as_a_scheduled_structure_remove_what_is_due_and_replay() -> None:
+    from lightning_prune.methods import get_method
+
+    model = build("qwen3_moe")
+    tokens = ids()
+    method = get_method("experts", score="weight")
+    method.check(model, None)
+    first = method.step(model, {"input_ids": tokens}, 0.25, None)
+    second = method.step(model, {"input_ids": tokens}, 0.5, first.dense)
+    assert (first.dense.units, first.dense.removed, second.dense.removed) == (4, 1, 2)
+    assert [layer.after for layer in second.layers] == [2] and model.config.num_experts == 2
+    assert second.macs_after <= second.macs_before and second.params_after < first.params_before
+    fresh = build("qwen3_moe")
+    lp.restore(fresh, lp.merge_records(first.record, second.record))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=tokens).logits, model(input_ids=tokens).logits)
+    with pytest.raises(lp.PruningError, match="has no mixture-of-experts layer"):
+        method.check(torch.nn.Linear(2, 2), None)

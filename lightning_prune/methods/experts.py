@@ -20,18 +20,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.api import LayerChange
+from lightning_prune.budget import DenseSize
 from lightning_prune.cuts import Cut, Step
 from lightning_prune.errors import PruningError
-from lightning_prune.measure import count_params
+from lightning_prune.measure import count_macs, count_params
+from lightning_prune.methods.base import METHODS
+from lightning_prune.methods.depth_methods import batches_from, collect_batches
 from lightning_prune.record import new_record
-from lightning_prune.running import preserved_state, run_model
+from lightning_prune.running import ExampleInputs, preserved_state, run_model
 from lightning_prune.surgery import apply_cuts
 
 SCORES = ("frequency", "weight", "l1")
@@ -55,6 +59,18 @@ class ExpertPruningResult:
     params_after: int
     removed: dict[str, list[int]] = field(default_factory=dict)
     scores: dict[str, list[float]] = field(default_factory=dict)
+    macs_before: int = 0  # measured by the scheduled step (``StructuredPruning(structure="experts")``), on its inputs
+    macs_after: int = 0
+    dense: DenseSize | None = None  # units: experts per layer
+
+    @property
+    def layers(self) -> list[LayerChange]:
+        """Each experts module's expert count, before → after."""
+        return [
+            LayerChange(n, "experts", len(self.scores[n]), len(self.scores[n]) - len(r))
+            for n, r in self.removed.items()
+            if r
+        ]
 
     def __str__(self) -> str:
         kept = {len(s) - len(self.removed[name]) for name, s in self.scores.items()}
@@ -229,3 +245,52 @@ def prune_experts(
     result.record = new_record([Step(cuts if removed_count else [])])
     result.params_after = count_params(model)
     return result
+
+
+class ExpertDropping:
+    """Whole experts as a scheduled step (``StructuredPruning(structure="experts")``): each step removes experts until
+    ``amount`` of each MoE layer's experts in the dense model are gone.
+
+    Args:
+        score: ``"frequency"``, ``"weight"`` or ``"l1"`` (see :func:`prune_experts`).
+        calibration_batches: the callback's; when set, the router is read on that many training batches, otherwise
+            on the example inputs.
+    """
+
+    def __init__(self, score: str = "frequency", calibration_batches: int = 0) -> None:
+        if score not in SCORES:
+            raise PruningError(f"`score` for structure='experts' must be one of {', '.join(SCORES)}; got {score!r}.")
+        self.score = score
+        self.needs_gradients = bool(calibration_batches) and score != "l1"  # the batches themselves (collect)
+        self.collect = collect_batches
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score}
+
+    def check(self, model: nn.Module, example_inputs: ExampleInputs | None) -> None:
+        if not find_expert_layers(model):
+            raise PruningError(f"structure='experts': {type(model).__name__} has no mixture-of-experts layer.")
+
+    def step(
+        self,
+        model: nn.Module,
+        example_inputs: ExampleInputs,
+        amount: float,
+        dense: DenseSize | None,
+        *,
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+        statistics: Mapping[str, Any] | None = None,
+    ) -> ExpertPruningResult:
+        self.check(model, example_inputs)
+        total = find_expert_layers(model)[0].count
+        units, gone = (dense.units, dense.removed) if dense else (total, 0)
+        due = max(math.floor(amount * units + 1e-9) - gone, 0)
+        calibration = batches_from(statistics, "structure='experts'") if self.needs_gradients else [example_inputs]
+        macs_before = count_macs(model, example_inputs)
+        result = prune_experts(model, calibration, count=due, score=self.score, optimizers=optimizers)
+        result.macs_before, result.macs_after = macs_before, count_macs(model, example_inputs)
+        result.dense = (dense or DenseSize(result.params_before, macs_before, total)).after(due)
+        return result
+
+
+METHODS.register("experts", ExpertDropping)
