@@ -34,7 +34,7 @@ CONFIGS = {
 def build(name: str, **options) -> torch.nn.Module:
     config_class, extra, _ = CONFIGS[name]
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**COMMON, **extra, **options)
+    config = getattr(transformers, config_class)(**{**COMMON, **extra, **options})
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -222,3 +222,12 @@ def test_experts_as_a_scheduled_structure_remove_what_is_due_and_replay() -> Non
         assert torch.equal(fresh(input_ids=tokens).logits, model(input_ids=tokens).logits)
     with pytest.raises(lp.PruningError, match="has no mixture-of-experts layer"):
         method.check(torch.nn.Linear(2, 2), None)
+
+
+def test_experts_a_kernel_cannot_run_at_the_cut_width_stay_whole_and_the_config_stays_dense() -> None:
+    # torch._grouped_mm needs 16-byte strides: 24 neurons -> 18 fails, verification undoes the cut and keeps them
+    model = build("mixtral", intermediate_size=24)
+    result = lp.prune(model, {"input_ids": ids(), "use_cache": False}, 0.25, "l1", scope="local")
+    assert "strides" in " ".join(reason for name, reason in result.unprunable.items() if name.endswith("experts"))
+    assert all(m.down_proj.shape[2] == 24 for m in experts_of(model)) and model.config.intermediate_size == 24
+    assert model.config.hidden_size == model.get_input_embeddings().weight.shape[1]
