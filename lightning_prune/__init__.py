@@ -18,6 +18,7 @@ from lightning_prune.integrations import load_integrations
 from lightning_prune.language import generation_speed, perplexity
 from lightning_prune.measure import compare_latency, count_macs, count_params, latency
 from lightning_prune.methods.depth_methods import drop_angular, drop_deepest, laco
+from lightning_prune.methods.experts import ExpertPruningResult, prune_experts
 from lightning_prune.methods.flap import flap, wanda_sp
 from lightning_prune.methods.llm_pruner import llm_pruner
 from lightning_prune.methods.recovery import finetune, lora_recover
@@ -80,6 +81,7 @@ __all__ = [
     "Distillation",
     "Drop",
     "DynamicBatchLoading",
+    "ExpertPruningResult",
     "ExportCheck",
     "Group",
     "ImageClassifier",
@@ -136,6 +138,7 @@ __all__ = [
     "perplexity",
     "plan_cuts",
     "prune",
+    "prune_experts",
     "prune_layers",
     "register_criterion",
     "register_layer",

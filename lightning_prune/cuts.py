@@ -23,8 +23,9 @@ from lightning_prune.running import named_tensors
 class Cut:
     """Keep indices ``keep`` (sorted) of dimension ``dim`` of tensor ``tensor``, which had ``size`` entries.
 
-    For the inputs of a grouped convolution (``groups`` > 1) ``size`` and ``keep`` refer to the
-    layer's input channels; every convolution group keeps the same number of them.
+    With ``groups`` > 1 the rows of the tensor (dim 0) split into blocks that each have indices of their own along
+    ``dim`` (the inputs of a grouped convolution, the neurons of each expert in ``(experts, ...)`` tensors):
+    ``size`` and ``keep`` count the indices of all blocks, and every block keeps as many.
     """
 
     tensor: str
@@ -79,11 +80,11 @@ def _validate_cut(cut: Cut, shape: Sequence[int], where: str) -> None:
         raise RecordError(
             f"{where}: `keep` of cut on `{cut.tensor}` must be strictly increasing indices in [0, {cut.size})."
         )
-    if cut.groups > 1 and (cut.dim != 1 or shape[0] % cut.groups):
+    if cut.groups > 1 and (cut.dim == 0 or shape[0] % cut.groups):
         raise RecordError(
-            f"{where}: a grouped cut (groups={cut.groups}) takes the inputs of a grouped convolution: dimension 1 of "
-            f"a weight whose rows split into the groups; `{cut.tensor}` has shape {list(shape)}, the record cuts "
-            f"dimension {cut.dim}."
+            f"{where}: a grouped cut (groups={cut.groups}) takes indices of blocks of rows: a dimension after the "
+            f"first of a tensor whose rows split into the groups; `{cut.tensor}` has shape {list(shape)}, the record "
+            f"cuts dimension {cut.dim}."
         )
     keep = torch.tensor(cut.keep)
     if cut.groups > 1:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import Group, Member
 from lightning_prune.registry import Registry
+from lightning_prune.slicing import index_rows
 
 AGGREGATES = ("sum", "mean", "max", "prod", "last")
 
@@ -92,8 +93,8 @@ def aggregate_members(group: Group, values: list[tuple[Member, Tensor]], how: st
     return result.masked_fill(count == 0, float("inf"))
 
 
-def _per_index_norm(tensor: Tensor, dim: int, p: int) -> Tensor:
-    rows = tensor.detach().transpose(0, dim).reshape(tensor.shape[dim], -1).to(torch.float64)
+def _per_index_norm(tensor: Tensor, dim: int, p: int, groups: int = 1) -> Tensor:
+    rows = index_rows(tensor.detach(), dim, groups).to(torch.float64)
     return rows.abs().sum(1) if p == 1 else rows.pow(2).sum(1).sqrt()
 
 
@@ -106,7 +107,7 @@ class Magnitude:
 
     def __call__(self, group: Group, context: ScoringContext) -> Tensor | None:
         values = [
-            (m, _per_index_norm(context.tensor(m.slot.tensor), m.slot.dim, self.p))
+            (m, _per_index_norm(context.tensor(m.slot.tensor), m.slot.dim, self.p, m.slot.groups))
             for m in group.members_with_role("out")
         ]
         return aggregate_members(group, values, self.aggregate)
@@ -162,9 +163,10 @@ class GeometricMedian:
     def __call__(self, group: Group, context: ScoringContext) -> Tensor | None:
         values = []
         for member in group.members_with_role("out"):
-            tensor = context.tensor(member.slot.tensor).detach()
-            rows = tensor.transpose(0, member.slot.dim).reshape(tensor.shape[member.slot.dim], -1).to(torch.float64)
-            values.append((member, torch.cdist(rows, rows).sum(1)))
+            slot = member.slot
+            rows = index_rows(context.tensor(slot.tensor).detach(), slot.dim, slot.groups).to(torch.float64)
+            blocks = rows.view(slot.groups, -1, rows.shape[1])  # blocks of rows (experts) are layers of their own
+            values.append((member, torch.cdist(blocks, blocks).sum(-1).reshape(-1)))
         return aggregate_members(group, values, self.aggregate)
 
 

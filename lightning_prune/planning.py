@@ -31,5 +31,5 @@ def plan_cuts(graph: DependencyGraph, plan: Plan) -> list[Cut]:
         slot = slots[key]
         size = slot.classes.numel()
         keep = sorted(set(range(size)) - positions)
-        cuts.append(Cut(slot.tensor, slot.dim, size, keep, slot.groups if slot.role == "in" else 1))
+        cuts.append(Cut(slot.tensor, slot.dim, size, keep, slot.groups))
     return sorted(cuts, key=lambda c: (c.tensor, c.dim))

@@ -16,25 +16,37 @@ from lightning_prune.cuts import Cut
 
 
 def _group_index(cut: Cut, positions: Tensor, shape: Sequence[int]) -> Tensor:
-    """``gather``/``scatter`` index along dim 1 of a grouped convolution's weight: each group of rows reads its
-    own inputs (``positions`` count input channels of the whole layer)."""
+    """``gather``/``scatter`` index along ``cut.dim`` of a tensor whose rows (dim 0) split into ``cut.groups``
+    blocks, each reading its own indices (``positions`` count the indices of all blocks): a grouped convolution's
+    inputs (dim 1), or the neurons of each expert in a stack of experts (dim 1 or 2 of ``(experts, ...)``)."""
     per_group = cut.size // cut.groups
     local = (positions % per_group).view(cut.groups, -1)
-    rows = torch.arange(shape[0], device=positions.device) // (shape[0] // cut.groups)
-    return local[rows].view(shape[0], -1, *([1] * (len(shape) - 2))).expand(-1, -1, *shape[2:])
+    rows = local[torch.arange(shape[0], device=positions.device) // (shape[0] // cut.groups)]
+    view, target = [shape[0]] + [1] * (len(shape) - 1), list(shape)
+    view[cut.dim], target[cut.dim] = -1, rows.shape[1]
+    return rows.view(view).expand(target)
+
+
+def index_rows(tensor: Tensor, dim: int, groups: int = 1) -> Tensor:
+    """One row per index of a slot along ``dim``, ``(groups × size, rest)``; with ``groups`` > 1 the rows of
+    ``tensor`` (dim 0) split into blocks, each with indices of its own along ``dim`` (see :class:`Cut`)."""
+    if groups == 1:
+        return tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1)
+    blocks = tensor.reshape(groups, tensor.shape[0] // groups, *tensor.shape[1:]).movedim(dim + 1, 1)
+    return blocks.reshape(groups * tensor.shape[dim], -1)
 
 
 def _take(tensor: Tensor, cut: Cut, positions: Tensor) -> Tensor:
     if cut.groups == 1:
         return tensor.index_select(cut.dim, positions)
-    return tensor.gather(1, _group_index(cut, positions, tensor.shape))
+    return tensor.gather(cut.dim, _group_index(cut, positions, tensor.shape))
 
 
 def _put(target: Tensor, cut: Cut, positions: Tensor, values: Tensor) -> None:
     if cut.groups == 1:
         target.index_copy_(cut.dim, positions, values)
     else:
-        target.scatter_(1, _group_index(cut, positions, target.shape), values)
+        target.scatter_(cut.dim, _group_index(cut, positions, target.shape), values)
 
 
 def _kept_indices(cut: Cut, device: torch.device) -> Tensor:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import DependencyGraph
 from lightning_prune.running import preserved_state, tensor_owners
+from lightning_prune.slicing import index_rows
 
 KINDS = ("taylor", "fisher")
 Statistics = dict[str, Any]
@@ -64,7 +65,7 @@ class GradientStatistics:
         owners = tensor_owners(model)
         parameters = dict(model.named_parameters())
         self.producers: dict[str, tuple[nn.Module, int]] = {}  # measured on a·g of the module's output
-        self.weights: dict[str, tuple[list[nn.Module], Tensor, int]] = {}  # measured on W·G (see module doc)
+        self.weights: dict[str, tuple[list[nn.Module], Tensor, int, int]] = {}  # measured on W·G (see module doc)
         self.members: list[list[tuple[str, Tensor, Tensor]]] = []  # per group: (tensor, positions, elements)
         for group in graph.groups:
             entries = []
@@ -78,7 +79,7 @@ class GradientStatistics:
                 if dim is not None and name.endswith(".weight"):
                     self.producers[name] = (module, dim)
                 parent = model.get_submodule(path.rpartition(".")[0]) if path else module
-                self.weights[name] = ([module, parent], parameter, member.slot.dim)
+                self.weights[name] = ([module, parent], parameter, member.slot.dim, member.slot.groups)
                 entries.append((name, member.positions, member.elements))
             self.members.append(entries)
         self.widths = [group.width for group in graph.groups]
@@ -93,11 +94,11 @@ class GradientStatistics:
     def attach(self) -> GradientStatistics:
         for name, (module, dim) in self.producers.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name, dim)))
-        flush_on = {id(m): m for modules, _, _ in self.weights.values() for m in modules}
+        flush_on = {id(m): m for modules, *_ in self.weights.values() for m in modules}
         for module in flush_on.values():
             self._handles.append(module.register_forward_pre_hook(self._flush_hook))
-        for name, (_, parameter, dim) in self.weights.items():
-            self._weight_handles[name] = parameter.register_hook(self._weight_hook(name, parameter, dim))
+        for name, (_, parameter, dim, groups) in self.weights.items():
+            self._weight_handles[name] = parameter.register_hook(self._weight_hook(name, parameter, dim, groups))
         return self
 
     def _forward_hook(self, name: str, dim: int) -> Callable[..., None]:
@@ -114,11 +115,10 @@ class GradientStatistics:
         if self._pending_weights:
             self.flush()
 
-    def _weight_hook(self, name: str, parameter: Tensor, dim: int) -> Callable[[Tensor], None]:
+    def _weight_hook(self, name: str, parameter: Tensor, dim: int, groups: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            product = parameter.detach() * grad
-            reduce = [d for d in range(product.ndim) if d != dim]
-            per_channel = product.sum(reduce, dtype=torch.float32).to("cpu", torch.float64).unsqueeze(0)
+            product = index_rows(parameter.detach() * grad, dim, groups)
+            per_channel = product.sum(1, dtype=torch.float32).to("cpu", torch.float64).unsqueeze(0)
             pending = self._pending_weights.get(name)
             self._pending_weights[name] = per_channel if pending is None else pending + per_channel
 

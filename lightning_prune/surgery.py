@@ -78,6 +78,10 @@ class Undo:
                 state[key] = unslice_tensor(state[key], cuts, removed)
         for module, attributes in self.attributes:
             module.__dict__.update(attributes)
+        for module, _ in self.attributes:  # what lives outside the modules (a shared config) follows the shapes back
+            fixup = fixup_for(module)
+            if fixup is not None:
+                fixup(module)
 
 
 def _touched_modules(model: nn.Module, tensors: Iterable[str]) -> dict[int, nn.Module]:

@@ -201,9 +201,11 @@ def removed_zeroed(dense: nn.Module, graph: DependencyGraph, plan: Plan) -> nn.M
                 if member.slot.groups == 1:
                     weight.index_fill_(member.slot.dim, positions, 0.0)
                     continue
-                per_group = weight.shape[1]
+                per_group = weight.shape[member.slot.dim]  # blocks of rows read indices of their own
                 rows = weight.shape[0] // member.slot.groups
                 for channel in positions.tolist():
                     group = channel // per_group
-                    weight[group * rows : (group + 1) * rows, channel % per_group] = 0.0
+                    index = [slice(group * rows, (group + 1) * rows)] + [slice(None)] * (weight.ndim - 1)
+                    index[member.slot.dim] = channel % per_group
+                    weight[tuple(index)] = 0.0
     return reference

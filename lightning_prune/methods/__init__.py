@@ -18,6 +18,7 @@ callback's method options.
 from lightning_prune.methods import (  # noqa: F401  (built-ins)
     channels,
     depth_methods,
+    experts,
     flap,
     layers,
     llm_pruner,

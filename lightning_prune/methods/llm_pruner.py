@@ -37,6 +37,7 @@ from lightning_prune.language import check_windows
 from lightning_prune.methods.base import METHODS
 from lightning_prune.running import ExampleInputs
 from lightning_prune.selection import SelectionOptions
+from lightning_prune.slicing import index_rows
 from lightning_prune.statistics import Statistics, collect_parameter_gradients
 
 VARIANTS = ("vectorwise", "elementwise", "second", "mix")
@@ -91,14 +92,10 @@ class ParameterTaylor:
     def _per_channel(self, salience: Tensor, dim: int, groups: int) -> Tensor:
         """One value per index of ``dim``: vector-wise the magnitude of the sum, else the sum of magnitudes.
 
-        The inputs of a grouped convolution (``groups`` > 1) are the layer's input channels: channel ``c`` is
-        read by the rows of its own group only.
+        With ``groups`` > 1 each block of rows reads indices of its own (a grouped convolution's inputs, each
+        expert's neurons): see :func:`~lightning_prune.slicing.index_rows`.
         """
-        if groups > 1:  # (out, in / groups, ...) -> (groups, in / groups, rows of the group and the rest)
-            blocks = salience.reshape(groups, salience.shape[0] // groups, salience.shape[1], -1).transpose(1, 2)
-            rows = blocks.reshape(groups * salience.shape[1], -1)
-        else:
-            rows = salience.movedim(dim, 0).reshape(salience.shape[dim], -1)
+        rows = index_rows(salience, dim, groups)
         return rows.sum(1).abs() if self.variant == "vectorwise" else rows.abs().sum(1)
 
 
