@@ -23,7 +23,7 @@ import lightning_prune as lp
 from lightning_prune import apply_cuts, plan_cuts
 from lightning_prune.errors import PruningError
 from lightning_prune.importance import ScoringContext, get_criterion, score
-from lightning_prune.integrations.hf_families import FEED_FORWARD, FUSED_HEADS, HEAD_SIZE, QUERY, family
+from lightning_prune.integrations.hf_families import FEED_FORWARD, HEAD_SIZE, OUTPUT, QUERY, family
 from lightning_prune.selection import select
 
 transformers = pytest.importorskip("transformers")
@@ -40,10 +40,7 @@ GEMMA = {"head_dim": 6, "query_pre_attn_scalar": 6}
 
 # The family's code computes the head size as `hidden // heads`: fewer heads over the whole stream reload wrong.
 HEAD_SIZE_FROM_HIDDEN = "its code computes the head size as"
-FUSED_SPLIT = "`getitem` selects part of a channel dimension"  # Phi3's qkv_proj, split by slicing
-SILENT = ""  # GPT-NeoX: its per-head interleaved query_key_value is left whole, and no reason is listed
 FALCON = "FalconLinear computes `input @ self.weight.T` itself: no rule traces it, nothing is cut, no reason listed"
-NEOX_HEAD = "the saved tensor `embed_out.weight` does not exist"  # saving.py: not in the built model's state_dict()
 STRICT_CONFIG = "is not a multiple of the number of attention heads"  # the config's own check, heads left whole
 
 
@@ -77,15 +74,15 @@ FAMILIES = {
     "gemma2": Expected("Gemma2Config", {**STANDARD, **GEMMA}),
     "gemma3_text": Expected("Gemma3TextConfig", {**STANDARD, **GEMMA}),
     "phi": Expected("PhiConfig", {**STANDARD, "hidden_size": 64}),  # head size 8: its rotary half must be even
-    "phi3": Expected("Phi3Config", STANDARD, heads=FUSED_SPLIT),
+    "phi3": Expected("Phi3Config", STANDARD),
     "olmo": Expected("OlmoConfig", STANDARD, stream="`layer_norm` without affine parameters"),
     "olmo2": Expected("Olmo2Config", STANDARD),
     "cohere": Expected("CohereConfig", STANDARD, stream="`mean` over a channel dimension"),
     "granite": Expected("GraniteConfig", STANDARD),
     "stablelm": Expected("StableLmConfig", STANDARD, round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
     "gpt2": Expected("GPT2Config", GPT2, round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
-    "gpt_neox": Expected("GPTNeoXConfig", {**STANDARD, **NO_KV, "intermediate_size": 64}, heads=SILENT,
-                         round_trip=(True, "The hidden size is not divisible"), manifest=NEOX_HEAD),
+    "gpt_neox": Expected("GPTNeoXConfig", {**STANDARD, **NO_KV, "intermediate_size": 64},
+                         round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
     "opt": Expected("OPTConfig", {**STANDARD, **NO_KV, "ffn_dim": 64, "word_embed_proj_dim": 48},
                     round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
     "falcon": Expected("FalconConfig", {**STANDARD, "intermediate_size": None, "ffn_hidden_size": 64}, xfail=FALCON),
@@ -120,7 +117,10 @@ def measured(model: torch.nn.Module) -> tuple[int, int, int]:
         weight = first[leaf].weight
         return (weight.shape[1] if type(first[leaf]).__name__ == "Conv1D" else weight.shape[0]) // names[leaf]
 
-    query = rows({**QUERY, **dict.fromkeys(FUSED_HEADS, 1)})
+    if any(leaf in first for leaf in QUERY):
+        query = rows(QUERY)
+    else:  # q, k and v fused: the query rows are what the output projection reads
+        query = first[next(leaf for leaf in OUTPUT if leaf in first)].weight.shape[1]
     return query, rows(FEED_FORWARD), model.get_input_embeddings().weight.shape[1]
 
 
@@ -209,8 +209,9 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
     optimizer.step()
 
 
-# Families whose heads carry something of their own that a cut must keep exact: per-head q_norm/k_norm.
-EQUIVALENT = ["llama", "qwen3", "gemma3_text"]
+# Families whose heads carry something of their own that a cut must keep exact: per-head q_norm/k_norm (Qwen3,
+# Gemma 3), a fused q/k/v projection split at head-count bounds (Phi-3) or interleaved per head (GPT-NeoX).
+EQUIVALENT = ["llama", "qwen3", "gemma3_text", "phi3", "gpt_neox"]
 
 
 @pytest.mark.parametrize("name", EQUIVALENT)

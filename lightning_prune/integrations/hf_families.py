@@ -48,7 +48,16 @@ STANDARD = Family()
 # Module names (the last part of the path) whose output width gives a count, and how many widths they fuse.
 QUERY = {"q_proj": 1, "query": 1, "q_attn": 1, "c_attn": 3}  # GPT-2 cross-attention: q_attn, and c_attn fuses k, v
 KEY = {"k_proj": 1, "key": 1}
-FUSED_HEADS = ("qkv_proj", "query_key_value")  # left whole: their layout interleaves or splits by `getitem`
+# Projections fusing q, k and v (Phi-3's `qkv_proj`: all query heads, then the key heads, then the value heads;
+# GPT-NeoX's `query_key_value`: q, k, v of each head in turn; Falcon's): the query heads are counted from the
+# output projection's input, the key/value heads from what is left of the fused rows.
+FUSED_HEADS = ("qkv_proj", "query_key_value")
+OUTPUT = ("o_proj", "dense")
+# Attention layers slicing their fused projection at bounds computed from head counts that the config sync
+# keeps in step (`config.num_attention_heads`, the layer's `num_key_value_heads`).
+FOLLOWING_SLICES = {
+    "transformers.models.phi3.modeling_phi3.Phi3Attention": "splits `qkv_proj` at the config's head counts",
+}
 FEED_FORWARD = {"up_proj": 1, "fc1": 1, "c_fc": 1, "dense_h_to_4h": 1, "gate_up_proj": 2}
 # Attention attributes holding the head size, set from the dense config when the model is built: the head
 # size of a pruned model, whatever its config says by now.

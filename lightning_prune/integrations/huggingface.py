@@ -16,11 +16,14 @@ from torch import nn
 from lightning_prune.cuts import Drop
 from lightning_prune.errors import PruningError
 from lightning_prune.fixups import DROP_FIXUPS, register_layer
+from lightning_prune.graph.rules.movement import FOLLOWING_SLICES as SLICE_BOUNDS
 from lightning_prune.integrations.hf_families import (
     FEED_FORWARD,
+    FOLLOWING_SLICES,
     FUSED_HEADS,
     HEAD_SIZE,
     KEY,
+    OUTPUT,
     QUERY,
     SCALED_EMBEDDINGS,
     Family,
@@ -155,17 +158,21 @@ def _inexpressible(config: object, names: Family, values: dict[str, set[int]], h
 def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[int | None, int | None, int] | None:
     """Query heads, key/value heads and head size of an attention layer; None for a module that is not one.
 
-    Heads fused in one projection with a per-head layout (``qkv_proj``, ``query_key_value``) stay whole:
-    only their head size is known.
+    Heads fused in one projection (``qkv_proj``, ``query_key_value``) are counted from the output projection.
     """
     query, key = _child(module, QUERY), _child(module, KEY)
     head_size = next((getattr(module, n) for n in HEAD_SIZE if isinstance(getattr(module, n, None), int)), None)
     if head_size is None:
         return None
-    if query is None:
-        return (None, None, head_size) if _child(module, FUSED_HEADS) is not None else None
-    rows = _out_features(query[0]) // QUERY[query[1]]
-    kv_rows = _out_features(key[0]) // KEY[key[1]] if key is not None else rows
+    fused, output = _child(module, FUSED_HEADS), _child(module, OUTPUT)
+    if query is not None:
+        rows = _out_features(query[0]) // QUERY[query[1]]
+        kv_rows = _out_features(key[0]) // KEY[key[1]] if key is not None else rows
+    elif fused is not None and output is not None:  # q rows, then k and v rows alike
+        rows = output[0].weight.shape[1]
+        kv_rows = (_out_features(fused[0]) - rows) // 2
+    else:
+        return None
     heads, kv_heads = rows // head_size, kv_rows // head_size
     if rows % head_size or kv_rows % head_size or kv_heads == 0 or heads % kv_heads:
         raise PruningError(
@@ -194,6 +201,8 @@ def _follow_heads(module: nn.Module, heads: int, kv_heads: int) -> None:
 
 
 register_layer("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
+for _layer, _why in FOLLOWING_SLICES.items():
+    SLICE_BOUNDS.register(_layer, _why)
 
 
 def _dropped_layers(model: nn.Module, drop: Drop) -> None:
