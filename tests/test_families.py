@@ -73,7 +73,7 @@ FAMILIES = {
     "phi3": Expected("Phi3Config", STANDARD),
     "olmo": Expected("OlmoConfig", STANDARD, stream="`layer_norm` without affine parameters"),
     "olmo2": Expected("Olmo2Config", STANDARD),
-    "cohere": Expected("CohereConfig", STANDARD, stream="`mean` over a channel dimension"),
+    "cohere": Expected("CohereConfig", STANDARD),
     "granite": Expected("GraniteConfig", STANDARD),
     "stablelm": Expected("StableLmConfig", STANDARD, round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
     "gpt2": Expected("GPT2Config", GPT2, round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),

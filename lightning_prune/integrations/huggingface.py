@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -86,38 +87,38 @@ def _pretrained_model(model: nn.Module) -> None:
         return
     names = family(config)
     attention = {name: _attention_heads(name, module, model) for name, module in model.named_modules()}
-    found: dict[str | None, set[int]] = {names.heads: set(), names.key_value_heads: set(), "head_dim": set()}
+    values: dict[str, set[int]] = {names.head_size: set()}
     for name, counts in attention.items():  # all checked before anything changes
         if counts is not None:
             heads, key_value_heads, head_size = counts
-            found["head_dim"].add(head_size)
-            if heads is not None:
-                found[names.heads].add(heads)
-                found[names.key_value_heads].add(key_value_heads)
-                _follow_heads(model.get_submodule(name), heads, key_value_heads)
-    found.pop(None, None)
+            values[names.head_size].add(head_size)
+            values.setdefault(_fields(names, model, name)[0], set()).add(heads)
+            if names.key_value_heads is not None:
+                values.setdefault(names.key_value_heads, set()).add(key_value_heads)
+            _follow_heads(model.get_submodule(name), heads, key_value_heads)
+    head_sizes = values[names.head_size]
+    if not names.head_dim:
+        del values[names.head_size]
     hidden = {embeddings.weight.shape[1]}
-    feed_forward = set()
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         fused = FEED_FORWARD.get(leaf, 1 if name.endswith("intermediate.dense") else 0)
-        if fused and hasattr(module, "weight"):
-            feed_forward.add(_out_features(module) // fused)
+        ffn = _fields(names, model, name)[1] if fused else None
+        if fused and ffn is not None and hasattr(module, "weight"):
+            values.setdefault(ffn, set()).add(_out_features(module) // fused)
         elif leaf == names.stream and hasattr(module, "weight"):
             hidden = {_out_features(module)}
-    values = {names.hidden: hidden, names.ffn: feed_forward, **found}
+    values[names.hidden] = hidden
     if names.embedding is not None:
         values[names.embedding] = {embeddings.weight.shape[1]}
-    if not names.head_dim:
-        del values["head_dim"]
     for module in model.modules():
         if f"{type(module).__module__}.{type(module).__qualname__}" in SCALED_EMBEDDINGS:
             _scale_embedding(module)
     before = {key: getattr(config, key) for key in values if hasattr(config, key)}
     for key, options in values.items():
-        if len(options) == 1 and (hasattr(config, key) or key == "head_dim"):
+        if len(options) == 1 and (hasattr(config, key) or key == names.head_size):
             setattr(config, key, next(iter(options)))
-    reason = _inexpressible(config, names, values, found["head_dim"])
+    reason = _inexpressible(model, names, values, head_sizes)
     if not reason:
         return
     for key in values:  # widths it can build, and the saved shapes say the rest
@@ -134,6 +135,13 @@ def _pretrained_model(model: nn.Module) -> None:
     )
 
 
+def _fields(names: Family, model: nn.Module, path: str) -> tuple[str, str | None]:
+    """The config fields of the heads and FFN width of the layer at ``path``: by the classes around it, innermost
+    first, in a family whose encoder and decoder have fields of their own."""
+    parts = path.split(".") if path and names.sections else []
+    return names.fields([type(model.get_submodule(".".join(parts[:d]))).__name__ for d in range(len(parts), -1, -1)])
+
+
 def _scale_embedding(module: nn.Embedding) -> None:
     """Gemma's embedding scale is ``√hidden`` of the width it has, as ``from_pretrained`` will compute it.
 
@@ -144,20 +152,39 @@ def _scale_embedding(module: nn.Embedding) -> None:
     module.embed_scale.fill_(module.scalar_embed_scale)
 
 
-def _inexpressible(config: object, names: Family, values: dict[str, set[int]], head_sizes: set[int]) -> str:
-    """Why ``config``, updated to the pruned widths, does not build the pruned model; empty where it does."""
+def _inexpressible(model: nn.Module, names: Family, values: dict[str, set[int]], head_sizes: set[int]) -> str:
+    """Why ``model.config``, updated to the pruned widths, does not build the pruned model; empty where it does."""
+    config = model.config
     reasons = [f"layers of different {key}: {sorted(options)}" for key, options in values.items() if len(options) > 1]
-    heads, hidden = getattr(config, names.heads, None), getattr(config, names.hidden, None)
-    if not names.head_dim and len(head_sizes) == 1 and heads and hidden // heads not in head_sizes:
-        reasons.append(
-            f"its code computes the head size as {names.hidden} // {names.heads} = {hidden} // {heads}, "
-            f"not {next(iter(head_sizes))}"
-        )
+    hidden = getattr(config, names.hidden, None)
+    for field in sorted(names.head_fields):
+        heads = getattr(config, field, None)
+        if not names.head_dim and len(head_sizes) == 1 and heads and hidden // heads not in head_sizes:
+            reasons.append(
+                f"its code computes the head size as {names.hidden} // {field} = {hidden} // {heads}, "
+                f"not {next(iter(head_sizes))}"
+            )
     try:
         getattr(config, "validate", lambda: None)()
     except Exception as error:  # the config's own checks: strict dataclasses raise their own error type
         reasons.append(str(error.__cause__ or error).rstrip("."))
-    return "; ".join(reasons)
+    return "; ".join(reasons) or _built_otherwise(model)
+
+
+def _built_otherwise(model: nn.Module) -> str:
+    """How the model's class, built from its config (on the meta device), differs from the pruned model: widths
+    its code derives (BLOOM's FFN is ``4 * hidden``) or fixes (a norm built at the stream width); empty if none.
+    Tensors the class does not build at all (a bias a method added) are the saved shapes' business."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = {name: tuple(t.shape) for name, t in type(model)(model.config).state_dict().items()}
+    except Exception as error:  # its own checks refuse the widths: what from_pretrained would meet
+        return f"{type(model).__name__} refuses it ({type(error).__name__}: {str(error).rstrip('.')})"
+    for name, tensor in model.state_dict().items():
+        if name in built and built[name] != tuple(tensor.shape):
+            return f"its code builds `{name}` as {list(built[name])}, not {list(tensor.shape)}"
+    return ""
 
 
 def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[int | None, int | None, int] | None:
@@ -201,6 +228,7 @@ def _follow_heads(module: nn.Module, heads: int, kv_heads: int) -> None:
         ("num_heads", heads),
         ("num_key_value_heads", kv_heads),
         ("num_kv_heads", kv_heads),
+        ("n_heads", heads),
     ):
         if isinstance(getattr(module, attribute, None), int):
             setattr(module, attribute, value)
