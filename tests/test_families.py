@@ -71,7 +71,7 @@ FAMILIES = {
     "gemma3_text": Expected("Gemma3TextConfig", {**STANDARD, **GEMMA}),
     "phi": Expected("PhiConfig", {**STANDARD, "hidden_size": 64}),  # head size 8: its rotary half must be even
     "phi3": Expected("Phi3Config", STANDARD),
-    "olmo": Expected("OlmoConfig", STANDARD, stream="`layer_norm` without affine parameters"),
+    "olmo": Expected("OlmoConfig", STANDARD),  # its weight-free LayerNorms follow a cut stream
     "olmo2": Expected("Olmo2Config", STANDARD),
     "cohere": Expected("CohereConfig", STANDARD),
     "granite": Expected("GraniteConfig", STANDARD),

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lightning_prune.cuts import Drop
 from lightning_prune.errors import PruningError
 from lightning_prune.fixups import DROP_FIXUPS, register_layer
+from lightning_prune.graph import labels as L
 from lightning_prune.graph.builder import TraceBuilder
 from lightning_prune.graph.module_rules import register_module_rule
 from lightning_prune.graph.rules.base import OP_RULES, Call
@@ -114,6 +115,7 @@ def _pretrained_model(model: nn.Module) -> None:
     for module in model.modules():
         if f"{type(module).__module__}.{type(module).__qualname__}" in SCALED_EMBEDDINGS:
             _scale_embedding(module)
+    _width_free_norms(model)
     before = {key: getattr(config, key) for key in values if hasattr(config, key)}
     for key, options in values.items():
         if len(options) == 1 and (hasattr(config, key) or key == names.head_size):
@@ -121,9 +123,10 @@ def _pretrained_model(model: nn.Module) -> None:
     reason = _inexpressible(model, names, values, head_sizes)
     if not reason:
         return
-    for key in values:  # widths it can build, and the saved shapes say the rest
-        if key in before:
-            setattr(config, key, before[key])
+    for key, options in values.items():  # widths it can build, and the saved shapes say the rest
+        if key in before:  # never below a width the model has (a cut that verification undid left a smaller one)
+            value = before[key]
+            setattr(config, key, max(value, *options) if isinstance(value, int) and options else value)
         elif hasattr(config, key):
             delattr(config, key)
     warnings.warn(
@@ -299,6 +302,54 @@ register_module_rule(
 )
 register_module_rule(
     "transformers.falcon.FalconLinear", lambda module: _is_class(module, f"{FALCON}.FalconLinear"), _falcon_linear
+)
+
+
+OLMO_NORM = "transformers.models.olmo.modeling_olmo.OlmoLayerNorm"
+
+
+class WidthFreeLayerNorm(nn.Module):
+    """OLMo's LayerNorm (no weight, no bias, ε = 1e-5) over the width its input has.
+
+    OLMo's own stores the stream width it was built with and holds no tensor, so no cut resizes it and no fixup
+    reaches it: a cut puts this one, which computes the same function at every width, in its place.
+    """
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        normalized = F.layer_norm(hidden_states.to(torch.float32), hidden_states.shape[-1:], None, None, self.eps)
+        return normalized.to(hidden_states.dtype)
+
+
+def _weight_free_norm(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    """A norm over the stream with nothing to slice: the stream's channels can go (the statistics change a little)."""
+    source = inputs[0] if inputs else None
+    if not isinstance(source, Tensor) or not isinstance(output, Tensor):
+        b.freeze_tensors([*inputs, output], f"{type(module).__name__} with unexpected inputs")
+        return
+    labels = b.label(source)
+    if L.varying_dims(labels) - {source.ndim - 1}:
+        b.freeze(labels, f"{type(module).__name__} over channels that vary along other dimensions too")
+        return
+    b.normalized.append(b.along(source, -1))
+    b.set(output, labels)
+
+
+def _width_free_norms(model: nn.Module) -> None:
+    """Every OLMo LayerNorm of ``model`` becomes a :class:`WidthFreeLayerNorm`, which follows a cut stream."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_class(child, OLMO_NORM):
+                setattr(parent, name, WidthFreeLayerNorm())
+
+
+register_module_rule(
+    "transformers.olmo.OlmoLayerNorm",
+    lambda module: _is_class(module, OLMO_NORM) or isinstance(module, WidthFreeLayerNorm),
+    _weight_free_norm,
 )
 
 
