@@ -112,6 +112,23 @@ def _saved_state(folder: Path) -> dict[str, Tensor]:
     return state
 
 
+def _model_names(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` under the names of ``model``'s own state dict: ``save_pretrained`` writes some tensors under
+    their family's checkpoint names (GPT-NeoX's ``lm_head`` as ``embed_out``), which its loader renames back."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without checkpoint conversions saves the model's own names
+        return state
+    renamings = [c for c in get_model_conversion_mapping(model, add_legacy=False) if isinstance(c, WeightRenaming)]
+    known = model.state_dict()
+    renamed = {}
+    for name, tensor in state.items():
+        new_name = name if name in known else rename_source_key(name, renamings, [])[0]
+        renamed[new_name if new_name in known else name] = tensor
+    return renamed
+
+
 def _cut_to(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
     """Cut ``model`` so that every tensor named in ``shapes`` has that shape (weights are loaded afterwards)."""
     for name in shapes:  # biases a method added (FLAP) where the config asks for none: zero, then cut and loaded
@@ -162,8 +179,8 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> nn.
             "`lightning_prune.save_pretrained` or `save_pretrained`."
         )
     config = AutoConfig.from_pretrained(folder)
-    state = _saved_state(folder)
     model = _architecture(config)(config)
+    state = _model_names(model, _saved_state(folder))
     manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
     apply_rewrites(model, [Rewrite.from_dict(r, f"'{folder / MANIFEST}'") for r in manifest.get("rewrites", [])])
     _cut_to(model, _differences(_shapes(model), {k: tuple(v.shape) for k, v in state.items()}), f"'{folder}'")

@@ -21,13 +21,11 @@ from nets import removed_zeroed
 
 import lightning_prune as lp
 from lightning_prune import apply_cuts, plan_cuts
-from lightning_prune.errors import PruningError
 from lightning_prune.importance import ScoringContext, get_criterion, score
-from lightning_prune.integrations.hf_families import FEED_FORWARD, FUSED_HEADS, HEAD_SIZE, QUERY, family
+from lightning_prune.integrations.hf_families import FEED_FORWARD, HEAD_SIZE, OUTPUT, QUERY, family
 from lightning_prune.selection import select
 
 transformers = pytest.importorskip("transformers")
-StrictDataclassError = pytest.importorskip("huggingface_hub.errors").StrictDataclassError  # what the config raises
 warnings.filterwarnings("ignore", ".*token_id.*")
 
 # 8 query heads over 4 key/value heads of 6 features: 25% leaves 6 over 3, which 48 (and a 36-wide stream) divides.
@@ -40,11 +38,8 @@ GEMMA = {"head_dim": 6, "query_pre_attn_scalar": 6}
 
 # The family's code computes the head size as `hidden // heads`: fewer heads over the whole stream reload wrong.
 HEAD_SIZE_FROM_HIDDEN = "its code computes the head size as"
-FUSED_SPLIT = "`getitem` selects part of a channel dimension"  # Phi3's qkv_proj, split by slicing
-SILENT = ""  # GPT-NeoX: its per-head interleaved query_key_value is left whole, and no reason is listed
-FALCON = "FalconLinear computes `input @ self.weight.T` itself: no rule traces it, nothing is cut, no reason listed"
-NEOX_HEAD = "the saved tensor `embed_out.weight` does not exist"  # saving.py: not in the built model's state_dict()
-STRICT_CONFIG = "is not a multiple of the number of attention heads"  # the config's own check, heads left whole
+ALIBI = "ALiBi slopes are computed for the model's head count"
+FALCON = {**STANDARD, "num_key_value_heads": None, "intermediate_size": None, "ffn_hidden_size": 64}
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ class Expected:
     FFN neurons are cut in every family. ``round_trip`` (per case: heads+FFN, with the stream) is True where
     the family's own ``from_pretrained`` gives the same logits, else the reason its config cannot say the
     cut; the config then keeps widths it can build and ``lightning_prune.from_pretrained`` reloads the model
-    through the shapes saved beside it, except where ``manifest`` says why not.
+    through the shapes saved beside it.
     """
 
     config: str
@@ -62,8 +57,6 @@ class Expected:
     heads: bool | str = True
     stream: bool | str = True
     round_trip: tuple[bool | str, bool | str] = (True, True)
-    manifest: str | None = None  # where `lightning_prune.from_pretrained` cannot reload either: why
-    xfail: str | None = None
 
 
 NO_KV = {"num_key_value_heads": None, "intermediate_size": None}  # families without grouped heads or this name
@@ -77,18 +70,24 @@ FAMILIES = {
     "gemma2": Expected("Gemma2Config", {**STANDARD, **GEMMA}),
     "gemma3_text": Expected("Gemma3TextConfig", {**STANDARD, **GEMMA}),
     "phi": Expected("PhiConfig", {**STANDARD, "hidden_size": 64}),  # head size 8: its rotary half must be even
-    "phi3": Expected("Phi3Config", STANDARD, heads=FUSED_SPLIT),
-    "olmo": Expected("OlmoConfig", STANDARD, stream="`layer_norm` without affine parameters"),
+    "phi3": Expected("Phi3Config", STANDARD),
+    "olmo": Expected("OlmoConfig", STANDARD),  # its weight-free LayerNorms follow a cut stream
     "olmo2": Expected("Olmo2Config", STANDARD),
-    "cohere": Expected("CohereConfig", STANDARD, stream="`mean` over a channel dimension"),
+    "cohere": Expected("CohereConfig", STANDARD),
     "granite": Expected("GraniteConfig", STANDARD),
     "stablelm": Expected("StableLmConfig", STANDARD, round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
     "gpt2": Expected("GPT2Config", GPT2, round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
-    "gpt_neox": Expected("GPTNeoXConfig", {**STANDARD, **NO_KV, "intermediate_size": 64}, heads=SILENT,
-                         round_trip=(True, "The hidden size is not divisible"), manifest=NEOX_HEAD),
+    "gpt_neox": Expected("GPTNeoXConfig", {**STANDARD, **NO_KV, "intermediate_size": 64},
+                         round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
     "opt": Expected("OPTConfig", {**STANDARD, **NO_KV, "ffn_dim": 64, "word_embed_proj_dim": 48},
                     round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
-    "falcon": Expected("FalconConfig", {**STANDARD, "intermediate_size": None, "ffn_hidden_size": 64}, xfail=FALCON),
+    "falcon": Expected("FalconConfig", FALCON, round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),  # multi-query
+    "falcon_heads": Expected("FalconConfig", {**FALCON, "multi_query": False},
+                             round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
+    "falcon_grouped": Expected("FalconConfig", {**FALCON, "new_decoder_architecture": True, "num_kv_heads": 4},
+                               round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
+    "falcon_alibi": Expected("FalconConfig", {**FALCON, "alibi": True}, heads=ALIBI,
+                             round_trip=(True, HEAD_SIZE_FROM_HIDDEN)),
 }  # fmt: skip
 
 
@@ -120,8 +119,22 @@ def measured(model: torch.nn.Module) -> tuple[int, int, int]:
         weight = first[leaf].weight
         return (weight.shape[1] if type(first[leaf]).__name__ == "Conv1D" else weight.shape[0]) // names[leaf]
 
-    query = rows({**QUERY, **dict.fromkeys(FUSED_HEADS, 1)})
+    if any(leaf in first for leaf in QUERY):
+        query = rows(QUERY)
+    else:  # q, k and v fused: the query rows are what the output projection reads
+        query = first[next(leaf for leaf in OUTPUT if leaf in first)].weight.shape[1]
     return query, rows(FEED_FORWARD), model.get_input_embeddings().weight.shape[1]
+
+
+def produced(model: torch.nn.Module) -> dict[str, int]:
+    """How many output channels every layer with a weight matrix produces (embeddings: their vectors' width)."""
+    widths = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            transposed = type(module).__name__ == "Conv1D" or isinstance(module, torch.nn.Embedding)
+            widths[name] = weight.shape[1] if transposed else weight.shape[0]
+    return widths
 
 
 def reasons(result: lp.PruningResult, module: str) -> str:
@@ -131,15 +144,14 @@ def reasons(result: lp.PruningResult, module: str) -> str:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["heads_ffn", "stream"])
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp_path, request) -> None:
+def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp_path) -> None:
     expected = FAMILIES[name]
-    if expected.xfail:  # strict: once the family is cut, the table must say what is cut
-        request.applymarker(pytest.mark.xfail(reason=expected.xfail, strict=True))
     model = build(name)
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     heads, ffn, hidden = widths(model.config)
     query = measured(model)[0]
     head_size = next(getattr(m, n) for m in model.modules() for n in HEAD_SIZE if isinstance(getattr(m, n, None), int))
+    outputs = produced(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = lp.prune(
@@ -151,13 +163,15 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
             ignore=[] if stream else [embedding],
         )
     said = [str(w.message) for w in caught if "config cannot describe the pruned model" in str(w.message)]
+    whole = sorted(name for name, width in produced(model).items() if width == outputs[name])
+    assert [name for name in whole if name not in result.unprunable] == []  # every layer left whole says why
     after = measured(model)
     cut = {"heads": after[0] < query, "ffn": after[1] < ffn, "stream": after[2] < hidden}
     assert cut["ffn"] and after[1] == ffn * 3 // 4
     if expected.heads is True:
         assert cut["heads"] and after[0] == query * 3 // 4
     else:
-        assert not cut["heads"] and expected.heads in reasons(result, "attn")
+        assert not cut["heads"] and expected.heads in reasons(result, "att")
     if stream and expected.stream is True:
         assert cut["stream"] and after[2] == hidden * 3 // 4
     elif stream:
@@ -184,13 +198,9 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
         assert lp.save_pretrained(model, tmp_path) is False
         with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
             transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-        if expected.manifest is None:
-            loaded = lp.from_pretrained(tmp_path).eval()
-            with torch.no_grad():
-                assert torch.equal(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
-        else:
-            with pytest.raises(PruningError, match=re.escape(expected.manifest)):
-                lp.from_pretrained(tmp_path)
+        loaded = lp.from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
         fresh = build(name)  # and the record rebuilds it from a dense model
         with pytest.warns(UserWarning, match="config cannot describe the pruned model"):
             lp.restore(fresh, result.record)
@@ -209,8 +219,9 @@ def test_family_prunes_reloads_generates_and_trains(name: str, stream: bool, tmp
     optimizer.step()
 
 
-# Families whose heads carry something of their own that a cut must keep exact: per-head q_norm/k_norm.
-EQUIVALENT = ["llama", "qwen3", "gemma3_text"]
+# Families whose heads carry something of their own that a cut must keep exact: per-head q_norm/k_norm (Qwen3,
+# Gemma 3), a fused q/k/v projection split at head-count bounds (Phi-3) or interleaved per head (GPT-NeoX).
+EQUIVALENT = ["llama", "qwen3", "gemma3_text", "phi3", "gpt_neox", "falcon", "falcon_heads", "falcon_grouped"]
 
 
 @pytest.mark.parametrize("name", EQUIVALENT)

@@ -89,8 +89,10 @@ class TraceBuilder:
                 self.names[id(tensor)] = name
                 self.tensors[name] = tensor
         self.module_names: dict[int, str] = {}
+        self.modules: dict[str, nn.Module] = {}
         for name, module in model.named_modules(remove_duplicate=False):
             self.module_names.setdefault(id(module), name or "<model>")
+            self.modules.setdefault(self.module_names[id(module)], module)
         self.module_stack: list[str] = []
         self.failed_at: str | None = None
         self.atomic: tuple[nn.Module, Any] | None = None  # the module traced as a whole, while it runs
@@ -116,6 +118,11 @@ class TraceBuilder:
     @property
     def where(self) -> str:
         return self.module_stack[-1] if self.module_stack else "<model>"
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The innermost module of the model running now (None outside the model's own modules)."""
+        return self.modules.get(self.where)
 
     def name_of(self, tensor: Any) -> str | None:
         return self.names.get(id(tensor)) if isinstance(tensor, Tensor) else None

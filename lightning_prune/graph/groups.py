@@ -311,6 +311,7 @@ def _unprunable(
         stuck = torch.unique(classes[frozen[classes]])
         if stuck.numel() == 0:
             continue
-        module = (owners.get(name) or [name])[0] or "<model>"
-        found[module] = next((r for ids, r in reasons if torch.isin(stuck, ids).any()), "cannot follow its consumers")
+        reason = next((r for ids, r in reasons if torch.isin(stuck, ids).any()), "cannot follow its consumers")
+        for module in owners.get(name) or [name]:  # every layer holding the tensor (a tied LM head too)
+            found[module or "<model>"] = reason
     return found

@@ -1,8 +1,9 @@
 """Modules traced as a whole: their internals are not followed, a rule maps their inputs to their output.
 
 Used where a module's own ops would say less than the module means: a hand-written RMSNorm (Hugging Face,
-timm) computes ``x * rsqrt(mean(x²))``, a reduction over channels that is really a normalisation (pruning a
-channel changes the statistic slightly, like LayerNorm), not a mixing of channels; an attention layer
+timm) computes ``x * rsqrt(mean(x²))`` and a hand-written LayerNorm (Cohere) ``(x - mean(x)) * rsqrt(var(x))``,
+reductions over channels that are really a normalisation (pruning a channel changes the statistic slightly,
+like ``nn.LayerNorm``), not a mixing of channels; an attention layer
 over a fused projection is a set of heads. Each rule is registered under a name with the predicate that
 picks its modules; the first registered rule whose predicate holds is used. The rules here cover
 ``torch.nn`` and hand-written norms; libraries' layers are registered by :mod:`lightning_prune.integrations`.
@@ -48,13 +49,15 @@ def module_rule(module: nn.Module) -> Trace | None:
     return None
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
+def _is_hand_written_norm(module: nn.Module) -> bool:
+    """An RMSNorm or LayerNorm written by hand over the last dimension, with a 1-D weight (and bias, if any)."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     return (
-        type(module).__name__.endswith("RMSNorm")
-        and not isinstance(module, nn.RMSNorm)
+        type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+        and not isinstance(module, nn.RMSNorm | nn.LayerNorm)
         and isinstance(weight, nn.Parameter)
         and weight.ndim == 1
+        and (bias is None or (isinstance(bias, nn.Parameter) and bias.shape == weight.shape))
     )
 
 
@@ -69,7 +72,9 @@ def _rms_norm(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) ->
         return
     channels = b.along(source, -1)
     b.normalized.append(channels)
-    b.slot(module.weight, 0, "follow", channels)
+    for tensor in (module.weight, getattr(module, "bias", None)):
+        if tensor is not None:
+            b.slot(tensor, 0, "follow", channels)
     b.set(output, labels)
 
 
@@ -103,5 +108,5 @@ def _sync_batch_norm(b: TraceBuilder, module: nn.Module, inputs: tuple, output: 
     b.set(output, labels)
 
 
-register_module_rule("rms_norm", _is_rms_norm, _rms_norm)
+register_module_rule("rms_norm", _is_hand_written_norm, _rms_norm)
 register_module_rule("sync_batch_norm", lambda module: isinstance(module, nn.SyncBatchNorm), _sync_batch_norm)

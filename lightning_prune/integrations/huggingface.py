@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from lightning_prune.cuts import Drop
 from lightning_prune.errors import PruningError
 from lightning_prune.fixups import DROP_FIXUPS, register_layer
+from lightning_prune.graph import labels as L
+from lightning_prune.graph.builder import TraceBuilder
+from lightning_prune.graph.module_rules import register_module_rule
+from lightning_prune.graph.rules.base import OP_RULES, Call
+from lightning_prune.graph.rules.movement import FOLLOWING_SLICES as SLICE_BOUNDS
 from lightning_prune.integrations.hf_families import (
     FEED_FORWARD,
+    FOLLOWING_SLICES,
     FUSED_HEADS,
     HEAD_SIZE,
     KEY,
+    OUTPUT,
     QUERY,
     SCALED_EMBEDDINGS,
     Family,
@@ -78,43 +88,45 @@ def _pretrained_model(model: nn.Module) -> None:
         return
     names = family(config)
     attention = {name: _attention_heads(name, module, model) for name, module in model.named_modules()}
-    found: dict[str | None, set[int]] = {names.heads: set(), names.key_value_heads: set(), "head_dim": set()}
+    values: dict[str, set[int]] = {names.head_size: set()}
     for name, counts in attention.items():  # all checked before anything changes
         if counts is not None:
             heads, key_value_heads, head_size = counts
-            found["head_dim"].add(head_size)
-            if heads is not None:
-                found[names.heads].add(heads)
-                found[names.key_value_heads].add(key_value_heads)
-                _follow_heads(model.get_submodule(name), heads, key_value_heads)
-    found.pop(None, None)
+            values[names.head_size].add(head_size)
+            values.setdefault(_fields(names, model, name)[0], set()).add(heads)
+            if names.key_value_heads is not None:
+                values.setdefault(names.key_value_heads, set()).add(key_value_heads)
+            _follow_heads(model.get_submodule(name), heads, key_value_heads)
+    head_sizes = values[names.head_size]
+    if not names.head_dim:
+        del values[names.head_size]
     hidden = {embeddings.weight.shape[1]}
-    feed_forward = set()
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         fused = FEED_FORWARD.get(leaf, 1 if name.endswith("intermediate.dense") else 0)
-        if fused and hasattr(module, "weight"):
-            feed_forward.add(_out_features(module) // fused)
+        ffn = _fields(names, model, name)[1] if fused else None
+        if fused and ffn is not None and hasattr(module, "weight"):
+            values.setdefault(ffn, set()).add(_out_features(module) // fused)
         elif leaf == names.stream and hasattr(module, "weight"):
             hidden = {_out_features(module)}
-    values = {names.hidden: hidden, names.ffn: feed_forward, **found}
+    values[names.hidden] = hidden
     if names.embedding is not None:
         values[names.embedding] = {embeddings.weight.shape[1]}
-    if not names.head_dim:
-        del values["head_dim"]
     for module in model.modules():
         if f"{type(module).__module__}.{type(module).__qualname__}" in SCALED_EMBEDDINGS:
             _scale_embedding(module)
+    _width_free_norms(model)
     before = {key: getattr(config, key) for key in values if hasattr(config, key)}
     for key, options in values.items():
-        if len(options) == 1 and (hasattr(config, key) or key == "head_dim"):
+        if len(options) == 1 and (hasattr(config, key) or key == names.head_size):
             setattr(config, key, next(iter(options)))
-    reason = _inexpressible(config, names, values, found["head_dim"])
+    reason = _inexpressible(model, names, values, head_sizes)
     if not reason:
         return
-    for key in values:  # widths it can build, and the saved shapes say the rest
-        if key in before:
-            setattr(config, key, before[key])
+    for key, options in values.items():  # widths it can build, and the saved shapes say the rest
+        if key in before:  # never below a width the model has (a cut that verification undid left a smaller one)
+            value = before[key]
+            setattr(config, key, max(value, *options) if isinstance(value, int) and options else value)
         elif hasattr(config, key):
             delattr(config, key)
     warnings.warn(
@@ -124,6 +136,13 @@ def _pretrained_model(model: nn.Module) -> None:
         UserWarning,
         stacklevel=2,
     )
+
+
+def _fields(names: Family, model: nn.Module, path: str) -> tuple[str, str | None]:
+    """The config fields of the heads and FFN width of the layer at ``path``: by the classes around it, innermost
+    first, in a family whose encoder and decoder have fields of their own."""
+    parts = path.split(".") if path and names.sections else []
+    return names.fields([type(model.get_submodule(".".join(parts[:d]))).__name__ for d in range(len(parts), -1, -1)])
 
 
 def _scale_embedding(module: nn.Embedding) -> None:
@@ -136,36 +155,59 @@ def _scale_embedding(module: nn.Embedding) -> None:
     module.embed_scale.fill_(module.scalar_embed_scale)
 
 
-def _inexpressible(config: object, names: Family, values: dict[str, set[int]], head_sizes: set[int]) -> str:
-    """Why ``config``, updated to the pruned widths, does not build the pruned model; empty where it does."""
+def _inexpressible(model: nn.Module, names: Family, values: dict[str, set[int]], head_sizes: set[int]) -> str:
+    """Why ``model.config``, updated to the pruned widths, does not build the pruned model; empty where it does."""
+    config = model.config
     reasons = [f"layers of different {key}: {sorted(options)}" for key, options in values.items() if len(options) > 1]
-    heads, hidden = getattr(config, names.heads, None), getattr(config, names.hidden, None)
-    if not names.head_dim and len(head_sizes) == 1 and heads and hidden // heads not in head_sizes:
-        reasons.append(
-            f"its code computes the head size as {names.hidden} // {names.heads} = {hidden} // {heads}, "
-            f"not {next(iter(head_sizes))}"
-        )
+    hidden = getattr(config, names.hidden, None)
+    for field in sorted(names.head_fields):
+        heads = getattr(config, field, None)
+        if not names.head_dim and len(head_sizes) == 1 and heads and hidden // heads not in head_sizes:
+            reasons.append(
+                f"its code computes the head size as {names.hidden} // {field} = {hidden} // {heads}, "
+                f"not {next(iter(head_sizes))}"
+            )
     try:
         getattr(config, "validate", lambda: None)()
     except Exception as error:  # the config's own checks: strict dataclasses raise their own error type
         reasons.append(str(error.__cause__ or error).rstrip("."))
-    return "; ".join(reasons)
+    return "; ".join(reasons) or _built_otherwise(model)
+
+
+def _built_otherwise(model: nn.Module) -> str:
+    """How the model's class, built from its config (on the meta device), differs from the pruned model: widths
+    its code derives (BLOOM's FFN is ``4 * hidden``) or fixes (a norm built at the stream width); empty if none.
+    Tensors the class does not build at all (a bias a method added) are the saved shapes' business."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = {name: tuple(t.shape) for name, t in type(model)(model.config).state_dict().items()}
+    except Exception as error:  # its own checks refuse the widths: what from_pretrained would meet
+        return f"{type(model).__name__} refuses it ({type(error).__name__}: {str(error).rstrip('.')})"
+    for name, tensor in model.state_dict().items():
+        if name in built and built[name] != tuple(tensor.shape):
+            return f"its code builds `{name}` as {list(built[name])}, not {list(tensor.shape)}"
+    return ""
 
 
 def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[int | None, int | None, int] | None:
     """Query heads, key/value heads and head size of an attention layer; None for a module that is not one.
 
-    Heads fused in one projection with a per-head layout (``qkv_proj``, ``query_key_value``) stay whole:
-    only their head size is known.
+    Heads fused in one projection (``qkv_proj``, ``query_key_value``) are counted from the output projection.
     """
     query, key = _child(module, QUERY), _child(module, KEY)
     head_size = next((getattr(module, n) for n in HEAD_SIZE if isinstance(getattr(module, n, None), int)), None)
     if head_size is None:
         return None
-    if query is None:
-        return (None, None, head_size) if _child(module, FUSED_HEADS) is not None else None
-    rows = _out_features(query[0]) // QUERY[query[1]]
-    kv_rows = _out_features(key[0]) // KEY[key[1]] if key is not None else rows
+    fused, output = _child(module, FUSED_HEADS), _child(module, OUTPUT)
+    if query is not None:
+        rows = _out_features(query[0]) // QUERY[query[1]]
+        kv_rows = _out_features(key[0]) // KEY[key[1]] if key is not None else rows
+    elif fused is not None and output is not None:  # q rows, then k and v rows alike
+        rows = output[0].weight.shape[1]
+        kv_rows = (_out_features(fused[0]) - rows) // 2
+    else:
+        return None
     heads, kv_heads = rows // head_size, kv_rows // head_size
     if rows % head_size or kv_rows % head_size or kv_heads == 0 or heads % kv_heads:
         raise PruningError(
@@ -182,18 +224,133 @@ def _follow_heads(module: nn.Module, heads: int, kv_heads: int) -> None:
     """An attention layer's stored head counts follow its weights.
 
     Grouped-query attention repeats each key/value head ``num_key_value_groups`` times; layers that keep
-    ``num_heads`` / ``num_key_value_heads`` (StableLM, OPT) use them in ``forward``.
+    ``num_heads`` / ``num_key_value_heads`` (StableLM, OPT) or ``num_kv_heads`` (Falcon) use them in ``forward``.
     """
     for attribute, value in (
         ("num_key_value_groups", heads // kv_heads),
         ("num_heads", heads),
         ("num_key_value_heads", kv_heads),
+        ("num_kv_heads", kv_heads),
+        ("n_heads", heads),
     ):
         if isinstance(getattr(module, attribute, None), int):
             setattr(module, attribute, value)
 
 
 register_layer("transformers.modeling_utils.PreTrainedModel", _pretrained_model)
+for _layer, _why in FOLLOWING_SLICES.items():
+    SLICE_BOUNDS.register(_layer, _why)
+
+
+def _is_class(module: nn.Module, qualified: str) -> bool:
+    return any(f"{klass.__module__}.{klass.__qualname__}" == qualified for klass in type(module).__mro__)
+
+
+FALCON = "transformers.models.falcon.modeling_falcon"
+
+
+def _falcon_linear(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    """``FalconLinear`` computes ``input @ weight.T + bias`` itself: it is a linear layer, traced as one."""
+    if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
+        b.freeze_tensors([*inputs, output], "FalconLinear called oddly")
+        return
+    OP_RULES["linear"](b, Call("linear", F.linear, (inputs[0], module.weight, module.bias), {}, output))
+
+
+def _falcon_attention(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    """Falcon's fused ``query_key_value`` in its three layouts, each head's rows with its ``dense`` columns.
+
+    ``_split_heads`` views the rows by the layer's head counts: per key/value head its query heads, key and value
+    (``new_decoder_architecture``: a key/value head goes with its query heads); per head its query, key and value
+    (``multi_query=False``); or every query head, then one key and one value head that all query heads share
+    (``multi_query``: those two stay, the query heads go one by one). ALiBi slopes are computed for the model's
+    head count, so with ``alibi`` the heads stay whole (the stream can still be cut).
+    """
+    result = output[0] if isinstance(output, tuple) else output
+    if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(result, Tensor):
+        b.freeze_tensors([*inputs, result], "FalconAttention called oddly")
+        return
+    fused, dense, size = module.query_key_value, module.dense, module.head_dim
+    heads = dense.weight.shape[1] // size
+    rows = b.space(b.name_of(fused.weight), 0, fused.weight.shape[0])
+    b.slot(fused.weight, 0, "out", rows)
+    if fused.bias is not None:
+        b.slot(fused.bias, 0, "follow", rows)
+    b.slot(fused.weight, 1, "in", b.along(inputs[0], -1))
+    if module.config.alibi:
+        b.freeze(rows, "ALiBi slopes are computed for the model's head count")
+    if module.new_decoder_architecture:
+        per_group = rows.view(module.num_kv_heads, -1, size)
+        b.unify_rows(per_group.reshape(module.num_kv_heads, -1))
+        queries = per_group[:, :-2]
+    elif not module.multi_query:
+        per_head = rows.view(heads, 3, size)
+        b.unify_rows(per_head.reshape(heads, -1))
+        queries = per_head[:, 0]
+    else:
+        queries = rows[: heads * size].view(heads, size)
+        b.unify_rows(queries)
+        b.freeze(rows[heads * size :], "multi-query attention: its one key and value head serve every query head")
+    b.slot(dense.weight, 1, "in", queries.reshape(-1))
+    b.linear_output(dense, result)
+
+
+register_module_rule(
+    "transformers.falcon.FalconAttention",
+    lambda module: _is_class(module, f"{FALCON}.FalconAttention"),
+    _falcon_attention,
+)
+register_module_rule(
+    "transformers.falcon.FalconLinear", lambda module: _is_class(module, f"{FALCON}.FalconLinear"), _falcon_linear
+)
+
+
+OLMO_NORM = "transformers.models.olmo.modeling_olmo.OlmoLayerNorm"
+
+
+class WidthFreeLayerNorm(nn.Module):
+    """OLMo's LayerNorm (no weight, no bias, ε = 1e-5) over the width its input has.
+
+    OLMo's own stores the stream width it was built with and holds no tensor, so no cut resizes it and no fixup
+    reaches it: a cut puts this one, which computes the same function at every width, in its place.
+    """
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        normalized = F.layer_norm(hidden_states.to(torch.float32), hidden_states.shape[-1:], None, None, self.eps)
+        return normalized.to(hidden_states.dtype)
+
+
+def _weight_free_norm(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    """A norm over the stream with nothing to slice: the stream's channels can go (the statistics change a little)."""
+    source = inputs[0] if inputs else None
+    if not isinstance(source, Tensor) or not isinstance(output, Tensor):
+        b.freeze_tensors([*inputs, output], f"{type(module).__name__} with unexpected inputs")
+        return
+    labels = b.label(source)
+    if L.varying_dims(labels) - {source.ndim - 1}:
+        b.freeze(labels, f"{type(module).__name__} over channels that vary along other dimensions too")
+        return
+    b.normalized.append(b.along(source, -1))
+    b.set(output, labels)
+
+
+def _width_free_norms(model: nn.Module) -> None:
+    """Every OLMo LayerNorm of ``model`` becomes a :class:`WidthFreeLayerNorm`, which follows a cut stream."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_class(child, OLMO_NORM):
+                setattr(parent, name, WidthFreeLayerNorm())
+
+
+register_module_rule(
+    "transformers.olmo.OlmoLayerNorm",
+    lambda module: _is_class(module, OLMO_NORM) or isinstance(module, WidthFreeLayerNorm),
+    _weight_free_norm,
+)
 
 
 def _dropped_layers(model: nn.Module, drop: Drop) -> None:

@@ -152,6 +152,24 @@ def combine(b: TraceBuilder, items: list[tuple[Tensor, Sequence[int]]], out_shap
     return representative
 
 
+def effective_shape(b: TraceBuilder, tensor: Tensor) -> tuple[int, ...]:
+    """``tensor``'s shape, with 1 where a computed constant's values do not change along a dimension.
+
+    Such a constant broadcasts along that dimension like a size-1 tensor (T5's zero position bias of one row per
+    head), so it does not tie the dimension to its size. The smaller model must build it at the smaller size, as
+    verification checks. Buffers and parameters keep their shapes.
+    """
+    shape = tuple(tensor.shape)
+    if tensor.numel() <= 1 or b.name_of(tensor) is not None:
+        return shape
+    if not torch.equal(b.label(tensor), L.constant(FROZEN, tensor.ndim)):
+        return shape
+    return tuple(
+        1 if size > 1 and torch.equal(tensor, tensor.narrow(dim, 0, 1).expand_as(tensor)) else size
+        for dim, size in enumerate(shape)
+    )
+
+
 def set_all(b: TraceBuilder, call: Call, labels: Tensor) -> None:
     for output in call.outputs:
         b.set(output, L.align(labels, output.ndim) if labels.ndim != output.ndim else labels)
@@ -169,5 +187,5 @@ def is_named(b: TraceBuilder, tensor: Any) -> bool:
 
 def add_computed_bias(b: TraceBuilder, call: Call, bias: Tensor) -> None:
     out = call.outputs[0]
-    items = [(b.label(out), tuple(out.shape)), (b.label(bias), tuple(bias.shape))]
+    items = [(b.label(out), tuple(out.shape)), (b.label(bias), effective_shape(b, bias))]
     b.set(out, combine(b, items, tuple(out.shape), call.name))

@@ -7,7 +7,16 @@ import string
 from torch import Tensor
 
 from lightning_prune.graph.builder import TraceBuilder
-from lightning_prune.graph.rules.base import Call, add_computed_bias, combine, is_named, rule, set_all, unknown
+from lightning_prune.graph.rules.base import (
+    Call,
+    add_computed_bias,
+    combine,
+    effective_shape,
+    is_named,
+    rule,
+    set_all,
+    unknown,
+)
 
 
 def _contract(b: TraceBuilder, call: Call, operands: list[tuple[Tensor, str]], output: str) -> None:
@@ -77,7 +86,7 @@ def matmul(b: TraceBuilder, call: Call) -> None:
     _contract(b, call, operands, letters + "ij")
     if bias is not None:
         out = call.outputs[0]
-        items = [(b.label(out), tuple(out.shape)), (b.label(bias), tuple(bias.shape))]
+        items = [(b.label(out), tuple(out.shape)), (b.label(bias), effective_shape(b, bias))]
         b.set(out, combine(b, items, tuple(out.shape), call.name))
 
 
@@ -128,5 +137,5 @@ def attention(b: TraceBuilder, call: Call) -> None:
     operands += [(*heads_repeated(key), letters(key, "se")), (*heads_repeated(value), letters(value, "sv"))]
     mask = call.arg(3, "attn_mask")
     if isinstance(mask, Tensor):
-        operands.append((b.label(mask), tuple(mask.shape), (batch + "ls")[len(batch) + 2 - mask.ndim :]))
+        operands.append((b.label(mask), effective_shape(b, mask), (batch + "ls")[len(batch) + 2 - mask.ndim :]))
     _contract_labels(b, call, operands, batch + "lv")

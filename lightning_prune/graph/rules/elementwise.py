@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lightning_prune.graph.builder import TraceBuilder
-from lightning_prune.graph.rules.base import Call, combine, names_in, rule, set_all
+from lightning_prune.graph.rules.base import Call, combine, effective_shape, names_in, rule, set_all
 
 _ELEMENTWISE = names_in(
     """
@@ -23,7 +23,7 @@ logit isnan isinf isfinite isposinf isneginf logical_not bitwise_not deg2rad rad
 @rule(*_ELEMENTWISE)
 def elementwise(b: TraceBuilder, call: Call) -> None:
     out = call.outputs[0]
-    items = [(b.label(t), tuple(t.shape)) for t in call.inputs]
+    items = [(b.label(t), effective_shape(b, t)) for t in call.inputs]
     set_all(b, call, combine(b, items, tuple(out.shape), call.name))
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_prune.graph import labels as L
 from lightning_prune.graph.builder import TraceBuilder
 from lightning_prune.graph.rules.base import Call, dims_argument, leaves, names_in, rule
+from lightning_prune.registry import Registry
 
 
 def _replay(b: TraceBuilder, call: Call, data: list[Tensor]) -> list[Tensor] | None:
@@ -97,8 +98,23 @@ def flattening_selection(b: TraceBuilder, call: Call) -> None:
     _moved(b, call, [source], selected=range(source.ndim))
 
 
-def _indexed_dims(index: Any, ndim: int) -> set[int] | None:
-    """Source dimensions an index selects part of (ints, tensors, slices other than ``:``); None if unparsed."""
+# Layers whose code slices a channel dimension at bounds it computes from sizes that follow a cut (head counts
+# kept in step by their fixups), by qualified class name → why. A slice there need not keep whole rows of that
+# dimension; verification re-traces the cut model and rolls back a layer whose bounds did not follow.
+FOLLOWING_SLICES: Registry[str, str] = Registry(
+    "layer with following slice bounds", "Register one with FOLLOWING_SLICES.register('package.module.Class', why)."
+)
+
+
+def _bounds_follow(module: Any) -> bool:
+    return module is not None and any(
+        f"{klass.__module__}.{klass.__qualname__}" in FOLLOWING_SLICES for klass in type(module).__mro__
+    )
+
+
+def _indexed_dims(index: Any, ndim: int) -> tuple[set[int], set[int]] | None:
+    """Source dimensions an index selects part of: by ints and tensors, and by slices other than ``:`` (with
+    step 1); None if unparsed."""
     entries = list(index) if isinstance(index, tuple) else [index]
     if sum(1 for e in entries if e is Ellipsis) > 1:
         return None
@@ -110,6 +126,7 @@ def _indexed_dims(index: Any, ndim: int) -> set[int] | None:
 
     explicit = sum(width(e) for e in entries if e is not Ellipsis)
     dims: set[int] = set()
+    sliced: set[int] = set()
     position = 0
     for entry in entries:
         if entry is None:
@@ -119,23 +136,24 @@ def _indexed_dims(index: Any, ndim: int) -> set[int] | None:
             continue
         if isinstance(entry, slice):
             if entry != slice(None):
-                dims.add(position)
+                (sliced if entry.step in (None, 1) else dims).add(position)
         elif isinstance(entry, int | Tensor | list) or hasattr(entry, "__index__"):
             dims.update(range(position, position + width(entry)))
         else:
             return None
         position += width(entry)
-    return dims
+    return dims, sliced
 
 
 @rule("getitem")
 def getitem(b: TraceBuilder, call: Call) -> None:
     source = call.args[0]
-    dims = _indexed_dims(call.args[1], source.ndim)
-    if dims is None:
+    found = _indexed_dims(call.args[1], source.ndim)
+    if found is None:
         b.freeze(b.label(source), "an index the engine cannot parse")
         return
-    _moved(b, call, [source], selected=dims)
+    dims, sliced = found
+    _moved(b, call, [source], selected=dims if _bounds_follow(b.module) else dims | sliced)
 
 
 @rule("setitem")
@@ -194,5 +212,8 @@ def partition(b: TraceBuilder, call: Call) -> None:
         _moved(b, call, [source], selected=[dim])
         return
     _moved(b, call, [source])
-    blocks = [b.along(output, dim) for output in call.outputs]
+    # Every position of every piece, not one label per index of `dim`: after a view into heads the pieces'
+    # labels vary along the head dimension too, and unifying them would merge all heads into one class.
+    labels = torch.broadcast_tensors(*(b.label(output) for output in call.outputs))
+    blocks = [piece.reshape(-1) for piece in labels]
     b.partitions.append((blocks, f"`{call.name}` in `{b.where}`"))

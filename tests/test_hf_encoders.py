@@ -1,0 +1,180 @@
+"""Encoders, encoder-decoders and BLOOM from Hugging Face transformers: what 25% local pruning cuts, and the reload.
+
+As in ``test_families.py``: one tiny randomly initialised model per family, pruned by L1 with ``scope="local"``,
+once with the input embedding in ``ignore`` and once without. Where the family's config can say the cut, the
+family's own ``from_pretrained`` must give the same logits and the config the widths of the weights; where it
+cannot, :data:`FAMILIES` says why, the warning says so too, ``lightning_prune.from_pretrained`` reloads the
+model and ``restore`` rebuilds it from its record. Then one training step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+from nets import removed_zeroed
+from test_families import HEAD_SIZE_FROM_HIDDEN, produced, reasons
+
+import lightning_prune as lp
+from lightning_prune import apply_cuts, plan_cuts
+from lightning_prune.importance import ScoringContext, get_criterion, score
+from lightning_prune.integrations.hf_families import FEED_FORWARD, OUTPUT, QUERY
+from lightning_prune.selection import select
+
+transformers = pytest.importorskip("transformers")
+warnings.filterwarnings("ignore", ".*token_id.*")
+
+TOKENS = {"vocab_size": 97, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+BERT = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 8, "intermediate_size": 64}
+ENCODER_OUTPUT = "model output"  # an encoder-decoder returns the encoder's last hidden state: its width stays
+BLOOM_FFN = "mlp.dense_h_to_4h.weight` as [192, 48], not [144, 48]"  # its code builds the FFN 4 × hidden wide
+ALIBI = "`baddbmm` with a constant of the same size"  # BLOOM's ALiBi slopes, computed for the model's head count
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What 25% local pruning does (see ``test_families.Expected``); ``decoder``: the model takes decoder inputs."""
+
+    model: str
+    config: str
+    options: dict
+    heads: bool | str = True
+    stream: bool | str = True
+    round_trip: tuple[bool | str, bool | str] = (True, True)
+    decoder: bool = False
+
+
+FAMILIES = {
+    "t5": Expected("T5ForConditionalGeneration", "T5Config",
+                   {"d_model": 48, "d_kv": 6, "d_ff": 64, "num_layers": 2, "num_heads": 8,
+                    "decoder_start_token_id": 0, **TOKENS},
+                   stream=ENCODER_OUTPUT, decoder=True),
+    "bart": Expected("BartForConditionalGeneration", "BartConfig",
+                     {"d_model": 48, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 8,
+                      "decoder_attention_heads": 8, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+                      "max_position_embeddings": 32, **TOKENS},
+                     stream=ENCODER_OUTPUT, round_trip=(HEAD_SIZE_FROM_HIDDEN, HEAD_SIZE_FROM_HIDDEN), decoder=True),
+    # ALBERT's stream starts after its own projection from a 16-wide embedding: it is cut in both cases
+    "albert": Expected("AlbertForMaskedLM", "AlbertConfig",
+                       {**BERT, "embedding_size": 16, "max_position_embeddings": 32, **TOKENS}),
+    "distilbert": Expected("DistilBertForMaskedLM", "DistilBertConfig",
+                           {"dim": 48, "n_layers": 2, "n_heads": 8, "hidden_dim": 64, "max_position_embeddings": 32,
+                            "vocab_size": 97, "pad_token_id": 0},
+                           round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
+    "electra": Expected("ElectraForMaskedLM", "ElectraConfig",
+                        {**BERT, "embedding_size": 48, "max_position_embeddings": 32, **TOKENS},
+                        round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
+    "bloom": Expected("BloomForCausalLM", "BloomConfig", {"hidden_size": 48, "n_layer": 2, "n_head": 8, **TOKENS},
+                      heads=ALIBI, round_trip=(BLOOM_FFN, HEAD_SIZE_FROM_HIDDEN)),
+}  # fmt: skip
+
+
+def build(name: str) -> torch.nn.Module:
+    expected = FAMILIES[name]
+    torch.manual_seed(0)
+    return getattr(transformers, expected.model)(getattr(transformers, expected.config)(**expected.options)).eval()
+
+
+def inputs(name: str) -> dict:
+    """Tokens (and decoder tokens); a model that returns its cache traces without it (a cache is an output)."""
+    tokens = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    if FAMILIES[name].decoder:
+        return {"input_ids": tokens, "decoder_input_ids": tokens, "use_cache": False}
+    return {"input_ids": tokens, "use_cache": False} if name == "bloom" else {"input_ids": tokens}
+
+
+def widths(model: torch.nn.Module) -> tuple[int, int, int]:
+    """Query rows of the first attention layer, and the width and input width (the stream) of the first FFN."""
+    modules = dict(model.named_modules())
+    ffn = next(
+        module
+        for name, module in modules.items()
+        if (name.rsplit(".", 1)[-1] in FEED_FORWARD or name.endswith("intermediate.dense"))
+        and hasattr(module, "weight")
+    )
+    for module in modules.values():
+        query = next((getattr(module, leaf) for leaf in QUERY if hasattr(getattr(module, leaf, None), "weight")), None)
+        if query is not None:
+            rows = query.weight.shape[0]
+            break
+        if hasattr(getattr(module, "query_key_value", None), "weight"):  # fused: what the output projection reads
+            rows = next(getattr(module, leaf) for leaf in OUTPUT if hasattr(module, leaf)).weight.shape[1]
+            break
+    return rows, ffn.weight.shape[0], ffn.weight.shape[1]
+
+
+def logits(model: torch.nn.Module, name: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs(name)).logits
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["heads_ffn", "stream"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_prunes_reloads_and_trains(name: str, stream: bool, tmp_path) -> None:
+    expected = FAMILIES[name]
+    model = build(name)
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    dense, outputs = widths(model), produced(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = lp.prune(model, inputs(name), 0.25, "l1", scope="local", ignore=[] if stream else [embedding])
+    said = [str(w.message) for w in caught if "config cannot describe the pruned model" in str(w.message)]
+    whole = sorted(n for n, width in produced(model).items() if width == outputs[n])
+    assert [n for n in whole if n not in result.unprunable] == []  # every layer left whole says why
+    query, ffn, hidden = widths(model)
+    assert ffn == dense[1] * 3 // 4
+    if expected.heads is True:
+        assert query == dense[0] * 3 // 4
+    else:
+        assert query == dense[0] and expected.heads in reasons(result, "att")
+    if expected.stream is True and (stream or name == "albert"):
+        assert hidden == dense[2] * 3 // 4
+    else:
+        assert hidden == dense[2]
+        if stream:
+            assert expected.stream in " | ".join(result.unprunable.values())
+
+    round_trip = expected.round_trip[stream]
+    assert bool(said) == (round_trip is not True)
+    if round_trip is True:
+        assert lp.save_pretrained(model, tmp_path) is True
+        loaded = getattr(transformers, expected.model).from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(logits(loaded, name), logits(model, name), atol=1e-5, rtol=0)
+        assert widths(loaded) == (query, ffn, hidden)
+    else:
+        assert round_trip in said[0]
+        assert lp.save_pretrained(model, tmp_path) is False
+        assert torch.equal(logits(lp.from_pretrained(tmp_path), name), logits(model, name))
+        fresh = build(name)
+        with pytest.warns(UserWarning, match="config cannot describe the pruned model"):
+            lp.restore(fresh, result.record)
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(logits(fresh.eval(), name), logits(model, name))
+
+    if expected.decoder or name == "bloom":
+        prompt = inputs(name)["input_ids"][:1, :4]
+        cached = model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=True)
+        assert torch.equal(cached, model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=False))
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model(**inputs(name), labels=inputs(name)["input_ids"]).loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("name", ["t5", "bart", "distilbert"])
+def test_removed_heads_and_neurons_compute_what_zeroed_ones_do(name: str) -> None:
+    # T5's cross-attention adds a zero position bias of one row per head: it follows the heads left
+    model = build(name)
+    graph = lp.build_graph(model, inputs(name))
+    scores = score(graph.groups, ScoringContext(model), get_criterion("l1"))
+    scores = [None if g.normalized else s for g, s in zip(graph.groups, scores, strict=True)]  # heads, FFN
+    plan = select(graph.groups, scores, 0.25, scope="local")
+    reference = removed_zeroed(model, graph, plan)
+    dense = widths(model)
+    cuts = plan_cuts(graph, plan)
+    apply_cuts(model, cuts)
+    assert widths(model) == (dense[0] * 3 // 4, dense[1] * 3 // 4, dense[2])
+    lp.verify_pruned(model, inputs(name), graph, cuts)
+    torch.testing.assert_close(logits(model, name), logits(reference, name), atol=1e-5, rtol=0)
