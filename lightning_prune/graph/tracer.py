@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_prune.errors import TraceError
 from lightning_prune.graph.builder import Trace, TraceBuilder
 from lightning_prune.graph.module_rules import module_rule
 from lightning_prune.graph.rules import apply_rule
+from lightning_prune.measure import MacCounter
 from lightning_prune.running import ExampleInputs, preserved_state, run_model
 
 
@@ -111,7 +111,7 @@ def trace_model(
     for mode in modes:
         if mode not in ("train", "eval"):
             raise TraceError(f"`modes` entries must be 'train' or 'eval', got {mode!r}.")
-        counter = FlopCounterMode(display=False) if mode == "eval" else contextlib.nullcontext()
+        counter = MacCounter() if mode == "eval" else contextlib.nullcontext()
         with preserved_state(model), torch.no_grad(), _module_stack(builder):
             model.train(mode == "train")
             try:
@@ -132,8 +132,9 @@ def trace_model(
                     module=where,
                 ) from error
         _freeze_outputs(builder, output)
-        if isinstance(counter, FlopCounterMode):
-            macs = counter.get_total_flops() // 2
+        if isinstance(counter, MacCounter):
+            counter.warn_uncounted()
+            macs = counter.macs
     trace = builder.trace()
     trace.macs = macs
     return trace
