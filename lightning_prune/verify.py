@@ -53,6 +53,8 @@ def verify_pruned(
         cut = by_key.get(key)
         space_init[key] = ids[torch.tensor(cut.keep)] if cut else ids
     for name, ids in trace.raw.items():
+        if name in trace.computed_weights:  # a layer's weight: its entries are not elements of their own
+            continue
         tensor_cuts = [cut for cut in cuts if cut.tensor == name]
         space_init[name] = slice_tensor(ids, tensor_cuts) if tensor_cuts else ids
     retrace = trace_model(model, example_inputs, modes, space_init, num_elements=trace.num_elements)

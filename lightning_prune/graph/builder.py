@@ -70,6 +70,8 @@ class Trace:
     requirements: list[Requirement]
     floors: list[tuple[Tensor, int]]
     macs: int | None = None
+    whole: dict[str, str] = field(default_factory=dict)  # layers a rule could not follow at all, and why
+    computed_weights: set[str] = field(default_factory=set)  # raw parameters that turned out layer weights
 
 
 class TraceBuilder:
@@ -106,6 +108,8 @@ class TraceBuilder:
         self.normalized: list[Tensor] = []
         self.requirements: list[Requirement] = []
         self.floors: list[tuple[Tensor, int]] = []  # (elements, how many of their classes must stay)
+        self.whole: dict[str, str] = {}  # module → why its layer could not be followed (it has no channel space)
+        self.computed_weights: set[str] = set()  # raw parameters a layer's weight is computed from, row by row
         self.space_init = dict(space_init or {})
 
     # --- where are we -------------------------------------------------------------------------
@@ -142,6 +146,14 @@ class TraceBuilder:
         if name not in self.raw:
             self.raw[name] = self._allocate(name, tensor.numel()).view(tensor.shape)
         return L.compress(self.raw[name])
+
+    def raw_owner(self, labels: Tensor) -> str | None:
+        """The parameter whose raw entries ``labels`` all are, if one is."""
+        low, high = int(labels.min()), int(labels.max())
+        for name, ids in self.raw.items():
+            if ids.numel() and int(ids.min()) <= low and high <= int(ids.max()):
+                return name
+        return None
 
     def expanded(self, tensor: Tensor) -> Tensor:
         return self.label(tensor).expand(tensor.shape).contiguous()
@@ -257,4 +269,6 @@ class TraceBuilder:
             self.normalized,
             self.requirements,
             self.floors,
+            whole=self.whole,
+            computed_weights=self.computed_weights,
         )

@@ -152,6 +152,8 @@ def _raw_slots(trace: Trace, root: Tensor) -> tuple[list[Slot], Tensor]:
     """Slots of raw parameters (layer scales, tokens, position tables) and classes they cannot follow."""
     slots, uncovered = [], []
     for name, ids in trace.raw.items():
+        if name in trace.computed_weights:  # a layer's weight after all: it has slots of its own
+            continue
         classes = root[ids]
         covered = torch.zeros_like(classes, dtype=torch.bool)
         for dim in range(classes.ndim):
@@ -241,7 +243,7 @@ def group_trace(model: nn.Module, trace: Trace, ignored: Mapping[str, str] | Non
         group.index = new_index
         producers = [m.slot.modules[0] if m.slot.modules else m.slot.tensor for m in group.members_with_role("out")]
         group.name = producers[0] if producers else group.spaces[0][0]
-    unprunable = _unprunable(root, spaces, frozen, owners, reasons)
+    unprunable = {**trace.whole, **_unprunable(root, spaces, frozen, owners, reasons)}
     return DependencyGraph(groups, slots, trace.num_elements, unprunable, trace, root)
 
 
