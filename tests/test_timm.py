@@ -9,12 +9,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_prune as lp
 from lightning_prune import apply_cuts, plan_cuts
+from lightning_prune.fixups import LAYER_FIXUPS
 from lightning_prune.graph.groups import build_graph
 from lightning_prune.importance import ScoringContext, get_criterion, score
 from lightning_prune.measure import MacCounter, count_macs
 from lightning_prune.selection import select
 
 timm = pytest.importorskip("timm")
+CROSS_STAGE = "timm.models.cspnet.CrossStage3"
 
 
 def build(name: str, size: int = 64, **options: object) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -124,3 +126,99 @@ def test_a_computed_weight_that_cannot_be_followed_is_named() -> None:
     graph = build_graph(model, torch.randn(2, 3, 8, 8))
     assert graph.unprunable["2"] == "its weight in `conv2d` is computed in a way the engine cannot follow"
     assert "0" in graph.unprunable  # its consumer is left whole, so it is too
+
+
+def batch_norms_that_matter(model: torch.nn.Module) -> None:
+    """Non-trivial statistics and affine parameters, so that eval-mode BatchNorm changes what it passes."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+                torch.nn.init.uniform_(module.bias, -0.5, 0.5)
+
+
+STORED_WIDTH_SPLITS = [  # model, options, the class holding the width: what it stores, what its layers read
+    ("cs3darknet_s", {"size": 32}, "CrossStage3", lambda m: m.expand_chs, lambda m: m.conv_exp.conv.weight.shape[0]),
+    pytest.param(
+        "cspresnet50", {}, "CrossStage", lambda m: m.expand_chs, lambda m: m.conv_exp.conv.weight.shape[0],
+        marks=pytest.mark.slow,
+    ),
+    (
+        "res2net50_26w_4s", {"layers": [1, 1, 1, 1], "size": 32}, "Bottle2neck",
+        lambda m: m.width, lambda m: m.convs[0].weight.shape[1] * m.convs[0].groups,
+    ),
+    (
+        "skresnet18", {"layers": [1, 1, 1, 1], "size": 32}, "SelectiveKernel",
+        lambda m: m.in_channels, lambda m: sum(p.conv.weight.shape[1] for p in m.paths),
+    ),
+    (
+        "mixnet_s", {"size": 32}, "MixedConv2d",
+        lambda m: m.splits, lambda m: [c.weight.shape[1] * c.groups for c in m.values()],
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "options", "holder", "stored", "read"), STORED_WIDTH_SPLITS)
+def test_splits_by_a_stored_width_are_pruned_exactly(name: str, options: dict, holder: str, stored, read) -> None:
+    model, x = build(name, **options)
+    batch_norms_that_matter(model)
+    model.eval()
+    graph, plan = exact_plan(model, x, 0.4, "l1")
+    assert set(graph.unprunable) == {model.default_cfg["classifier"]}
+    reference = removed_zeroed(model, graph, plan)
+    holders = [m for m in model.modules() if type(m).__name__ == holder]
+    before = [stored(m) for m in holders]
+    apply_cuts(model, plan_cuts(graph, plan))
+    assert holders and all(stored(m) == read(m) for m in holders)
+    assert any(stored(m) != width for m, width in zip(holders, before, strict=True))
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) < 1e-4
+    train_one_step(model, x)
+
+
+class HalfAndHalf(torch.nn.Module):
+    """Splits its expansion by a width it stores, with no fixup to update it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.half = channels // 2
+        self.expand = torch.nn.Conv2d(3, channels, 1)
+        self.left, self.right = torch.nn.Conv2d(self.half, 8, 3, padding=1), torch.nn.Conv2d(self.half, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = torch.relu(self.expand(x)).split(self.half, dim=1)
+        return self.left(left) + self.right(right)
+
+
+def test_a_split_whose_width_does_not_follow_freezes_only_its_channels() -> None:
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(HalfAndHalf(16), torch.nn.ReLU(), torch.nn.Conv2d(8, 12, 3, padding=1))
+    model = torch.nn.Sequential(blocks, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model.append(torch.nn.Linear(12, 5))
+    x = torch.randn(2, 3, 8, 8)
+    result = lp.prune(model, x, 0.3)
+    line = HalfAndHalf.forward.__code__.co_firstlineno + 1
+    assert result.unprunable["0.0.expand"] == (
+        f"`split` into parts of fixed sizes (wt14/tests/test_timm.py:{line}), which do not follow a pruned width "
+        "in `0.0`"
+    ).replace("wt14", __file__.rsplit("/", 3)[-3])
+    assert set(result.unprunable) == {"0.0.expand", "4"}
+    assert {c.module for c in result.layers} == {"0.0.left", "0.0.right", "0.2"}
+    assert model[0][0].expand.weight.shape[0] == 16
+    train_one_step(model, x)
+
+
+def test_a_cross_stage_without_its_fixup_keeps_only_its_split_whole() -> None:
+    model, x = build("cs3darknet_s")
+    with LAYER_FIXUPS.registered(CROSS_STAGE, lambda module: None, replace=True):
+        result = lp.prune(model, x, 0.3)
+    stages = [name for name, m in model.named_modules() if type(m).__name__ == "CrossStage3"]
+    whole = {name for name, why in result.unprunable.items() if why.startswith("`split` into parts of fixed sizes")}
+    assert {f"{stage}.conv_exp.conv" for stage in stages} <= whole  # and the residual streams the splits feed
+    assert all(name.startswith(tuple(stages)) and not name.endswith(".conv1.conv") for name in whole)
+    cut = {change.module for change in result.layers}
+    assert all(f"{stage}.conv_transition.conv" in cut and f"{stage}.blocks.0.conv1.conv" in cut for stage in stages)
+    assert result.params_ratio < 0.9
+    train_one_step(model, x)

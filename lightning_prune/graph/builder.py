@@ -72,6 +72,7 @@ class Trace:
     macs: int | None = None
     whole: dict[str, str] = field(default_factory=dict)  # layers a rule could not follow at all, and why
     computed_weights: set[str] = field(default_factory=set)  # raw parameters that turned out layer weights
+    split_sites: dict[str, set[str]] = field(default_factory=dict)  # fixed-size splits assumed to follow: modules
 
 
 class TraceBuilder:
@@ -82,6 +83,7 @@ class TraceBuilder:
         model: nn.Module,
         space_init: Mapping[str | tuple[str, int], Tensor] | None = None,
         num_elements: int = 1,
+        fixed_splits: Iterable[str] = (),
     ) -> None:
         self.names: dict[int, str] = {}
         self.tensors: dict[str, Tensor] = {}
@@ -110,6 +112,10 @@ class TraceBuilder:
         self.floors: list[tuple[Tensor, int]] = []  # (elements, how many of their classes must stay)
         self.whole: dict[str, str] = {}  # module → why its layer could not be followed (it has no channel space)
         self.computed_weights: set[str] = set()  # raw parameters a layer's weight is computed from, row by row
+        # Splits into parts of sizes the code holds (``x.split(self.width)``) are assumed to follow a pruned width
+        # (a fixup updates the size) and recorded by site; sites in ``fixed_splits`` keep their sizes.
+        self.split_sites: dict[str, set[str]] = {}
+        self.fixed_splits = frozenset(fixed_splits)
         self.space_init = dict(space_init or {})
 
     # --- where are we -------------------------------------------------------------------------
@@ -271,4 +277,5 @@ class TraceBuilder:
             self.floors,
             whole=self.whole,
             computed_weights=self.computed_weights,
+            split_sites=self.split_sites,
         )

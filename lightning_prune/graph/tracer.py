@@ -98,6 +98,7 @@ def trace_model(
     modes: Iterable[str] = ("train", "eval"),
     space_init: Mapping[str | tuple[str, int], Tensor] | None = None,
     num_elements: int = 1,
+    fixed_splits: Iterable[str] = (),
 ) -> Trace:
     """Run ``model`` on ``example_inputs`` once per mode and return what flowed where.
 
@@ -105,8 +106,9 @@ def trace_model(
 
     ``space_init`` gives fixed element ids to spaces (``(tensor, dim)``) and raw tensors (``name``);
     verification uses it to label a pruned model with the ids of the original elements it kept.
+    ``fixed_splits`` are split sites (``Trace.split_sites``) whose parts keep their sizes.
     """
-    builder = TraceBuilder(model, space_init, num_elements)
+    builder = TraceBuilder(model, space_init, num_elements, fixed_splits)
     macs = None
     for mode in modes:
         if mode not in ("train", "eval"):
