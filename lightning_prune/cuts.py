@@ -24,7 +24,9 @@ class Cut:
     """Keep indices ``keep`` (sorted) of dimension ``dim`` of tensor ``tensor``, which had ``size`` entries.
 
     For the inputs of a grouped convolution (``groups`` > 1) ``size`` and ``keep`` refer to the
-    layer's input channels; every convolution group keeps the same number of them.
+    layer's input channels; every convolution group keeps the same number of them, or none: a group that
+    keeps none is removed whole (with its output rows, cut by another ``Cut``), and the layer has
+    ``kept_groups`` groups afterwards.
     """
 
     tensor: str
@@ -32,6 +34,12 @@ class Cut:
     size: int
     keep: list[int]
     groups: int = 1
+
+    @property
+    def kept_groups(self) -> int:
+        if self.groups == 1:
+            return 1
+        return len({index // (self.size // self.groups) for index in self.keep})
 
     def to_dict(self) -> dict:
         keep = list(self.keep)
@@ -92,7 +100,7 @@ def _validate_cut(cut: Cut, shape: Sequence[int], where: str) -> None:
                 f"{where}: {cut.size} input channels of `{cut.tensor}` do not split into {cut.groups} groups."
             )
         per_group = torch.bincount(keep // (cut.size // cut.groups), minlength=cut.groups)
-        if per_group.unique().numel() != 1:
+        if per_group[per_group > 0].unique().numel() != 1:
             raise RecordError(f"{where}: grouped cut on `{cut.tensor}` keeps unequal channel counts per group.")
 
 
@@ -203,7 +211,7 @@ def check_steps(model: nn.Module, steps: Iterable[Step], where: str = "record") 
             seen.add((cut.tensor, cut.dim))
             _validate_cut(cut, shapes[cut.tensor], here)
         for cut in step.cuts:
-            shapes[cut.tensor][cut.dim] = len(cut.keep) // cut.groups
+            shapes[cut.tensor][cut.dim] = len(cut.keep) // cut.kept_groups
         for drop in step.drops:
             if stacks.get(drop.module) != drop.size:
                 raise RecordError(

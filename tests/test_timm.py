@@ -222,3 +222,66 @@ def test_a_cross_stage_without_its_fixup_keeps_only_its_split_whole() -> None:
     assert all(f"{stage}.conv_transition.conv" in cut and f"{stage}.blocks.0.conv1.conv" in cut for stage in stages)
     assert result.params_ratio < 0.9
     train_one_step(model, x)
+
+
+def zero_first_quarter_of_batch_norms(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                quarter = module.weight.numel() // 4
+                module.weight[:quarter] = 0.0
+                module.bias[:quarter] = 0.0
+
+
+GROUPED = [
+    ("timm", "resnext26ts"), ("timm", "regnetx_002"), ("timm", "regnety_002"),
+    ("torchvision", "resnext50_32x4d"), ("torchvision", "regnet_y_400mf"), ("torchvision", "regnet_x_400mf"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("source", "name"), GROUPED)
+def test_grouped_convolutions_lose_only_channels_that_do_nothing(source: str, name: str) -> None:
+    """The first quarter of every BatchNorm's channels is zero (γ = β = 0): whole first convolution groups in
+    ResNeXt and RegNet, which an equal count from every group cannot take; pruning 10% must change nothing."""
+    if source == "torchvision":
+        torchvision = pytest.importorskip("torchvision")
+        torch.manual_seed(0)
+        model, x = torchvision.models.get_model(name, weights=None), torch.randn(2, 3, 64, 64)
+    else:
+        model, x = build(name)
+    batch_norms_that_matter(model)
+    zero_first_quarter_of_batch_norms(model)
+    grouped = {
+        n: m.groups for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels
+    }
+    model.eval()
+    with torch.no_grad():
+        dense = model(x)
+    result = lp.prune(model, x, 0.1, "bn_scale")
+    assert result.params_after < 0.9 * result.params_before
+    assert set(result.unprunable) == {"fc" if source == "torchvision" else "head.fc"}
+    fewer = {n for n, m in model.named_modules() if n in grouped and m.groups < grouped[n]}
+    assert fewer  # whole convolution groups went
+    for n in fewer:
+        conv = model.get_submodule(n)
+        assert conv.in_channels == conv.weight.shape[1] * conv.groups and conv.out_channels % conv.groups == 0
+    with torch.no_grad():
+        assert relative_error(model(x), dense) < 1e-5
+    train_one_step(model, x)
+
+
+def test_whole_convolution_groups_replay_on_a_fresh_model() -> None:
+    model, x = build("regnetx_002")
+    zero_first_quarter_of_batch_norms(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = lp.prune(model, x, 0.1, "bn_scale")
+    fresh, _ = build("regnetx_002")
+    fresh.load_state_dict(state)
+    lp.restore(fresh, result.record)
+    fresh.load_state_dict(model.state_dict())
+    assert [m.groups for m in fresh.modules() if isinstance(m, torch.nn.Conv2d)] == [
+        m.groups for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))

@@ -73,6 +73,7 @@ class Trace:
     whole: dict[str, str] = field(default_factory=dict)  # layers a rule could not follow at all, and why
     computed_weights: set[str] = field(default_factory=set)  # raw parameters that turned out layer weights
     split_sites: dict[str, set[str]] = field(default_factory=dict)  # fixed-size splits assumed to follow: modules
+    convolution_groups: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # grouped convs: (inputs, outputs)
 
 
 class TraceBuilder:
@@ -116,6 +117,7 @@ class TraceBuilder:
         # (a fixup updates the size) and recorded by site; sites in ``fixed_splits`` keep their sizes.
         self.split_sites: dict[str, set[str]] = {}
         self.fixed_splits = frozenset(fixed_splits)
+        self.convolution_groups: list[tuple[Tensor, Tensor]] = []  # (inputs, outputs), each [groups, per group]
         self.space_init = dict(space_init or {})
 
     # --- where are we -------------------------------------------------------------------------
@@ -278,4 +280,5 @@ class TraceBuilder:
             whole=self.whole,
             computed_weights=self.computed_weights,
             split_sites=self.split_sites,
+            convolution_groups=self.convolution_groups,
         )

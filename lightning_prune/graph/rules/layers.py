@@ -59,6 +59,7 @@ def convolution(b: TraceBuilder, call: Call) -> None:
         b.slot(weight, 1, "in", inputs, groups=groups)
         b.floors.extend((block, 2) for block in inputs.view(groups, -1))  # one input per group: depthwise
         reason = f"grouped convolution `{b.where}` (groups={groups})"
+        b.convolution_groups.append((inputs.view(groups, -1), produced.view(groups, -1)))
         b.partitions.append((list(inputs.view(groups, -1)), reason))
         b.partitions.append((list(produced.view(groups, -1)), reason))
     out = call.outputs[0]
