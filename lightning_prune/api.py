@@ -263,7 +263,8 @@ def _cut_until_verified(
     verify: bool,
     modes: tuple[str, ...],
 ) -> tuple[DependencyGraph, Plan, list[Cut], int | None, dict[str, str]]:
-    """Trace, plan and cut; if the cut model deviates from the plan, undo, leave the culprit's class whole, retry.
+    """Trace, plan and cut; if the cut model deviates from the plan, undo and retry with the culprit left whole: a
+    fixed-size split around where it deviates keeps its sizes if there is one, else the culprit's class.
 
     Returns the graph, plan and cuts that held, the pruned model's MACs when verification counted them
     (None otherwise), and the modules left whole with their reasons.
@@ -283,7 +284,7 @@ def _cut_until_verified(
             return graph, plan, cuts, retrace.macs, left_alone
         except PruningError as error:
             undo()
-            splits = _suspect_splits(trace.split_sites, error.module)
+            splits = set(_suspect_splits(trace.split_sites, error.module)) - fixed_splits
             if splits:
                 fixed_splits.update(splits)
             else:

@@ -235,7 +235,9 @@ def zero_first_quarter_of_batch_norms(model: torch.nn.Module) -> None:
 
 GROUPED = [
     ("timm", "resnext26ts"), ("timm", "regnetx_002"), ("timm", "regnety_002"),
-    ("torchvision", "resnext50_32x4d"), ("torchvision", "regnet_y_400mf"), ("torchvision", "regnet_x_400mf"),
+    ("torchvision", "regnet_y_400mf"),
+    pytest.param("torchvision", "resnext50_32x4d", marks=pytest.mark.slow),
+    pytest.param("torchvision", "regnet_x_400mf", marks=pytest.mark.slow),
 ]  # fmt: skip
 
 
