@@ -265,25 +265,45 @@ def _cut_until_verified(
     verify: bool,
     modes: tuple[str, ...],
 ) -> tuple[DependencyGraph, Plan, list[Cut], int | None, dict[str, str]]:
-    """Trace, plan and cut; if the cut model deviates from the plan, undo, leave the culprit's class whole, retry.
+    """Trace, plan and cut; if the cut model deviates from the plan, undo and retry with the culprit left whole: a
+    fixed-size split around where it deviates keeps its sizes if there is one, else the culprit's class.
 
     Returns the graph, plan and cuts that held, the pruned model's MACs when verification counted them
     (None otherwise), and the modules left whole with their reasons.
     """
     left_alone: dict[str, str] = {}
+    fixed_splits: set[str] = set()
     for _ in range(MAX_ATTEMPTS):
-        graph = group_trace(model, trace_model(model, example_inputs, modes), {**ignored, **left_alone})
+        trace = trace_model(model, example_inputs, modes, fixed_splits=fixed_splits)
+        graph = group_trace(model, trace, {**ignored, **left_alone})
         plan = choose(graph)
         cuts = plan_cuts(graph, plan)
         undo = apply_cuts(model, cuts, optimizers, undoable=verify)
         if not verify or not cuts:
             return graph, plan, cuts, None, left_alone
         try:
-            return graph, plan, cuts, verify_pruned(model, example_inputs, graph, cuts, modes).macs, left_alone
+            retrace = verify_pruned(model, example_inputs, graph, cuts, modes, fixed_splits)
+            return graph, plan, cuts, retrace.macs, left_alone
         except PruningError as error:
             undo()
-            left_alone.update(_leave_alone(model, error, left_alone))
+            splits = set(_suspect_splits(trace.split_sites, error.module)) - fixed_splits
+            if splits:
+                fixed_splits.update(splits)
+            else:
+                left_alone.update(_leave_alone(model, error, left_alone))
     raise VerificationError(f"gave up after {MAX_ATTEMPTS} attempts to find a plan that verifies.")
+
+
+def _suspect_splits(sites: Mapping[str, set[str]], module: str | None) -> list[str]:
+    """Sites of fixed-size splits, assumed to follow, that ran in ``module`` or around it: where a pruned model
+    deviates inside them, the split's stale sizes are the first suspect (their channels then stay whole)."""
+    if module is None:
+        return []
+    return [
+        site
+        for site, modules in sites.items()
+        if any(module == where or module.startswith(where + ".") or where == "<model>" for where in modules)
+    ]
 
 
 def _leave_alone(model: nn.Module, error: PruningError, left_alone: Mapping[str, str]) -> dict[str, str]:

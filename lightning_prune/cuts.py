@@ -25,7 +25,9 @@ class Cut:
 
     With ``groups`` > 1 the rows of the tensor (dim 0) split into blocks that each have indices of their own along
     ``dim`` (the inputs of a grouped convolution, the neurons of each expert in ``(experts, ...)`` tensors):
-    ``size`` and ``keep`` count the indices of all blocks, and every block keeps as many.
+    ``size`` and ``keep`` count the indices of all blocks, and every block keeps as many, or none: a
+    convolution group that keeps none is removed whole (with its output rows, cut by another ``Cut``), and
+    the layer has ``kept_groups`` groups afterwards.
     """
 
     tensor: str
@@ -33,6 +35,12 @@ class Cut:
     size: int
     keep: list[int]
     groups: int = 1
+
+    @property
+    def kept_groups(self) -> int:
+        if self.groups == 1:
+            return 1
+        return len({index // (self.size // self.groups) for index in self.keep})
 
     def to_dict(self) -> dict:
         keep = list(self.keep)
@@ -93,7 +101,7 @@ def _validate_cut(cut: Cut, shape: Sequence[int], where: str) -> None:
                 f"{where}: {cut.size} input channels of `{cut.tensor}` do not split into {cut.groups} groups."
             )
         per_group = torch.bincount(keep // (cut.size // cut.groups), minlength=cut.groups)
-        if per_group.unique().numel() != 1:
+        if per_group[per_group > 0].unique().numel() != 1:
             raise RecordError(f"{where}: grouped cut on `{cut.tensor}` keeps unequal channel counts per group.")
 
 
@@ -204,7 +212,7 @@ def check_steps(model: nn.Module, steps: Iterable[Step], where: str = "record") 
             seen.add((cut.tensor, cut.dim))
             _validate_cut(cut, shapes[cut.tensor], here)
         for cut in step.cuts:
-            shapes[cut.tensor][cut.dim] = len(cut.keep) // cut.groups
+            shapes[cut.tensor][cut.dim] = len(cut.keep) // cut.kept_groups
         for drop in step.drops:
             if stacks.get(drop.module) != drop.size:
                 raise RecordError(

@@ -7,6 +7,7 @@ GroupNorm, ``chunk``), and no producer layer is ever emptied.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -195,37 +196,104 @@ def select(
             count = allowed_count(group, math.floor(amount * group.width + 1e-9), round_to, max_fraction)
             removed[group.index] = lowest(group, values, count)
     elif scored:
-        # One global order (ties broken by group, then element), so that exactly the lowest `target` are
-        # candidates however many scores are equal; groups then round their share to their constraints.
-        normalized = torch.cat([normalize_scores(s, normalize) for _, s in scored])
-        owner = torch.cat([torch.full((g.width,), i) for i, (g, _) in enumerate(scored)])
-        order = torch.argsort(normalized, stable=True)
-        order = order[torch.isfinite(normalized[order])]
+        # One global order (ties broken by group, then element): the lowest `taken` are the candidates however
+        # many scores are equal, and each group removes only candidates, as many as its constraints allow.
+        normalized = [normalize_scores(s, normalize) for _, s in scored]
+        flat = torch.cat(normalized)
+        order = torch.argsort(flat, stable=True)
+        order = order[torch.isfinite(flat[order])]
         target = round(amount * sum(g.width for g, _ in scored))
+        offsets = [0, *itertools.accumulate(g.width for g, _ in scored)]
 
-        def counts(taken: int) -> list[int]:
-            shares = torch.bincount(owner[order[:taken]], minlength=len(scored)).tolist()
-            return [
-                allowed_count(g, share, round_to, max_fraction) for (g, _), share in zip(scored, shares, strict=True)
-            ]
+        def choose(taken: int) -> list[list[int]]:
+            candidate = torch.zeros(flat.numel(), dtype=torch.bool)
+            candidate[order[:taken]] = True
+            masks = [candidate[offsets[i] : offsets[i + 1]] for i in range(len(scored))]
+            chosen = [_candidates_within(g, v, m, options) for (g, v), m in zip(scored, masks, strict=True)]
+            _whole_convolution_groups(scored, normalized, masks, chosen, options)
+            return chosen
 
         low, high = 0, order.numel()
         while low < high:
             middle = (low + high) // 2
-            if sum(counts(middle)) >= target:
+            if sum(len(c) for c in choose(middle)) >= target:
                 high = middle
             else:
                 low = middle + 1
-        best = counts(low) if target > 0 else [0] * len(scored)
-        for (group, values), count in zip(scored, best, strict=True):
-            removed[group.index] = lowest(group, values, count)
+        chosen = choose(low) if target > 0 else [[] for _ in scored]
+        for (group, _), elements in zip(scored, chosen, strict=True):
+            removed[group.index] = elements
     by_index = groups_by_index(groups)
     values = {g.index: s for g, s in scored}
+    whole = {g.index for g, _ in scored if g.partner is not None and _whole_blocks(g, removed.get(g.index, []))}
     removed = {
-        index: _protect_spaces(by_index[index], _respect_floors(by_index[index], values[index], r))
+        index: r
+        if index in whole
+        else _protect_spaces(by_index[index], _respect_floors(by_index[index], values[index], r))
         for index, r in removed.items()
     }
     return Plan({index: r for index, r in removed.items() if r})
+
+
+def _whole_blocks(group: Group, elements: list[int]) -> bool:
+    """Whether ``elements`` are whole blocks of ``group`` (a grouped convolution's groups removed whole)."""
+    if not elements:
+        return False
+    gone = torch.zeros(group.width, dtype=torch.bool)
+    gone[elements] = True
+    blocks = int(group.blocks.max()) + 1
+    per_block = torch.zeros(blocks, dtype=torch.long).index_add_(0, group.blocks, gone.long())
+    size = torch.bincount(group.blocks, minlength=blocks)
+    return bool(((per_block == 0) | (per_block == size)).all()) and bool((per_block < size).any())
+
+
+def _candidates_within(group: Group, scores: Tensor, candidate: Tensor, options: SelectionOptions) -> list[int]:
+    """The lowest elements of ``group`` it may remove among ``candidate``: for a blocked group, as many from
+    every block as the block with the fewest candidates holds, so that no block loses an element that is not
+    one (the lowest of a block are its candidates: the global order ranks a group's elements by score)."""
+    share = int(candidate.sum())
+    if group.blocks is not None and share:
+        blocks = int(group.blocks.max()) + 1
+        share = blocks * int(torch.bincount(group.blocks[candidate], minlength=blocks).min())
+    return lowest(group, scores, allowed_count(group, share, options.round_to, options.max_fraction))
+
+
+def _whole_convolution_groups(
+    scored: Sequence[tuple[Group, Tensor]],
+    scores: Sequence[Tensor],
+    candidates: Sequence[Tensor],
+    chosen: list[list[int]],
+    options: SelectionOptions,
+) -> None:
+    """Where a grouped convolution's input and output groups are paired (``Group.partner``), remove whole
+    convolution groups, all of whose elements on both sides are candidates, if that removes more than an
+    equal count from every block of each side; the lowest-scored such groups go first."""
+    position = {g.index: i for i, (g, _) in enumerate(scored)}
+    for i, (group, _) in enumerate(scored):
+        if group.partner is None or position.get(group.partner[0].index, -1) <= i:
+            continue
+        partner, mapping = group.partner
+        j = position[partner.index]
+        blocks = int(group.blocks.max()) + 1
+        full = []
+        cost = torch.zeros(blocks, dtype=scores[i].dtype)
+        for g, index, to_mine in ((group, i, None), (partner, j, mapping)):
+            taken = torch.zeros(blocks, dtype=torch.long).index_add_(0, g.blocks, candidates[index].long())
+            whole = taken == torch.bincount(g.blocks, minlength=blocks)
+            block_cost = torch.zeros(blocks, dtype=scores[index].dtype).index_add_(0, g.blocks, scores[index])
+            full.append(whole if to_mine is None else whole[to_mine])
+            cost += block_cost if to_mine is None else block_cost[to_mine]
+        eligible = torch.nonzero(full[0] & full[1]).reshape(-1)
+        count = min(eligible.numel(), blocks - 2, math.floor(options.max_fraction * blocks + 1e-9))
+        if count < 1 or group.frozen_channels or partner.frozen_channels:
+            continue
+        if any((g.width - count * (g.width // blocks)) % options.round_to for g in (group, partner)):
+            continue
+        if count * (group.width + partner.width) // blocks <= len(chosen[i]) + len(chosen[j]):
+            continue
+        gone = eligible[torch.argsort(cost[eligible], stable=True)[:count]]
+        chosen[i] = torch.nonzero(torch.isin(group.blocks, gone)).reshape(-1).tolist()
+        chosen[j] = torch.nonzero(torch.isin(partner.blocks, mapping[gone])).reshape(-1).tolist()
 
 
 def groups_by_index(groups: Sequence[Group]) -> dict[int, Group]:

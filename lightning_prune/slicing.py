@@ -17,11 +17,22 @@ from lightning_prune.cuts import Cut
 
 def _group_index(cut: Cut, positions: Tensor, shape: Sequence[int]) -> Tensor:
     """``gather``/``scatter`` index along ``cut.dim`` of a tensor whose rows (dim 0) split into ``cut.groups``
-    blocks, each reading its own indices (``positions`` count the indices of all blocks): a grouped convolution's
-    inputs (dim 1), or the neurons of each expert in a stack of experts (dim 1 or 2 of ``(experts, ...)``)."""
+    blocks, each reading its own indices (``positions``, sorted, count the indices of all blocks): a grouped
+    convolution's inputs (dim 1), or the neurons of each expert in a stack of experts (dim 1 or 2 of
+    ``(experts, ...)``).
+
+    Blocks that hold none of ``positions`` (a convolution group removed whole, or losing nothing) read the same
+    entries as the first block that holds some: the same index gathers and scatters, so their rows round-trip
+    unchanged. Built on the CPU (``positions``' device) so that replaying on the meta device works.
+    """
     per_group = cut.size // cut.groups
-    local = (positions % per_group).view(cut.groups, -1)
-    rows = local[torch.arange(shape[0], device=positions.device) // (shape[0] // cut.groups)]
+    owner = positions // per_group
+    held = torch.bincount(owner, minlength=cut.groups)
+    width = int(held.max()) if positions.numel() else 0
+    local = (positions % per_group).view(-1, width) if width else positions.new_zeros(cut.groups, 0)
+    table = local[:1].expand(cut.groups, -1).clone() if width else local
+    table[held > 0] = local
+    rows = table[torch.arange(shape[0], device=positions.device) // (shape[0] // cut.groups)]
     view, target = [shape[0]] + [1] * (len(shape) - 1), list(shape)
     view[cut.dim], target[cut.dim] = -1, rows.shape[1]
     return rows.view(view).expand(target)
@@ -38,25 +49,26 @@ def index_rows(tensor: Tensor, dim: int, groups: int = 1) -> Tensor:
 
 def _take(tensor: Tensor, cut: Cut, positions: Tensor) -> Tensor:
     if cut.groups == 1:
-        return tensor.index_select(cut.dim, positions)
-    return tensor.gather(cut.dim, _group_index(cut, positions, tensor.shape))
+        return tensor.index_select(cut.dim, positions.to(tensor.device))
+    return tensor.gather(cut.dim, _group_index(cut, positions, tensor.shape).to(tensor.device))
 
 
 def _put(target: Tensor, cut: Cut, positions: Tensor, values: Tensor) -> None:
     if cut.groups == 1:
-        target.index_copy_(cut.dim, positions, values)
+        target.index_copy_(cut.dim, positions.to(target.device), values)
     else:
-        target.scatter_(cut.dim, _group_index(cut, positions, target.shape), values)
+        target.scatter_(cut.dim, _group_index(cut, positions, target.shape).to(target.device), values)
 
 
-def _kept_indices(cut: Cut, device: torch.device) -> Tensor:
-    return torch.tensor(cut.keep, dtype=torch.long, device=device)
+def _kept_indices(cut: Cut) -> Tensor:
+    """On the CPU (also for tensors on the meta device, whose grouped index depends on the values)."""
+    return torch.tensor(cut.keep, dtype=torch.long)
 
 
-def _removed_indices(cut: Cut, device: torch.device) -> Tensor:
+def _removed_indices(cut: Cut) -> Tensor:
     gone = torch.ones(cut.size, dtype=torch.bool)
     gone[cut.keep] = False
-    return torch.nonzero(gone).reshape(-1).to(device)
+    return torch.nonzero(gone).reshape(-1)
 
 
 def _in_order(cuts: Sequence[Cut]) -> list[Cut]:
@@ -71,8 +83,8 @@ def slice_tensor(tensor: Tensor, cuts: Sequence[Cut], removed: list[Tensor] | No
     """
     for cut in _in_order(cuts):
         if removed is not None:
-            removed.append(_take(tensor, cut, _removed_indices(cut, tensor.device)))
-        tensor = _take(tensor, cut, _kept_indices(cut, tensor.device))
+            removed.append(_take(tensor, cut, _removed_indices(cut)))
+        tensor = _take(tensor, cut, _kept_indices(cut))
     return tensor.contiguous()
 
 
@@ -82,7 +94,7 @@ def unslice_tensor(tensor: Tensor, cuts: Sequence[Cut], removed: Sequence[Tensor
         shape = list(tensor.shape)
         shape[cut.dim] += gone.shape[cut.dim]
         whole = tensor.new_empty(shape)
-        _put(whole, cut, _kept_indices(cut, tensor.device), tensor)
-        _put(whole, cut, _removed_indices(cut, tensor.device), gone)
+        _put(whole, cut, _kept_indices(cut), tensor)
+        _put(whole, cut, _removed_indices(cut), gone)
         tensor = whole
     return tensor

@@ -140,6 +140,11 @@ def apply_cuts(
                 tensor.grad = slice_tensor(grad, tensor_cuts, removed_grad)
             if undo is not None:
                 undo.tensors.append((tensor, tensor_cuts, removed, removed_grad))
+    owners = tensor_owners(model)
+    for cut in cuts:  # a grouped convolution that lost whole groups has fewer of them (its fixup reads this)
+        if cut.kept_groups < cut.groups:
+            for path in owners.get(cut.tensor, []):
+                model.get_submodule(path).groups = cut.kept_groups
     for module in modules.values():  # children before the layers that contain them
         fixup = fixup_for(module)
         replacement = fixup(module) if fixup is not None else None

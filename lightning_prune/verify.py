@@ -41,10 +41,12 @@ def verify_pruned(
     graph: DependencyGraph,
     cuts: Sequence[Cut],
     modes: Iterable[str] = ("train", "eval"),
+    fixed_splits: Iterable[str] = (),
 ) -> Trace:
     """Raise :class:`VerificationError` if ``model`` (already cut by ``cuts``) deviates from the plan.
 
-    Returns the trace of the pruned model (its ``macs`` were counted on the way).
+    Returns the trace of the pruned model (its ``macs`` were counted on the way). ``fixed_splits`` as the
+    dense model was traced with.
     """
     trace, root = graph.trace, graph.root
     by_key = {(cut.tensor, cut.dim): cut for cut in cuts}
@@ -53,9 +55,13 @@ def verify_pruned(
         cut = by_key.get(key)
         space_init[key] = ids[torch.tensor(cut.keep)] if cut else ids
     for name, ids in trace.raw.items():
+        if name in trace.computed_weights:  # a layer's weight: its entries are not elements of their own
+            continue
         tensor_cuts = [cut for cut in cuts if cut.tensor == name]
         space_init[name] = slice_tensor(ids, tensor_cuts) if tensor_cuts else ids
-    retrace = trace_model(model, example_inputs, modes, space_init, num_elements=trace.num_elements)
+    retrace = trace_model(
+        model, example_inputs, modes, space_init, num_elements=trace.num_elements, fixed_splits=fixed_splits
+    )
 
     for reason, module in retrace.freeze_sites:
         if (reason, module) not in trace.freeze_sites:

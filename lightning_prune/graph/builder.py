@@ -70,6 +70,10 @@ class Trace:
     requirements: list[Requirement]
     floors: list[tuple[Tensor, int]]
     macs: int | None = None
+    whole: dict[str, str] = field(default_factory=dict)  # layers a rule could not follow at all, and why
+    computed_weights: set[str] = field(default_factory=set)  # raw parameters that turned out layer weights
+    split_sites: dict[str, set[str]] = field(default_factory=dict)  # fixed-size splits assumed to follow: modules
+    convolution_groups: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # grouped convs: (inputs, outputs)
 
 
 class TraceBuilder:
@@ -80,6 +84,7 @@ class TraceBuilder:
         model: nn.Module,
         space_init: Mapping[str | tuple[str, int], Tensor] | None = None,
         num_elements: int = 1,
+        fixed_splits: Iterable[str] = (),
     ) -> None:
         self.names: dict[int, str] = {}
         self.tensors: dict[str, Tensor] = {}
@@ -108,6 +113,13 @@ class TraceBuilder:
         self.normalized: list[Tensor] = []
         self.requirements: list[Requirement] = []
         self.floors: list[tuple[Tensor, int]] = []  # (elements, how many of their classes must stay)
+        self.whole: dict[str, str] = {}  # module → why its layer could not be followed (it has no channel space)
+        self.computed_weights: set[str] = set()  # raw parameters a layer's weight is computed from, row by row
+        # Splits into parts of sizes the code holds (``x.split(self.width)``) are assumed to follow a pruned width
+        # (a fixup updates the size) and recorded by site; sites in ``fixed_splits`` keep their sizes.
+        self.split_sites: dict[str, set[str]] = {}
+        self.fixed_splits = frozenset(fixed_splits)
+        self.convolution_groups: list[tuple[Tensor, Tensor]] = []  # (inputs, outputs), each [groups, per group]
         self.space_init = dict(space_init or {})
 
     # --- where are we -------------------------------------------------------------------------
@@ -149,6 +161,14 @@ class TraceBuilder:
         if name not in self.raw:
             self.raw[name] = self._allocate(name, tensor.numel()).view(tensor.shape)
         return L.compress(self.raw[name])
+
+    def raw_owner(self, labels: Tensor) -> str | None:
+        """The parameter whose raw entries ``labels`` all are, if one is."""
+        low, high = int(labels.min()), int(labels.max())
+        for name, ids in self.raw.items():
+            if ids.numel() and int(ids.min()) <= low and high <= int(ids.max()):
+                return name
+        return None
 
     def expanded(self, tensor: Tensor) -> Tensor:
         return self.label(tensor).expand(tensor.shape).contiguous()
@@ -264,4 +284,8 @@ class TraceBuilder:
             self.normalized,
             self.requirements,
             self.floors,
+            whole=self.whole,
+            computed_weights=self.computed_weights,
+            split_sites=self.split_sites,
+            convolution_groups=self.convolution_groups,
         )

@@ -50,8 +50,10 @@ class Group:
 
     ``width`` elements; removing element ``i`` removes, in every member slot, the positions whose
     element is ``i``. ``blocks`` (if set) assigns elements to blocks that must lose the same number
-    of elements (grouped convolutions, GroupNorm, ``chunk``); ``floors`` are sets of elements of which
-    at least so many must stay (a depthwise conv keeps two groups, a grouped conv two inputs per
+    of elements (grouped convolutions, GroupNorm, ``chunk``); a group whose blocks are the input groups of a
+    grouped convolution has a ``partner``, the group of its outputs, with the partner's block of each of its
+    blocks: both can lose whole blocks together (the convolution then has fewer groups). ``floors`` are sets
+    of elements of which at least so many must stay (a depthwise conv keeps two groups, a grouped conv two inputs per
     group, so that neither turns into another kind of layer). ``normalized`` groups pass through a
     LayerNorm/GroupNorm, so removing channels changes the statistics of the others slightly.
     """
@@ -66,6 +68,7 @@ class Group:
     normalized: bool = False
     frozen_channels: int = 0
     notes: list[str] = field(default_factory=list)
+    partner: tuple[Group, Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def width(self) -> int:
@@ -152,6 +155,8 @@ def _raw_slots(trace: Trace, root: Tensor) -> tuple[list[Slot], Tensor]:
     """Slots of raw parameters (layer scales, tokens, position tables) and classes they cannot follow."""
     slots, uncovered = [], []
     for name, ids in trace.raw.items():
+        if name in trace.computed_weights:  # a layer's weight after all: it has slots of its own
+            continue
         classes = root[ids]
         covered = torch.zeros_like(classes, dtype=torch.bool)
         for dim in range(classes.ndim):
@@ -225,6 +230,7 @@ def group_trace(model: nn.Module, trace: Trace, ignored: Mapping[str, str] | Non
             groups[g].members.append(Member(slot, positions, local_of[slot.classes[positions]]))
 
     _apply_partitions(trace, root, groups, group_of, local_of)
+    _link_convolution_groups(trace, root, groups, group_of, local_of)
     for elements, minimum in trace.floors:
         classes = torch.unique(root[elements])
         owner = torch.unique(group_of[classes])
@@ -241,7 +247,7 @@ def group_trace(model: nn.Module, trace: Trace, ignored: Mapping[str, str] | Non
         group.index = new_index
         producers = [m.slot.modules[0] if m.slot.modules else m.slot.tensor for m in group.members_with_role("out")]
         group.name = producers[0] if producers else group.spaces[0][0]
-    unprunable = _unprunable(root, spaces, frozen, owners, reasons)
+    unprunable = {**trace.whole, **_unprunable(root, spaces, frozen, owners, reasons)}
     return DependencyGraph(groups, slots, trace.num_elements, unprunable, trace, root)
 
 
@@ -281,6 +287,41 @@ def _apply_partitions(trace: Trace, root: Tensor, groups: list[Group], group_of:
                 group.blocks = block_of
             elif not _same_partition(group.blocks, block_of):
                 _freeze_group(group, f"conflicting block constraints ({reason})")
+
+
+def _link_convolution_groups(
+    trace: Trace, root: Tensor, groups: list[Group], group_of: Tensor, local_of: Tensor
+) -> None:
+    """Pair the group of a grouped convolution's inputs with the group of its outputs, block by block.
+
+    Only where each side is one group whose blocks are exactly the convolution's groups, and neither side is
+    paired with anything else: removing block ``g`` of both then removes the convolution's group ``g`` whole.
+    """
+    pairs: dict[int, tuple[Group, Tensor] | None] = {}
+    for inputs, outputs in trace.convolution_groups:
+        sides = []
+        for ids in (inputs, outputs):
+            classes = root[ids]
+            owner = torch.unique(group_of[classes])
+            group = groups[int(owner[0])] if owner.numel() == 1 and int(owner[0]) >= 0 else None
+            if group is None or group.blocks is None or int(group.blocks.max()) + 1 != classes.shape[0]:
+                break
+            block = group.blocks[local_of[classes]]
+            if not bool((block == block[:, :1]).all()) or torch.unique(block[:, 0]).numel() != classes.shape[0]:
+                break
+            sides.append((group, block[:, 0]))
+        if len(sides) != 2 or sides[0][0] is sides[1][0]:
+            continue
+        (a, blocks_a), (b, blocks_b) = sides
+        for group, partner, mine, theirs in ((a, b, blocks_a, blocks_b), (b, a, blocks_b, blocks_a)):
+            mapping = torch.empty_like(mine)
+            mapping[mine] = theirs
+            known = pairs.get(group.index, (partner, mapping))
+            same = known is not None and known[0] is partner and torch.equal(known[1], mapping)
+            pairs[group.index] = (partner, mapping) if same else None
+    for index, pair in pairs.items():
+        if pair is not None and pairs.get(pair[0].index) is not None:
+            groups[index].partner = pair
 
 
 def _same_partition(a: Tensor, b: Tensor) -> bool:

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_prune.errors import TraceError
 from lightning_prune.graph.builder import Trace, TraceBuilder
 from lightning_prune.graph.module_rules import module_rule
 from lightning_prune.graph.rules import apply_rule
+from lightning_prune.measure import MacCounter
 from lightning_prune.running import ExampleInputs, preserved_state, run_model
 
 
@@ -98,6 +98,7 @@ def trace_model(
     modes: Iterable[str] = ("train", "eval"),
     space_init: Mapping[str | tuple[str, int], Tensor] | None = None,
     num_elements: int = 1,
+    fixed_splits: Iterable[str] = (),
 ) -> Trace:
     """Run ``model`` on ``example_inputs`` once per mode and return what flowed where.
 
@@ -105,13 +106,14 @@ def trace_model(
 
     ``space_init`` gives fixed element ids to spaces (``(tensor, dim)``) and raw tensors (``name``);
     verification uses it to label a pruned model with the ids of the original elements it kept.
+    ``fixed_splits`` are split sites (``Trace.split_sites``) whose parts keep their sizes.
     """
-    builder = TraceBuilder(model, space_init, num_elements)
+    builder = TraceBuilder(model, space_init, num_elements, fixed_splits)
     macs = None
     for mode in modes:
         if mode not in ("train", "eval"):
             raise TraceError(f"`modes` entries must be 'train' or 'eval', got {mode!r}.")
-        counter = FlopCounterMode(display=False) if mode == "eval" else contextlib.nullcontext()
+        counter = MacCounter() if mode == "eval" else contextlib.nullcontext()
         with preserved_state(model), torch.no_grad(), _module_stack(builder):
             model.train(mode == "train")
             try:
@@ -132,8 +134,9 @@ def trace_model(
                     module=where,
                 ) from error
         _freeze_outputs(builder, output)
-        if isinstance(counter, FlopCounterMode):
-            macs = counter.get_total_flops() // 2
+        if isinstance(counter, MacCounter):
+            counter.warn_uncounted()
+            macs = counter.macs
     trace = builder.trace()
     trace.macs = macs
     return trace

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,7 +35,9 @@ def _replay(b: TraceBuilder, call: Call, data: list[Tensor]) -> list[Tensor] | N
     return produced if len(produced) == len(call.outputs) else None
 
 
-def _moved(b: TraceBuilder, call: Call, data: list[Tensor], selected: Iterable[int] = ()) -> None:
+def _moved(
+    b: TraceBuilder, call: Call, data: list[Tensor], selected: Iterable[int] = (), reason: str | None = None
+) -> None:
     """Set output labels by replaying the op on labels, and record what a smaller model must still satisfy.
 
     Selecting part of dimension ``selected`` (slicing, ``select``, indexing) stays valid only if whole
@@ -48,7 +52,7 @@ def _moved(b: TraceBuilder, call: Call, data: list[Tensor], selected: Iterable[i
     before = max(len(L.varying_dims(b.label(t))) for t in data)
     selected = list(selected)
     for tensor in data:
-        b.require(b.label(tensor), selected, f"`{call.name}` selects part of a channel dimension")
+        b.require(b.label(tensor), selected, reason or f"`{call.name}` selects part of a channel dimension")
     for output, labels in zip(call.outputs, replayed, strict=True):
         labels = L.compress(labels)
         if len(L.varying_dims(labels)) > before:
@@ -194,8 +198,33 @@ def join(b: TraceBuilder, call: Call) -> None:
     b.set(out, torch.cat(pieces, dim=dim))
 
 
+def source_line() -> str:
+    """``path:line`` of the innermost frame outside torch and this package: the model's own code."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not any(path.startswith(root) for root in _LIBRARIES):
+            return f"{path}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # lightning_prune/
+_LIBRARIES = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep, _PACKAGE + os.sep)
+
+
+def _fixed_sizes(call: Call) -> bool:
+    """Whether the parts' sizes are given (``split(32)``, ``split([16, 48])``) rather than their number."""
+    if call.name in ("split", "split_with_sizes"):
+        return True
+    return call.name == "tensor_split" and not isinstance(call.arg(1, "indices_or_sections"), int)
+
+
 @rule("split", "chunk", "tensor_split", "unbind", "split_with_sizes", "hsplit", "vsplit")
 def partition(b: TraceBuilder, call: Call) -> None:
+    """Splits along a channel dimension: equal parts must lose equally many channels (``chunk``); parts of
+    sizes the code holds are assumed to follow a pruned width and their site is recorded, so that a pruned
+    model that deviates there can be traced again with that site keeping its sizes (``fixed_splits``)."""
     source = call.args[0]
     default = {"unbind": 0, "hsplit": 1 if source.ndim > 1 else 0, "vsplit": 0}.get(call.name, 0)
     dim = call.arg(1 if call.name == "unbind" else 2, "dim", default) % source.ndim
@@ -204,16 +233,25 @@ def partition(b: TraceBuilder, call: Call) -> None:
     if dim not in L.varying_dims(b.label(source)):
         _moved(b, call, [source])
         return
-    if call.name == "unbind":
+    if call.name == "unbind" or len(call.outputs) < 2:
         _moved(b, call, [source], selected=[dim])
         return
     sizes = {output.shape[dim] for output in call.outputs}
-    if len(sizes) != 1 or len(call.outputs) < 2:
+    if _fixed_sizes(call):
+        site = source_line()
+        if site in b.fixed_splits:
+            shown = "/".join(site.rsplit("/", 3)[-3:])
+            why = f"`{call.name}` into parts of fixed sizes ({shown}), which do not follow a pruned width"
+            _moved(b, call, [source], selected=[dim], reason=why)
+            return
+        b.split_sites.setdefault(site, set()).add(b.where)
+    elif len(sizes) != 1:
         _moved(b, call, [source], selected=[dim])
         return
     _moved(b, call, [source])
-    # Every position of every piece, not one label per index of `dim`: after a view into heads the pieces'
-    # labels vary along the head dimension too, and unifying them would merge all heads into one class.
-    labels = torch.broadcast_tensors(*(b.label(output) for output in call.outputs))
-    blocks = [piece.reshape(-1) for piece in labels]
-    b.partitions.append((blocks, f"`{call.name}` in `{b.where}`"))
+    if len(sizes) == 1:
+        # Every position of every piece, not one label per index of `dim`: after a view into heads the pieces'
+        # labels vary along the head dimension too, and unifying them would merge all heads into one class.
+        labels = torch.broadcast_tensors(*(b.label(output) for output in call.outputs))
+        blocks = [piece.reshape(-1) for piece in labels]
+        b.partitions.append((blocks, f"`{call.name}` in `{b.where}`"))
