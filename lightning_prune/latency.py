@@ -276,8 +276,8 @@ def plan_for_latency(
     widths = cost.dense_widths()
     dense = cost.seconds(widths)
     goal, current = keep * dense, dense
-    scored = {g.index: (g, normalize_scores(s, selection.normalize)) for g, s in zip(graph.groups, scores, strict=True)}
-    scored = {index: pair for index, pair in scored.items() if pair[1] is not None}
+    pairs = zip(graph.groups, scores, strict=True)
+    scored = {g.index: (g, normalize_scores(s, selection.normalize)) for g, s in pairs if s is not None}
     effects = {index: cost.effects(group) for index, (group, _) in scored.items()}
     sharing: dict[str, set[int]] = {}
     for index, found in effects.items():
@@ -290,7 +290,7 @@ def plan_for_latency(
         step = max(1, math.ceil(group.width / STEPS))
         count = next(
             (c for c in range(len(removed[index]) + step, group.width + 1)
-             if _allowed(group, c, selection) == c),
+             if allowed_count(group, c, selection.round_to, selection.max_fraction) == c),
             None,
         )  # fmt: skip
         if count is None:
@@ -299,8 +299,7 @@ def plan_for_latency(
         loss = float(values[elements].sum() - values[removed[index]].sum())
         if not math.isfinite(loss):
             return None
-        new = torch.tensor(elements, dtype=torch.long)
-        old = torch.tensor(removed[index], dtype=torch.long)
+        new, old = torch.tensor(elements, dtype=torch.long), torch.tensor(removed[index], dtype=torch.long)
         after = {name: list(widths[name]) for name, *_ in effects[index]}
         for name, side, owners, factor in effects[index]:
             after[name][side] -= factor * int(torch.isin(owners, new).sum() - torch.isin(owners, old).sum())
@@ -324,10 +323,6 @@ def plan_for_latency(
         touched = {other for name in after for other in sharing[name]}
         candidates.update({other: candidate(other) for other in touched})
     return _final_plan(scored, removed, selection)
-
-
-def _allowed(group: Any, count: int, selection: SelectionOptions) -> int:
-    return allowed_count(group, count, selection.round_to, selection.max_fraction)
 
 
 def _final_plan(
@@ -401,9 +396,10 @@ def search_latency(
     """Find the estimated fraction ``keep`` whose pruned model measures at most ``goal`` of the dense time.
 
     ``attempt(keep)`` prunes a copy to ``keep`` of the estimated time; ``measure(trial)`` times it against the
-    dense model (pruned / dense seconds). The first try asks for ``goal``; each next one scales ``keep`` by
-    goal / measured (bounded by the best tries on either side) until a trial measures within ``tolerance``
-    (a fraction of ``goal``) at or below the goal, or after ``rounds`` tries.
+    dense model (pruned / dense seconds). The first try asks for ``goal``; the next ones aim a little below it
+    (half the ``tolerance``), by the secant through the last two tries (after one, assuming time in proportion
+    to ``keep``), kept between the best try on either side of the goal, until a trial measures within
+    ``tolerance`` (a fraction of ``goal``) at or below the goal, or after ``rounds`` tries.
 
     Returns:
         The trial that met the goal with the largest ``keep``, its measured ratio, and every (keep, ratio) tried.
@@ -411,9 +407,10 @@ def search_latency(
     Raises:
         PruningError: if no trial measured at or below ``goal``.
     """
+    aim = goal * (1 - tolerance / 2)
     keep, history = goal, []
     best: tuple[float, Trial, float] | None = None
-    too_slow: float | None = None
+    slow: float | None = None  # the smallest keep measured above the goal
     for _ in range(rounds):
         trial = attempt(keep)
         ratio = measure(trial)
@@ -423,12 +420,12 @@ def search_latency(
                 best = (keep, trial, ratio)
             if ratio >= goal * (1 - tolerance):
                 break
-            following = keep * goal / ratio
-            following = min(following, (keep + too_slow) / 2) if too_slow is not None else min(following, 1.0)
         else:
-            too_slow = keep if too_slow is None else min(too_slow, keep)
-            following = keep * goal / ratio
-            following = max(following, (best[0] + keep) / 2) if best is not None else following
+            slow = keep if slow is None else min(slow, keep)
+        following = _next_keep(history, aim)
+        low, high = (best[0] if best else 0.0), (slow if slow is not None else 1.0)
+        if not low < following < high:
+            following = (low + high) / 2
         if abs(following - keep) < 1e-3:
             break
         keep = following
@@ -441,3 +438,13 @@ def search_latency(
             "lower `amount`'s demands or retry on a quieter machine."
         )
     return best[1], best[2], history
+
+
+def _next_keep(history: Sequence[tuple[float, float]], aim: float) -> float:
+    """The keep whose ratio the last two tries' secant puts at ``aim`` (after one try: in proportion)."""
+    keep, ratio = history[-1]
+    if len(history) > 1:
+        before, ratio_before = history[-2]
+        if ratio != ratio_before and keep != before:
+            return keep + (aim - ratio) * (keep - before) / (ratio - ratio_before)
+    return keep * aim / ratio if ratio > 0 else keep
