@@ -26,6 +26,7 @@ from lightning_prune.selection import Plan, SelectionOptions, select
 from lightning_prune.statistics import collect_statistics
 from lightning_prune.surgery import apply_cuts
 from lightning_prune.verify import verify_pruned
+from lightning_prune.widths import default_round_to
 
 MAX_ATTEMPTS = 6
 
@@ -161,7 +162,7 @@ def prune(
     target: str = "channels",
     dense: DenseSize | None = None,
     scope: str = "global",
-    round_to: int = 1,
+    round_to: int | str = 1,
     max_fraction: float = 0.9,
     normalize: str = "mean",
     ignore: Iterable[str] = (),
@@ -195,7 +196,9 @@ def prune(
             the dense model until one measures at the goal: :mod:`lightning_prune.latency`).
         dense: the ``result.dense`` of an earlier call on this model: ``amount`` is then cumulative and
             relative to the model as it was before its first pruning step.
-        scope, round_to, max_fraction, normalize: how elements are selected (see :class:`SelectionOptions`).
+        scope, round_to, max_fraction, normalize: how elements are selected (see :class:`SelectionOptions`);
+            ``round_to="auto"``: the multiple this device's kernels reward, timed once and cached
+            (:func:`lightning_prune.widths.default_round_to`).
         ignore: module names or glob patterns whose parameters keep their shapes.
         aggregate: how a group's producers' scores combine (``"sum"``, ``"mean"``, ``"max"``).
         seed: seed of the ``"random"`` criterion.
@@ -222,6 +225,9 @@ def prune(
         UserWarning: ``amount=0``, which prunes nothing.
     """
     budget = Budget(amount, target)
+    if round_to == "auto":
+        parameter = next(model.parameters(), None)
+        round_to = default_round_to(parameter.device if parameter is not None else "cpu")
     selection = SelectionOptions(scope, round_to, max_fraction, normalize)
     if target == "channels" and amount > max_fraction:
         raise PruningError(
