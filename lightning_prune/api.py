@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from lightning_prune.errors import PruningError, VerificationError
 from lightning_prune.graph.groups import DependencyGraph, group_trace, match_modules
 from lightning_prune.graph.tracer import trace_model
 from lightning_prune.importance import Criterion, ScoringContext, get_criterion, needs_gradients, score
+from lightning_prune.latency import LatencyModel, LatencyOutcome, LatencySettings, plan_for_latency, search_latency
 from lightning_prune.measure import count_macs, count_params
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import new_record
@@ -24,6 +26,7 @@ from lightning_prune.selection import Plan, SelectionOptions, select
 from lightning_prune.statistics import collect_statistics
 from lightning_prune.surgery import apply_cuts
 from lightning_prune.verify import verify_pruned
+from lightning_prune.widths import default_round_to
 
 MAX_ATTEMPTS = 6
 
@@ -55,6 +58,7 @@ class PruningResult:
     channels_removed: int
     dense: DenseSize
     graph: DependencyGraph = field(repr=False)
+    latency: LatencyOutcome | None = None
 
     @property
     def params_ratio(self) -> float:
@@ -112,20 +116,27 @@ class _Planner:
     calibration: tuple[Iterable[Any] | None, Callable[[nn.Module, Any], torch.Tensor] | None]
     params_before: int = 0
     macs_before: int | None = None
+    cost: LatencyModel | None = None  # with target="latency": the table of the model's layers
+    keep: float = 1.0  # ... and the fraction of their estimated time to keep
+    fixed: Plan | None = None  # a plan chosen on a copy, to apply as it is
 
     def __call__(self, graph: DependencyGraph) -> Plan:
         if self.macs_before is None:
             self.macs_before = (
                 graph.trace.macs if graph.trace.macs is not None else count_macs(self.model, self.example_inputs)
             )
+        if self.fixed is not None:
+            return self.fixed
         if needs_gradients(self.criterion) and self.statistics is None:
             collect = getattr(self.criterion, "collect", collect_statistics)
             self.statistics = collect(self.model, graph, *self.calibration)
         scores = score(graph.groups, ScoringContext(self.model, self.statistics or {}), self.criterion)
         current = self.params_before if self.budget.target == "params" else self.macs_before
-        fraction = self.budget.fraction_now(self.dense, current)
+        fraction = self.budget.amount if self.cost else self.budget.fraction_now(self.dense, current)
         if fraction > 0 and graph.groups and all(s is None for s in scores):
             raise _nothing_scored(self.model, self.importance, self.budget.amount, len(graph.groups))
+        if self.cost is not None:
+            return plan_for_latency(graph, scores, self.cost, self.keep, self.selection)
         if self.budget.target == "channels" or fraction == 0:
             return select(graph.groups, scores, fraction, self.selection)
         goal = int((1 - fraction) * current)
@@ -151,7 +162,7 @@ def prune(
     target: str = "channels",
     dense: DenseSize | None = None,
     scope: str = "global",
-    round_to: int = 1,
+    round_to: int | str = 1,
     max_fraction: float = 0.9,
     normalize: str = "mean",
     ignore: Iterable[str] = (),
@@ -163,6 +174,7 @@ def prune(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     verify: bool = True,
     modes: Iterable[str] | None = None,
+    latency: LatencySettings | None = None,
 ) -> PruningResult:
     """Remove the least important structures of ``model`` in place, leaving a smaller dense model.
 
@@ -172,13 +184,21 @@ def prune(
             trace the model (a batch of 2 or more if the model has BatchNorm).
         amount: with ``target="channels"``, the fraction of prunable channels to remove; with
             ``target="macs"`` or ``"params"``, the fraction of the model's MACs or parameters to remove
-            (``amount=0.5`` with ``target="macs"`` prunes until MACs ≤ 50% of what they were).
+            (``amount=0.5`` with ``target="macs"`` prunes until MACs ≤ 50% of what they were); with
+            ``target="latency"``, the fraction of the dense model's measured seconds per forward to remove
+            (``amount=0.3``: until a forward on ``example_inputs`` takes at most 70% of the time, on the device
+            and thread count the model runs on now).
         importance: a criterion name (``"l1"``, ``"l2"``, ``"bn_scale"``, ``"taylor"``, ``"fisher"``,
             ``"fpgm"``, ``"random"``) or a callable ``criterion(group, context) -> scores``.
-        target: what ``amount`` is a fraction of: ``"channels"``, ``"macs"`` or ``"params"``.
+        target: what ``amount`` is a fraction of: ``"channels"``, ``"macs"``, ``"params"`` or ``"latency"``
+            (convolutions and linear layers timed alone at several widths, cached per device and shape; a greedy
+            knapsack removes what costs least importance per second saved; pruned copies are then timed against
+            the dense model until one measures at the goal: :mod:`lightning_prune.latency`).
         dense: the ``result.dense`` of an earlier call on this model: ``amount`` is then cumulative and
             relative to the model as it was before its first pruning step.
-        scope, round_to, max_fraction, normalize: how elements are selected (see :class:`SelectionOptions`).
+        scope, round_to, max_fraction, normalize: how elements are selected (see :class:`SelectionOptions`);
+            ``round_to="auto"``: the multiple this device's kernels reward, timed once and cached
+            (:func:`lightning_prune.widths.default_round_to`).
         ignore: module names or glob patterns whose parameters keep their shapes.
         aggregate: how a group's producers' scores combine (``"sum"``, ``"mean"``, ``"max"``).
         seed: seed of the ``"random"`` criterion.
@@ -190,18 +210,24 @@ def prune(
         verify: re-trace the pruned model and roll back if it deviates from the plan.
         modes: modes to trace (and verify) in. None: both where some module's forward can branch on
             ``training`` (auxiliary heads, stochastic depth), else eval only (see ``running.tracing_modes``).
+        latency: how ``target="latency"`` times (:class:`~lightning_prune.latency.LatencySettings`).
 
     Returns:
-        A :class:`PruningResult` with the plain-data ``record`` and params/MACs before and after.
+        A :class:`PruningResult` with the plain-data ``record`` and params/MACs before and after (and, for
+        ``target="latency"``, ``latency``: the goal, the timing of dense against pruned, every try).
 
     Raises:
-        PruningError: bad arguments (before anything runs), untraceable model or inputs, or ``amount > 0``
-            with a criterion that scores no group; the model is left unchanged.
+        PruningError: bad arguments (before anything runs), untraceable model or inputs, ``amount > 0``
+            with a criterion that scores no group, or a latency goal no pruned copy reached (with every try in
+            the message); the model is left unchanged.
 
     Warns:
         UserWarning: ``amount=0``, which prunes nothing.
     """
     budget = Budget(amount, target)
+    if round_to == "auto":
+        parameter = next(model.parameters(), None)
+        round_to = default_round_to(parameter.device if parameter is not None else "cpu")
     selection = SelectionOptions(scope, round_to, max_fraction, normalize)
     if target == "channels" and amount > max_fraction:
         raise PruningError(
@@ -218,6 +244,11 @@ def prune(
             f"`importance={importance!r}` is a gradient criterion and needs {missing}: pass `batches` (an iterable "
             "of batches) and `loss_fn(model, batch) -> scalar loss`, or precomputed `statistics`."
         )
+    if target == "latency" and amount == 0:
+        raise PruningError(
+            "`amount=0` with `target='latency'` asks for no speed-up; pass the fraction of the dense model's "
+            "latency to remove, in (0, 1): `amount=0.3` prunes until a forward takes at most 70% of the time."
+        )
     if amount == 0:
         warnings.warn("`amount=0`: nothing will be pruned. Pass a fraction in (0, 1).", UserWarning, stacklevel=2)
     ignored = dict.fromkeys(match_modules(model, ignore), "which is listed in `ignore`")
@@ -233,15 +264,30 @@ def prune(
         (batches, loss_fn),
         count_params(model),
     )
+    modes = tracing_modes(model) if modes is None else tuple(modes)
+    if target == "latency":
+        return _prune_to_latency(planner, ignored, list(optimizers), verify, modes, latency or LatencySettings())
+    return _run(model, planner, ignored, list(optimizers), verify, modes)[0]
+
+
+def _run(
+    model: nn.Module,
+    planner: _Planner,
+    ignored: dict[str, str],
+    optimizers: list[torch.optim.Optimizer],
+    verify: bool,
+    modes: tuple[str, ...],
+) -> tuple[PruningResult, Plan, dict[str, str]]:
+    """Prune ``model`` as ``planner`` chooses: the result, the plan that held and the modules left whole."""
+    example_inputs = planner.example_inputs
     graph, plan, cuts, macs_after, left_alone = _cut_until_verified(
-        model, example_inputs, planner, ignored, list(optimizers), verify,
-        tracing_modes(model) if modes is None else tuple(modes),
-    )  # fmt: skip
+        model, example_inputs, planner, ignored, optimizers, verify, modes
+    )
     macs_before = planner.macs_before
     if not cuts:
         macs_after = macs_before
     channels = sum(g.width for g in graph.groups)
-    return PruningResult(
+    result = PruningResult(
         new_record([cuts]),
         planner.params_before,
         count_params(model),
@@ -251,9 +297,56 @@ def prune(
         {**graph.unprunable, **left_alone},
         channels,
         plan.count,
-        (dense or DenseSize(planner.params_before, macs_before, channels)).after(plan.count),
+        (planner.dense or DenseSize(planner.params_before, macs_before, channels)).after(plan.count),
         graph,
     )
+    return result, plan, left_alone
+
+
+def _prune_to_latency(
+    planner: _Planner,
+    ignored: dict[str, str],
+    optimizers: list[torch.optim.Optimizer],
+    verify: bool,
+    modes: tuple[str, ...],
+    settings: LatencySettings,
+) -> PruningResult:
+    """Prune copies to estimated goals until one measures at the asked latency, then cut the model as it was cut."""
+    model, example_inputs, dense = planner.model, planner.example_inputs, planner.dense
+    try:
+        cost = LatencyModel.of(model, example_inputs, time=settings.time_layer, cache=settings.cache)
+    except Exception as error:
+        raise PruningError(
+            f"`example_inputs` do not run through {type(model).__name__} ({type(error).__name__}: {error}); nothing "
+            "was pruned. Pass what its forward accepts: a tensor, a tuple of positional inputs or a dict of keywords."
+        ) from error
+    if not cost.specs:
+        raise PruningError(
+            f"`target='latency'` times convolutions (nn.Conv2d) and linear layers (nn.Linear), and "
+            f"{type(model).__name__} runs none on these inputs: use `target='macs'`."
+        )
+    reference = copy.deepcopy(model)
+    goal = 1.0 - planner.budget.amount
+    if dense is not None and dense.latency is not None:
+        now = settings.timing(reference, reference, example_inputs).dense.median
+        goal = 1.0 - planner.budget.fraction_now(dense, now)
+
+    def attempt(keep: float) -> list[Any]:
+        trial = copy.deepcopy(model)
+        chooser = replace(planner, model=trial, cost=cost, keep=keep)
+        return [trial, *_run(trial, chooser, ignored, [], verify, modes)]
+
+    def measure(tried: list[Any]) -> float:
+        tried.append(settings.timing(reference, tried[0], example_inputs))
+        return 1.0 / tried[-1].ratio
+
+    best, _, tries = search_latency(attempt, measure, goal, tolerance=settings.tolerance, rounds=settings.rounds)
+    _, _, plan, left_alone, timing = best
+    result = _run(model, replace(planner, fixed=plan), {**ignored, **left_alone}, optimizers, verify, modes)[0]
+    seconds = dense.latency if dense is not None and dense.latency is not None else timing.dense.median
+    result.dense = replace(result.dense, latency=seconds)
+    result.latency = LatencyOutcome(goal, timing, tries)
+    return result
 
 
 def _cut_until_verified(

@@ -22,7 +22,7 @@ from lightning_prune.running import ExampleInputs, meta_clone, to_device
 from lightning_prune.selection import Plan, SelectionOptions, check_amount, select
 from lightning_prune.surgery import apply_cuts
 
-TARGETS = ("channels", "macs", "params")
+TARGETS = ("channels", "macs", "params", "latency")
 MOST = 0.999  # the largest fraction of the current model one step asks for
 
 
@@ -31,19 +31,21 @@ class DenseSize:
     """The size of a model before its first pruning step, and how many of its prunable units left it since.
 
     ``units`` are prunable channels (or, for depth pruning, blocks of the block stack); ``removed`` counts
-    those gone in all steps so far. Plain data: it lives in callback state and checkpoints.
+    those gone in all steps so far; ``latency`` is the dense model's measured seconds per forward where a
+    ``target="latency"`` step timed it. Plain data: it lives in callback state and checkpoints.
     """
 
     params: int
     macs: int
     units: int
     removed: int = 0
+    latency: float | None = None
 
     def after(self, removed: int) -> DenseSize:
         """This size with ``removed`` more units gone."""
         return replace(self, removed=self.removed + removed)
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
@@ -52,7 +54,14 @@ class DenseSize:
         units = data.get("units", data.get("channels", data.get("blocks")))
         if units is None or "params" not in data or "macs" not in data:
             raise PruningError(f"a dense size needs `params`, `macs` and `units`; got {dict(data)}.")
-        return cls(int(data["params"]), int(data["macs"]), int(units), int(data.get("removed", removed)))
+        seconds = data.get("latency")
+        return cls(
+            int(data["params"]),
+            int(data["macs"]),
+            int(units),
+            int(data.get("removed", removed)),
+            None if seconds is None else float(seconds),
+        )
 
 
 @dataclass(frozen=True)
@@ -67,20 +76,21 @@ class Budget:
         if self.target not in TARGETS:
             raise PruningError(f"`target` must be one of {', '.join(TARGETS)}; got {self.target!r}.")
 
-    def fraction_now(self, dense: DenseSize | None, current: int) -> float:
+    def fraction_now(self, dense: DenseSize | None, current: float) -> float:
         """The fraction of the current model's ``target`` to remove in this step.
 
         ``current`` is the current model's parameters or MACs (unused for channels, whose progress
-        ``dense.removed`` counts). Without ``dense`` the current model is the dense one.
+        ``dense.removed`` counts), or its measured seconds for latency. Without ``dense`` (or, for latency,
+        without its ``latency``) the current model is the dense one.
         """
-        if dense is None:
+        if dense is None or (self.target == "latency" and dense.latency is None):
             return self.amount
         if self.target == "channels":
             left = dense.units - dense.removed
             fraction = (self.amount * dense.units - dense.removed) / max(left, 1)
         else:
-            reference = dense.params if self.target == "params" else dense.macs
-            fraction = 1.0 - (1.0 - self.amount) * reference / max(current, 1)
+            reference = {"params": dense.params, "macs": dense.macs, "latency": dense.latency}[self.target]
+            fraction = 1.0 - (1.0 - self.amount) * reference / current if current > 0 else 0.0
         return min(max(0.0, fraction), MOST)
 
 

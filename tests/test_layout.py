@@ -53,7 +53,7 @@ LAYERS = [
     ["planning", "fixups"],
     ["surgery"],
     ["record", "verify"],
-    ["budget"],
+    ["budget", "latency", "widths"],
     ["api", "depth", "saving", "export"],
     ["methods"],
     ["integrations"],

@@ -94,7 +94,8 @@ class StructuredPruning(Callback):
             ``{epoch: cumulative_amount}``. Epochs are Lightning's 0-based ``current_epoch``.
         start_epoch, end_epoch, every: see ``schedule``.
         scope, ignore, round_to, max_fraction, normalize, aggregate, seed: as in :func:`lightning_prune.prune`.
-        target: ``"channels"``, ``"macs"`` or ``"params"``: what ``amount`` is a fraction of.
+        target: ``"channels"``, ``"macs"``, ``"params"`` or ``"latency"`` (seconds per forward on the device the
+            model trains on, timed at the batch the step sees): what ``amount`` is a fraction of.
         when: ``"train_epoch_end"``, ``"validation_end"`` (after that epoch's validation) or
             ``"train_epoch_start"``: before the epoch trains, so that ``start_epoch=0`` prunes at the start of
             fit (one-shot pruning of a trained model, then recovery: LLM-Pruner, FLAP, Wanda-sp); statistics

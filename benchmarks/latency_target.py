@@ -1,0 +1,87 @@
+"""``target="latency"`` on this machine: asked vs measured latency, and what ``target="macs"`` keeps at the same time.
+
+    OMP_NUM_THREADS=1 python benchmarks/latency_target.py --threads 1                 # ResNet-50, 0.5 and 0.7
+    OMP_NUM_THREADS=1 python benchmarks/latency_target.py --threads 1 --models resnet50 mobilenet_v3_large
+
+For each model and asked latency ratio (pruned / dense seconds per forward, batch ``--batch``): prune with
+``target="latency"`` (L1) and report the ratio its accepted copy measured, the tries of the search, and a fresh
+re-measurement of dense against pruned (median and interquartile range of each, ``compare_latency``); then
+search the ``target="macs"`` amount whose pruned model measures the same ratio (the same search loop, timing
+each copy the same way) and compare the parameters and MACs each keeps. All timings share the machine with
+whatever else runs: the spread printed is the honest error bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+import torchvision
+
+import lightning_prune as lp
+from lightning_prune.latency import search_latency
+from lightning_prune.measure import compare_latency
+
+
+def fresh(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def spread(timing: lp.measure.LatencyComparison) -> str:
+    d, p = timing.dense, timing.pruned
+    return (
+        f"dense {d.median * 1e3:.1f} ms [{d.low * 1e3:.1f}, {d.high * 1e3:.1f}], pruned {p.median * 1e3:.1f} ms "
+        f"[{p.low * 1e3:.1f}, {p.high * 1e3:.1f}], ratio {1 / timing.ratio:.3f}"
+        + ("" if timing.resolved else " (not resolved: ranges overlap)")
+    )
+
+
+def run(name: str, asked: float, x: torch.Tensor) -> None:
+    dense = fresh(name)
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    result = lp.prune(model, x, round(1 - asked, 6), target="latency")
+    seconds = time.perf_counter() - start
+    outcome = result.latency
+    tries = ", ".join(f"{keep:.3f}->{ratio:.3f}" for keep, ratio in outcome.tries)
+    print(f"\n{name} asked {asked:.2f}: measured {outcome.measured:.3f} by the search ({tries}), {seconds:.0f} s")
+    print(f"  search's timing: {spread(outcome.timing)}")
+    print(f"  re-measured:     {spread(compare_latency(dense, model, x))}")
+    print(f"  target=latency keeps params {result.params_ratio:.1%}, MACs {result.macs_ratio:.1%}")
+
+    def attempt(keep: float) -> tuple[torch.nn.Module, lp.PruningResult]:
+        copy_ = copy.deepcopy(dense)
+        return copy_, lp.prune(copy_, x, round(1 - keep, 6), target="macs")
+
+    def measure(tried: tuple[torch.nn.Module, lp.PruningResult]) -> float:
+        return 1 / compare_latency(dense, tried[0], x).ratio
+
+    (_, macs), ratio, history = search_latency(attempt, measure, outcome.measured)
+    tries = ", ".join(f"{keep:.3f}->{r:.3f}" for keep, r in history)
+    print(
+        f"  target=macs at the same measured latency ({ratio:.3f}; tries MACs kept->ratio {tries}) keeps "
+        f"params {macs.params_ratio:.1%}, MACs {macs.macs_ratio:.1%}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--models", nargs="+", default=["resnet50"])
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    print(f"{args.threads} thread(s), batch {args.batch}, {args.size}x{args.size}, torch {torch.__version__}")
+    for name in args.models:
+        for asked in args.targets:
+            run(name, asked, x)
+
+
+if __name__ == "__main__":
+    main()
