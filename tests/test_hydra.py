@@ -21,7 +21,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune import cli, demo
-from lightning_prune.callbacks import NetworkSlimming, StructuredPruning, load_from_checkpoint
+from lightning_prune.callbacks import NetworkSlimming, ShearedPruning, StructuredPruning, load_from_checkpoint
 from lightning_prune.cli import (
     ConfigError,
     build_callbacks,
@@ -43,12 +43,15 @@ CLI = [sys.executable, "-m", "lightning_prune.cli"]
 ENV = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1"}
 FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "measure.min_run_time=0.05"]
 # A language model small enough for seconds: random weights from a config (no trained default model), short windows.
-TINY_LM = [
+TINY_MODEL = [
     "model.config={model_type:llama,hidden_size:32,intermediate_size:48,num_hidden_layers:3,num_attention_heads:4,"
     "num_key_value_heads:2,max_position_embeddings:256,tie_word_embeddings:false}",
-    "data.window=32", "callbacks.pruning.calibration_batches=2", "callbacks.pruning.target=channels",
-    "measure.repeats=3", "measure.new_tokens=4",
+    "data.window=32", "measure.repeats=3", "measure.new_tokens=4",
 ]  # fmt: skip
+TINY_LM = [*TINY_MODEL, "callbacks.pruning.calibration_batches=2", "callbacks.pruning.target=channels"]
+# Sheared-LLaMA has no StructuredPruning entry: a target the tiny model can reach, cut after 3 of debug=smoke's 6 steps
+TINY_SHEARED = [*TINY_MODEL, "callbacks.shearing.target={hidden_size:24,intermediate_size:32}",
+                "callbacks.shearing.mask_steps=3"]  # fmt: skip
 
 
 def run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -120,7 +123,8 @@ def test_config_composes_and_instantiates(tmp_path: Path, overrides: list[str]) 
         channels, size, _ = built["data"].input_shape
         assert built["model"].example_input_array.shape[1:] == (channels, size, size)
     kinds = [type(c) for c in built["callbacks"]]
-    assert kinds.index(demo.KeepDense) == kinds.index(StructuredPruning) - 1
+    pruning = next(kind for kind in kinds if kind in (StructuredPruning, ShearedPruning))
+    assert kinds.index(demo.KeepDense) == kinds.index(pruning) - 1
     kinds.remove(demo.KeepDense)
     assert kinds == [get_object(node._target_) for node in cfg.callbacks.values() if node is not None]
     OmegaConf.save(cfg, tmp_path / "config.yaml")  # the composed config, kept with the test's files
@@ -216,8 +220,9 @@ def read_results(folder: Path) -> dict:
 
 
 # Every experiment composes and instantiates in test_config_composes_and_instantiates; these run one of each kind
-# by default (images: digits_slimming; language models: flap, and the save/reload and sweep tests) and the rest slow.
-SMOKE_FAST = {"digits_slimming", "flap"}
+# by default (images: digits_slimming; language models: flap and sheared_llama, and the save/reload and sweep tests)
+# and the rest slow.
+SMOKE_FAST = {"digits_slimming", "flap", "sheared_llama"}
 
 
 @pytest.mark.parametrize(
@@ -228,12 +233,20 @@ def test_experiment_smoke_run(tmp_path: Path, experiment: str) -> None:
     cfg = compose_into(tmp_path, [f"experiment={experiment}"])
     # CIFAR-10 cannot be downloaded here: same-shaped synthetic images stand in for it
     data = ["data=synthetic"] if cfg.data._target_.endswith("Cifar10DataModule") else []
-    data += TINY_LM if cli.is_language(cfg) else []
+    data += (TINY_SHEARED if experiment == "sheared_llama" else TINY_LM) if cli.is_language(cfg) else []
     done = run([*CLI, f"experiment={experiment}", "debug=smoke", *data, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = read_results(tmp_path / "run")
     assert results["overrides"] == [f"experiment={experiment}", "debug=smoke", *data]
     assert results["final"]["params"] < results["dense"]["params"]
+    if experiment == "sheared_llama":  # cut to the target; the saved model is a stock Llama of exactly that shape
+        shape = {"hidden_size": 24, "intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "num_hidden_layers": 3}  # fmt: skip
+        saved = json.loads((Path(results["model"]["path"]) / "config.json").read_text())
+        assert {name: results["sheared"][name] for name in shape} == {name: saved[name] for name in shape} == shape
+        assert results["sheared"]["step"] == 3 and results["model"]["stock_from_pretrained"]
+        assert results["sheared"]["params_before"] == results["dense"]["params"]
+        assert results["sheared"]["params_after"] == results["final"]["params"]
 
 
 def test_language_model_run_saves_a_model_that_reloads_to_the_reported_perplexity(tmp_path: Path) -> None:
