@@ -130,6 +130,25 @@ def test_config_composes_and_instantiates(tmp_path: Path, overrides: list[str]) 
     OmegaConf.save(cfg, tmp_path / "config.yaml")  # the composed config, kept with the test's files
 
 
+def test_keep_dense_before_shearing_copies_the_model_as_fit_starts(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    shearing = ShearedPruning({"hidden_size": 24}, mask_steps=3)
+    callbacks: list = [shearing]
+    keeper = keep_dense(callbacks)
+    assert callbacks == [keeper, shearing] and keeper.epoch is None
+    model = BoringModel()
+    start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=2, callbacks=[keeper], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model)
+    copied = keeper.model.state_dict()
+    assert all(torch.equal(copied[name], tensor) for name, tensor in start.items())
+    assert not torch.equal(model.state_dict()["layer.weight"], start["layer.weight"])  # training moved the original
+
+
 def test_every_yaml_is_exercised() -> None:
     covered = {f"{group}/{option}.yaml" for group in GROUPS for option in options(group)}
     covered |= {f"callbacks/{o}.yaml" for o in options("callbacks")}  # composed by callbacks/default.yaml
