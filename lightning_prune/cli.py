@@ -231,7 +231,7 @@ def measure_language(model: pl.LightningModule, tested: dict[str, float], data: 
 
     model = model.cpu().eval()
     timing = cfg.get("measure") or {}
-    window = data.splits["test"].windows[:1]
+    window = data.splits["test"][0]["input_ids"][None]  # the first test window (of the first domain, if several)
     speed = generation_speed(
         model.model, window[:, :16], new_tokens=timing.get("new_tokens", 32), repeats=timing.get("repeats", 5),
         threads=timing.get("threads"),
@@ -249,7 +249,7 @@ def export_models(
     window of a language model (any batch and length), the test batch of an image model (any batch)."""
     timing = cfg.get("measure") or {}
     if is_language(cfg):
-        window = data.splits["test"].windows[:1]
+        window = data.splits["test"][0]["input_ids"][None]  # the first test window (of the first domain, if several)
         models = (dense.model.cpu().eval(), final.model.cpu().eval())
         inputs: Any = {"input_ids": window, "use_cache": False}
         dims, checks = (

@@ -95,8 +95,8 @@ GROUPS = ("data", "model", "pruning", "trainer", "logger", "experiment", "debug"
 
 def choose(group: str, option: str) -> list[str]:
     """``group=option``, with a CIFAR-sized partner where the digits defaults would not fit."""
-    if (group, option) in (("data", "text"), ("model", "causal_lm")):
-        return ["data=text", "model=causal_lm"]
+    if (group, option) in (("data", "text"), ("data", "mixed_text"), ("model", "causal_lm")):
+        return [f"data={option if group == 'data' else 'text'}", "model=causal_lm"]
     if group == "data" and option != "digits":
         return [f"data={option}", "model=resnet20"]
     if group == "model" and option != "digits_cnn":
@@ -266,6 +266,22 @@ def test_experiment_smoke_run(tmp_path: Path, experiment: str) -> None:
         assert results["sheared"]["step"] == 3 and results["model"]["stock_from_pretrained"]
         assert results["sheared"]["params_before"] == results["dense"]["params"]
         assert results["sheared"]["params_after"] == results["final"]["params"]
+
+
+@pytest.mark.slow
+def test_sheared_llama_on_mixed_domains_moves_their_weights(tmp_path: Path) -> None:
+    import csv
+
+    loading = ["data=mixed_text", "+callbacks.domains._target_=lightning_prune.DynamicBatchLoading",
+               "+callbacks.domains.every=2", "+callbacks.domains.windows=2"]  # fmt: skip
+    command = [*CLI, "experiment=sheared_llama", "debug=smoke", *loading, *TINY_SHEARED, *FAST]
+    done = run([*command, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_results(tmp_path / "run")["sheared"]["hidden_size"] == 24
+    rows = [r for r in csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()) if r["domains/weight_pydoc"]]
+    weights = [(float(r["domains/weight_pydoc"]), float(r["domains/weight_docstrings"])) for r in rows]
+    assert len(weights) == 3  # steps 2, 4 and 6 of 6
+    assert all(pair[0] + pair[1] == pytest.approx(1.0) and pair[0] != 0.5 for pair in weights)
 
 
 def test_language_model_run_saves_a_model_that_reloads_to_the_reported_perplexity(tmp_path: Path) -> None:
