@@ -36,8 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from lightning_prune.callbacks import Distillation, StructuredPruning
-from lightning_prune.callbacks.snapshot import KeepDense
+from lightning_prune.callbacks import Distillation, ShearedPruning, StructuredPruning
+from lightning_prune.callbacks.snapshot import keep_dense
 from lightning_prune.data import SplitDataModule
 from lightning_prune.export import EXPORTERS, export_pair
 from lightning_prune.measure import compare_latency, count_macs, count_params
@@ -166,25 +166,19 @@ def build_model(cfg: DictConfig, data: SplitDataModule) -> pl.LightningModule:
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """The callbacks of ``cfg.callbacks`` (entries set to null are left out), in order."""
-    entries = cfg.get("callbacks") or {}
-    return [instantiate(node, _convert_="all") for node in entries.values() if node is not None]
+    """The callbacks of ``cfg.callbacks`` in order; entries set to null, or left with no ``_target_``, are left out."""
+    entries, built = cfg.get("callbacks") or {}, []
+    for name, node in entries.items():
+        if node is not None and "_target_" not in node:  # e.g. debug=smoke's schedule keys of a removed entry
+            print(f"lightning-prune: `callbacks.{name}` has no `_target_` (removed): ignoring {', '.join(node)}")
+        elif node is not None:
+            built.append(instantiate(node, _convert_="all"))
+    return built
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
     entries = cfg.get("logger") or {}
     return [instantiate(node, _convert_="all") for node in entries.values() if node is not None]
-
-
-def keep_dense(callbacks: list[pl.Callback]) -> KeepDense | None:
-    """Insert a :class:`KeepDense` right before the first pruning callback; ``None`` if nothing prunes."""
-    prunings = [(i, c) for i, c in enumerate(callbacks) if isinstance(c, StructuredPruning)]
-    if not prunings:
-        return None
-    start = any(c.when == "train_epoch_start" for _, c in prunings)
-    keeper = KeepDense(min(min(c.steps) for _, c in prunings), at_start=start)
-    callbacks.insert(prunings[0][0], keeper)
-    return keeper
 
 
 def recovery(callbacks: list[pl.Callback]) -> dict[str, Any]:
@@ -237,7 +231,7 @@ def measure_language(model: pl.LightningModule, tested: dict[str, float], data: 
 
     model = model.cpu().eval()
     timing = cfg.get("measure") or {}
-    window = data.splits["test"].windows[:1]
+    window = data.splits["test"][0]["input_ids"][None]  # the first test window (of the first domain, if several)
     speed = generation_speed(
         model.model, window[:, :16], new_tokens=timing.get("new_tokens", 32), repeats=timing.get("repeats", 5),
         threads=timing.get("threads"),
@@ -255,7 +249,7 @@ def export_models(
     window of a language model (any batch and length), the test batch of an image model (any batch)."""
     timing = cfg.get("measure") or {}
     if is_language(cfg):
-        window = data.splits["test"].windows[:1]
+        window = data.splits["test"][0]["input_ids"][None]  # the first test window (of the first domain, if several)
         models = (dense.model.cpu().eval(), final.model.cpu().eval())
         inputs: Any = {"input_ids": window, "use_cache": False}
         dims, checks = (
@@ -431,6 +425,8 @@ def train(cfg: DictConfig) -> float | list[float] | None:
             "widths": {name: [width, final_widths[name]] for name, width in dense_widths.items()},
         }
     results["recovery"] = recovery(callbacks)
+    for sheared in (c for c in callbacks if isinstance(c, ShearedPruning)):
+        results["sheared"] = dict(sheared.done)  # the step of the cut, the shape reached, parameters before/after
     if trainer.is_global_zero and (cfg.get("export") or {}).get("onnx"):
         results["export"] = export_models(dense, model, data, cfg, folder)
     if trainer.is_global_zero:

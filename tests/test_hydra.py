@@ -21,7 +21,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune import cli, demo
-from lightning_prune.callbacks import NetworkSlimming, StructuredPruning, load_from_checkpoint
+from lightning_prune.callbacks import NetworkSlimming, ShearedPruning, StructuredPruning, load_from_checkpoint
 from lightning_prune.cli import (
     ConfigError,
     build_callbacks,
@@ -43,12 +43,15 @@ CLI = [sys.executable, "-m", "lightning_prune.cli"]
 ENV = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1"}
 FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "measure.min_run_time=0.05"]
 # A language model small enough for seconds: random weights from a config (no trained default model), short windows.
-TINY_LM = [
+TINY_MODEL = [
     "model.config={model_type:llama,hidden_size:32,intermediate_size:48,num_hidden_layers:3,num_attention_heads:4,"
     "num_key_value_heads:2,max_position_embeddings:256,tie_word_embeddings:false}",
-    "data.window=32", "callbacks.pruning.calibration_batches=2", "callbacks.pruning.target=channels",
-    "measure.repeats=3", "measure.new_tokens=4",
+    "data.window=32", "measure.repeats=3", "measure.new_tokens=4",
 ]  # fmt: skip
+TINY_LM = [*TINY_MODEL, "callbacks.pruning.calibration_batches=2", "callbacks.pruning.target=channels"]
+# Sheared-LLaMA has no StructuredPruning entry: a target the tiny model can reach, cut after 3 of debug=smoke's 6 steps
+TINY_SHEARED = [*TINY_MODEL, "callbacks.shearing.target={hidden_size:24,intermediate_size:32}",
+                "callbacks.shearing.mask_steps=3"]  # fmt: skip
 
 
 def run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -92,8 +95,8 @@ GROUPS = ("data", "model", "pruning", "trainer", "logger", "experiment", "debug"
 
 def choose(group: str, option: str) -> list[str]:
     """``group=option``, with a CIFAR-sized partner where the digits defaults would not fit."""
-    if (group, option) in (("data", "text"), ("model", "causal_lm")):
-        return ["data=text", "model=causal_lm"]
+    if (group, option) in (("data", "text"), ("data", "mixed_text"), ("model", "causal_lm")):
+        return [f"data={option if group == 'data' else 'text'}", "model=causal_lm"]
     if group == "data" and option != "digits":
         return [f"data={option}", "model=resnet20"]
     if group == "model" and option != "digits_cnn":
@@ -120,10 +123,30 @@ def test_config_composes_and_instantiates(tmp_path: Path, overrides: list[str]) 
         channels, size, _ = built["data"].input_shape
         assert built["model"].example_input_array.shape[1:] == (channels, size, size)
     kinds = [type(c) for c in built["callbacks"]]
-    assert kinds.index(demo.KeepDense) == kinds.index(StructuredPruning) - 1
+    pruning = next(kind for kind in kinds if kind in (StructuredPruning, ShearedPruning))
+    assert kinds.index(demo.KeepDense) == kinds.index(pruning) - 1
     kinds.remove(demo.KeepDense)
     assert kinds == [get_object(node._target_) for node in cfg.callbacks.values() if node is not None]
     OmegaConf.save(cfg, tmp_path / "config.yaml")  # the composed config, kept with the test's files
+
+
+def test_keep_dense_before_shearing_copies_the_model_as_fit_starts(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    shearing = ShearedPruning({"hidden_size": 24}, mask_steps=3)
+    callbacks: list = [shearing]
+    keeper = keep_dense(callbacks)
+    assert callbacks == [keeper, shearing] and keeper.epoch is None
+    model = BoringModel()
+    start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=2, callbacks=[keeper], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model)
+    copied = keeper.model.state_dict()
+    assert all(torch.equal(copied[name], tensor) for name, tensor in start.items())
+    assert not torch.equal(model.state_dict()["layer.weight"], start["layer.weight"])  # training moved the original
 
 
 def test_every_yaml_is_exercised() -> None:
@@ -216,8 +239,9 @@ def read_results(folder: Path) -> dict:
 
 
 # Every experiment composes and instantiates in test_config_composes_and_instantiates; these run one of each kind
-# by default (images: digits_slimming; language models: flap, and the save/reload and sweep tests) and the rest slow.
-SMOKE_FAST = {"digits_slimming", "flap"}
+# by default (images: digits_slimming; language models: flap and sheared_llama, and the save/reload and sweep tests)
+# and the rest slow.
+SMOKE_FAST = {"digits_slimming", "flap", "sheared_llama"}
 
 
 @pytest.mark.parametrize(
@@ -228,12 +252,36 @@ def test_experiment_smoke_run(tmp_path: Path, experiment: str) -> None:
     cfg = compose_into(tmp_path, [f"experiment={experiment}"])
     # CIFAR-10 cannot be downloaded here: same-shaped synthetic images stand in for it
     data = ["data=synthetic"] if cfg.data._target_.endswith("Cifar10DataModule") else []
-    data += TINY_LM if cli.is_language(cfg) else []
+    data += (TINY_SHEARED if experiment == "sheared_llama" else TINY_LM) if cli.is_language(cfg) else []
     done = run([*CLI, f"experiment={experiment}", "debug=smoke", *data, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = read_results(tmp_path / "run")
     assert results["overrides"] == [f"experiment={experiment}", "debug=smoke", *data]
     assert results["final"]["params"] < results["dense"]["params"]
+    if experiment == "sheared_llama":  # cut to the target; the saved model is a stock Llama of exactly that shape
+        shape = {"hidden_size": 24, "intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "num_hidden_layers": 3}  # fmt: skip
+        saved = json.loads((Path(results["model"]["path"]) / "config.json").read_text())
+        assert {name: results["sheared"][name] for name in shape} == {name: saved[name] for name in shape} == shape
+        assert results["sheared"]["step"] == 3 and results["model"]["stock_from_pretrained"]
+        assert results["sheared"]["params_before"] == results["dense"]["params"]
+        assert results["sheared"]["params_after"] == results["final"]["params"]
+
+
+@pytest.mark.slow
+def test_sheared_llama_on_mixed_domains_moves_their_weights(tmp_path: Path) -> None:
+    import csv
+
+    loading = ["data=mixed_text", "+callbacks.domains._target_=lightning_prune.DynamicBatchLoading",
+               "+callbacks.domains.every=2", "+callbacks.domains.windows=2"]  # fmt: skip
+    command = [*CLI, "experiment=sheared_llama", "debug=smoke", *loading, *TINY_SHEARED, *FAST]
+    done = run([*command, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_results(tmp_path / "run")["sheared"]["hidden_size"] == 24
+    rows = [r for r in csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()) if r["domains/weight_pydoc"]]
+    weights = [(float(r["domains/weight_pydoc"]), float(r["domains/weight_docstrings"])) for r in rows]
+    assert len(weights) == 3  # steps 2, 4 and 6 of 6
+    assert all(pair[0] + pair[1] == pytest.approx(1.0) and pair[0] != 0.5 for pair in weights)
 
 
 def test_language_model_run_saves_a_model_that_reloads_to_the_reported_perplexity(tmp_path: Path) -> None:

@@ -8,17 +8,26 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_prune.callbacks.pruning import StructuredPruning
+from lightning_prune.callbacks.sheared import ShearedPruning
+
 
 class KeepDense(Callback):
     """Keeps a copy of the model at the end of ``epoch`` (list it before the pruning callback, which cuts then).
 
     Args:
-        epoch: the epoch of the first pruning step.
+        epoch: the epoch of the first pruning step; ``None``: copy at the start of fit (list it before
+            :class:`~lightning_prune.ShearedPruning`, whose masks attach then).
         at_start: copy at the start of ``epoch`` instead (for steps with ``when="train_epoch_start"``).
     """
 
-    def __init__(self, epoch: int, at_start: bool = False) -> None:
+    def __init__(self, epoch: int | None, at_start: bool = False) -> None:
         self.epoch, self.at_start, self.model = epoch, at_start, None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.epoch is None:
+            self.model = copy.deepcopy(pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -29,3 +38,22 @@ class KeepDense(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.at_start and trainer.current_epoch == self.epoch:
             self.model = copy.deepcopy(pl_module)
+
+
+def keep_dense(callbacks: list[pl.Callback]) -> KeepDense | None:
+    """Insert a :class:`KeepDense` right before the first pruning callback; ``None`` if nothing prunes.
+
+    With :class:`~lightning_prune.StructuredPruning` the copy is taken right before its first step; with
+    :class:`~lightning_prune.ShearedPruning` at the start of fit, before its masks attach (the model the mask phase
+    starts from; the weights it trains under the masks are only ever used cut).
+    """
+    prunings = [(i, c) for i, c in enumerate(callbacks) if isinstance(c, StructuredPruning | ShearedPruning)]
+    if not prunings:
+        return None
+    if any(isinstance(c, ShearedPruning) for _, c in prunings):
+        keeper = KeepDense(None)
+    else:
+        start = any(c.when == "train_epoch_start" for _, c in prunings)
+        keeper = KeepDense(min(min(c.steps) for _, c in prunings), at_start=start)
+    callbacks.insert(prunings[0][0], keeper)
+    return keeper
