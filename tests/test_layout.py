@@ -54,7 +54,7 @@ LAYERS = [
     ["surgery"],
     ["record", "verify"],
     ["budget"],
-    ["api", "depth", "saving", "export"],
+    ["api", "depth", "saving", "export", "memory"],
     ["methods"],
     ["integrations"],
     ["callbacks", "data", "models"],

@@ -3,12 +3,14 @@
 from lightning_prune.callbacks.checkpoint import PrunableModule, applied_record, load_from_checkpoint, restore_pruned
 from lightning_prune.callbacks.io import AtomicCheckpointIO
 from lightning_prune.callbacks.pruning import StructuredPruning
+from lightning_prune.callbacks.sharding import PruneBeforeSharding
 from lightning_prune.callbacks.slimming import NetworkSlimming
 
 __all__ = [
     "AtomicCheckpointIO",
     "NetworkSlimming",
     "PrunableModule",
+    "PruneBeforeSharding",
     "StructuredPruning",
     "applied_record",
     "load_from_checkpoint",
