@@ -174,18 +174,19 @@ def _saved_activation_bytes(model: nn.Module, batch_size: int, sequence_length: 
             setattr(module, name, nn.Parameter(mode.from_tensor(parameter), parameter.requires_grad))
         for name, buffer in list(module.named_buffers(recurse=False)):
             module._buffers[name] = mode.from_tensor(buffer)
-    owned = {id(p) for p in model.parameters()}
-    saved: dict[int, torch.Tensor] = {}  # kept alive, so that ids stay unique
-    recomputed = [0]
+
+    def storage(tensor: torch.Tensor) -> int:
+        return tensor.untyped_storage()._cdata
+
+    owned = {storage(p) for p in model.parameters()}
+    saved: dict[int, torch.Tensor] = {}  # by storage: views of one tensor (transposes, reshapes) count once
+    recomputed: dict[int, torch.Tensor] = {}
     in_backward = [False]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        base = tensor._base if tensor._base is not None else tensor
-        if id(tensor) not in owned and id(base) not in owned and id(tensor) not in saved:
-            if in_backward[0]:
-                recomputed[0] += tensor.nbytes
-            else:
-                saved[id(tensor)] = tensor
+        key = storage(tensor)
+        if key not in owned:
+            (recomputed if in_backward[0] else saved).setdefault(key, tensor)
         return tensor
 
     model.train()
@@ -196,7 +197,8 @@ def _saved_activation_bytes(model: nn.Module, batch_size: int, sequence_length: 
         if loss.requires_grad:
             loss.backward()
     layers = len(model.get_submodule(find_blocks(model)))
-    return sum(tensor.nbytes for tensor in saved.values()) + recomputed[0] // max(layers, 1)
+    recomputed_bytes = sum(t.untyped_storage().nbytes() for key, t in recomputed.items() if key not in saved)
+    return sum(t.untyped_storage().nbytes() for t in saved.values()) + recomputed_bytes // max(layers, 1)
 
 
 def _too_large(plan: MemoryPlan, limit_gib: float, size: int, optimizer: str) -> str:
@@ -210,9 +212,13 @@ def _too_large(plan: MemoryPlan, limit_gib: float, size: int, optimizer: str) ->
         "`gradient_checkpointing`"
     )
     return (
-        f"the plan needs {plan.total_bytes / GIB:.2f} GiB per rank (strategy={plan.strategy!r}, devices="
+        f"the plan needs {_size(plan.total_bytes)} per rank (strategy={plan.strategy!r}, devices="
         f"{plan.devices}), more than `device_memory_gib`={limit_gib}: {hint}."
     )
+
+
+def _size(count: int) -> str:
+    return f"{count / GIB:.2f} GiB" if count >= GIB / 10 else f"{count / 2**20:.2f} MiB"
 
 
 def format_plans(plans: Mapping[str, MemoryPlan]) -> str:
