@@ -25,6 +25,7 @@ STRATEGIES = ("single", "ddp", "fsdp")
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}  # tensors the optimizer keeps per parameter
 GIB = 1024**3
+MIB = 1024**2
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,11 @@ def memory_plan(
         raise ValueError(f"`strategy`='single' runs on one device, got `devices`={devices}: use 'ddp' or 'fsdp'.")
     if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
         raise ValueError(f"`lora_rank` must be a positive integer or None, got {lora_rank!r}.")
-    language_model = _language_model(model)
-    clone = meta_clone(language_model)
-    if record is not None:
-        restore(clone, record)
+    _language_model(model)  # refuse anything else before copying
+    whole = meta_clone(model)
+    if record is not None:  # recorded against the module given (a LightningModule's names start with `model.`)
+        restore(whole, record)
+    clone = _language_model(whole)
     dtype = PRECISIONS[precision]
     clone.to(dtype)
     size = torch.empty((), dtype=dtype).element_size()
@@ -218,20 +220,20 @@ def _too_large(plan: MemoryPlan, limit_gib: float, size: int, optimizer: str) ->
 
 
 def _size(count: int) -> str:
-    return f"{count / GIB:.2f} GiB" if count >= GIB / 10 else f"{count / 2**20:.2f} MiB"
+    return f"{count / GIB:.2f} GiB" if count >= GIB / 10 else f"{count / MIB:.2f} MiB"
 
 
 def format_plans(plans: Mapping[str, MemoryPlan]) -> str:
-    """A table with one column per plan (e.g. ``{"dense": ..., "pruned": ...}``), in GiB per rank."""
+    """A table with one column per plan (e.g. ``{"dense": ..., "pruned": ...}``), in MiB per rank."""
     rows = [
         ("parameters", lambda p: f"{p.parameters:,}"),
         ("trainable", lambda p: f"{p.trainable:,}"),
-        ("weights GiB", lambda p: f"{p.parameter_bytes / GIB:.3f}"),
-        ("gradients GiB", lambda p: f"{p.gradient_bytes / GIB:.3f}"),
-        ("optimizer GiB", lambda p: f"{p.optimizer_bytes / GIB:.3f}"),
-        ("activations GiB", lambda p: f"{p.activation_bytes / GIB:.3f}"),
-        ("buffers GiB", lambda p: f"{p.buffer_bytes / GIB:.3f}"),
-        ("total GiB per rank", lambda p: f"{p.total_bytes / GIB:.3f}"),
+        ("weights MiB", lambda p: f"{p.parameter_bytes / MIB:,.1f}"),
+        ("gradients MiB", lambda p: f"{p.gradient_bytes / MIB:,.1f}"),
+        ("optimizer MiB", lambda p: f"{p.optimizer_bytes / MIB:,.1f}"),
+        ("activations MiB", lambda p: f"{p.activation_bytes / MIB:,.1f}"),
+        ("buffers MiB", lambda p: f"{p.buffer_bytes / MIB:,.1f}"),
+        ("total MiB per rank", lambda p: f"{p.total_bytes / MIB:,.1f}"),
     ]
     first = next(iter(plans.values()))
     title = (

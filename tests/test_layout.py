@@ -58,7 +58,7 @@ LAYERS = [
     ["methods"],
     ["integrations"],
     ["callbacks", "data", "models"],
-    ["cli", "demo", "report"],
+    ["cli", "demo", "report", "memory_report"],
 ]
 # Integrations reach down only into what the core offers extensions: registries and the trace builder.
 INTEGRATION_MAY_IMPORT = [

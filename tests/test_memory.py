@@ -82,7 +82,7 @@ def test_a_pruned_record_plans_the_pruned_model() -> None:
     assert from_record.parameters == sum(p.numel() for p in model.parameters()) < dense.parameters
     assert from_record.activation_bytes < dense.activation_bytes
     table = lp.format_plans({"dense": dense, "pruned": from_record})
-    assert "total GiB per rank" in table and f"{from_record.parameters:,}" in table
+    assert "total MiB per rank" in table and f"{from_record.parameters:,}" in table
 
 
 @pytest.mark.parametrize(
@@ -114,6 +114,26 @@ def test_a_device_count_that_cannot_hold_the_model_names_the_count_that_can() ->
     devices = int(error.value.args[0].split("devices>=")[1].split()[0])
     fits = lp.memory_plan(model, batch_size=2, sequence_length=16, strategy="fsdp", devices=devices)
     assert fits.total_bytes <= limit * GIB
+
+
+def test_the_cli_prints_the_plan_of_the_composed_run_and_trains_nothing(tmp_path, capsys) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from lightning_prune.cli import config_dir, train
+
+    tiny = "{model_type:llama,hidden_size:32,intermediate_size:48,num_hidden_layers:3,num_attention_heads:4,"
+    tiny += "num_key_value_heads:2,max_position_embeddings:256,tie_word_embeddings:false}"
+    overrides = [
+        "experiment=llm_pruner", f"model.config={tiny}", "data.window=32", "callbacks.pruning.calibration_batches=2",
+        "callbacks.pruning.target=channels", "trainer=ddp_cpu", "plan=true", f"paths.output_dir={tmp_path}",
+    ]  # fmt: skip
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    assert train(cfg) is None
+    table = capsys.readouterr().out
+    assert "strategy=ddp, devices=2, batch 32 x 32 tokens, 32-true" in table
+    dense, pruned = (int(value.replace(",", "")) for value in table.split("\nparameters")[1].split()[:2])
+    assert pruned < dense and not (tmp_path / "results.json").exists()
 
 
 # --- measured peak of a real step ---------------------------------------------------------------------------
