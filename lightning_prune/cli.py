@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from lightning_prune.callbacks import StructuredPruning
+from lightning_prune.callbacks import PruneBeforeSharding, StructuredPruning
 from lightning_prune.callbacks.snapshot import KeepDense
 from lightning_prune.data import SplitDataModule
 from lightning_prune.export import EXPORTERS, export_pair
@@ -182,7 +182,8 @@ def keep_dense(callbacks: list[pl.Callback]) -> KeepDense | None:
     if not prunings:
         return None
     start = any(c.when == "train_epoch_start" for _, c in prunings)
-    keeper = KeepDense(min(min(c.steps) for _, c in prunings), at_start=start)
+    before = any(isinstance(c, PruneBeforeSharding) for _, c in prunings)
+    keeper = KeepDense(min(min(c.steps) for _, c in prunings), at_start=start, at_setup=before)
     callbacks.insert(prunings[0][0], keeper)
     return keeper
 

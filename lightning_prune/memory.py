@@ -123,7 +123,11 @@ def memory_plan(
     trainable = _lora_parameters(blocks, lora_rank) if lora_rank is not None else parameters
     if lora_rank is not None:
         clone.requires_grad_(False)
-    activations = _saved_activation_bytes(clone, batch_size, sequence_length, gradient_checkpointing)
+    plain = _saved_activation_bytes(meta_clone(clone), batch_size, sequence_length, False)
+    activations = plain
+    if gradient_checkpointing:  # what the checkpoints keep, plus one layer recomputed at a time
+        kept = _saved_activation_bytes(clone, batch_size, sequence_length, True)
+        activations = kept + (plain - kept) // len(blocks)
     shard = devices if strategy == "fsdp" else 1
     parameter_bytes = -(-parameters * size // shard)
     gradient_bytes = -(-trainable * size // shard)
@@ -163,8 +167,8 @@ def _lora_parameters(blocks: nn.Module, rank: int) -> int:
 
 
 def _saved_activation_bytes(model: nn.Module, batch_size: int, sequence_length: int, checkpointing: bool) -> int:
-    """Bytes autograd saves in the forward pass of one step (parameters excluded), plus, with checkpointing,
-    what one decoder layer saves again while it is recomputed in the backward pass."""
+    """Bytes autograd saves in the forward pass of one step (parameters excluded); with checkpointing, what the
+    checkpoints keep (their recomputation runs under torch's own saved-tensor hooks, unseen here)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if checkpointing:
@@ -182,25 +186,20 @@ def _saved_activation_bytes(model: nn.Module, batch_size: int, sequence_length: 
 
     owned = {storage(p) for p in model.parameters()}
     saved: dict[int, torch.Tensor] = {}  # by storage: views of one tensor (transposes, reshapes) count once
-    recomputed: dict[int, torch.Tensor] = {}
-    in_backward = [False]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         key = storage(tensor)
         if key not in owned:
-            (recomputed if in_backward[0] else saved).setdefault(key, tensor)
+            saved.setdefault(key, tensor)
         return tensor
 
     model.train()
     with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         ids = torch.zeros(batch_size, sequence_length, dtype=torch.long, device="meta")
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False).loss
-        in_backward[0] = True
         if loss.requires_grad:
             loss.backward()
-    layers = len(model.get_submodule(find_blocks(model)))
-    recomputed_bytes = sum(t.untyped_storage().nbytes() for key, t in recomputed.items() if key not in saved)
-    return sum(t.untyped_storage().nbytes() for t in saved.values()) + recomputed_bytes // max(layers, 1)
+    return sum(t.untyped_storage().nbytes() for t in saved.values())
 
 
 def _too_large(plan: MemoryPlan, limit_gib: float, size: int, optimizer: str) -> str:

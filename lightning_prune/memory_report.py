@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from itertools import islice
-from typing import Any
 
 import lightning.pytorch as pl
 from omegaconf import DictConfig

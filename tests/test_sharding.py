@@ -106,7 +106,8 @@ def test_a_scheduled_step_under_fsdp_is_refused_and_names_the_one_shot_path() ->
 
 def test_a_schedule_or_gradients_without_calibration_are_refused_at_construction() -> None:
     with pytest.raises(PruningError, match=r"\['schedule'\] cannot be set"):
-        PruneBeforeSharding(schedule="linear")
+        PruneBeforeSharding(schedule="linear", when="train_epoch_start")
+    assert PruneBeforeSharding(schedule="oneshot", start_epoch=0, when="train_epoch_start").steps == {0: 0.2}
     with pytest.raises(PruningError, match="set `calibration_batches`"):
         PruneBeforeSharding(importance="taylor")
 

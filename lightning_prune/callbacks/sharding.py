@@ -30,6 +30,8 @@ from lightning_prune.callbacks.reporting import report_step
 from lightning_prune.depth import LayerPruningResult
 from lightning_prune.errors import PruningError
 
+# StructuredPruning's arguments for one step at the start of fit: a config written for it may keep them
+ONE_SHOT = {"schedule": "oneshot", "start_epoch": 0, "end_epoch": None, "every": 1, "when": "train_epoch_start"}
 METADATA_FILE = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside a sharded checkpoint's shards
 
 
@@ -46,8 +48,9 @@ class PruneBeforeSharding(StructuredPruning):
     Args:
         amount, importance, structure, calibration_batches, options, target: as in :class:`StructuredPruning`;
             the schedule is one step before epoch 0.
-        kwargs: the other arguments of :class:`StructuredPruning` (``scope``, ``ignore``, ``round_to``, ...),
-            except the schedule's and ``when``.
+        kwargs: the other arguments of :class:`StructuredPruning` (``scope``, ``ignore``, ``round_to``, ...);
+            the schedule's and ``when`` only at their one-shot values (:data:`ONE_SHOT`), so that a config written
+            for ``StructuredPruning(when="train_epoch_start")`` takes this class as its ``_target_``.
 
     Raises:
         PruningError: at construction, bad arguments (as :class:`StructuredPruning`); in ``setup``, ranks holding
@@ -71,11 +74,11 @@ class PruneBeforeSharding(StructuredPruning):
         target: str = "channels",
         **kwargs: Any,
     ) -> None:
-        fixed = sorted({"schedule", "start_epoch", "end_epoch", "every", "when"} & set(kwargs))
+        fixed = [name for name, value in ONE_SHOT.items() if name in kwargs and kwargs.pop(name) != value]
         if fixed:
             raise PruningError(
-                f"PruneBeforeSharding cuts once before training: {fixed} cannot be set. For a schedule use "
-                "StructuredPruning (under DDP or one device)."
+                f"PruneBeforeSharding cuts once before training: {fixed} cannot be set (only to the one-shot "
+                f"values {ONE_SHOT}). For a schedule use StructuredPruning (under DDP or one device)."
             )
         super().__init__(
             amount=amount, importance=importance, structure=structure, calibration_batches=calibration_batches,
