@@ -173,6 +173,8 @@ def _saved_activation_bytes(model: nn.Module, batch_size: int, sequence_length: 
 
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_activation_checkpointing", False):  # a copy of a model that checkpoints: plan as asked
+        model.activation_checkpointing_disable()
     # Fake tensors (meta tensors that say so): Hugging Face skips its data-dependent mask checks for them.
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     for module in model.modules():
