@@ -17,6 +17,7 @@ from lightning_prune.importance import ScoringContext, get_criterion, register_c
 from lightning_prune.integrations import load_integrations
 from lightning_prune.language import generation_speed, perplexity
 from lightning_prune.measure import compare_latency, count_macs, count_params, latency
+from lightning_prune.memory import MemoryPlan, format_plans, memory_plan
 from lightning_prune.methods.depth_methods import drop_angular, drop_deepest, laco
 from lightning_prune.methods.experts import ExpertPruningResult, prune_experts
 from lightning_prune.methods.flap import flap, wanda_sp
@@ -44,6 +45,7 @@ _LAZY = {
     "Distillation": "lightning_prune.callbacks",
     "NetworkSlimming": "lightning_prune.callbacks",
     "PrunableModule": "lightning_prune.callbacks",
+    "PruneBeforeSharding": "lightning_prune.callbacks",
     "StructuredPruning": "lightning_prune.callbacks",
     "ShearedPruning": "lightning_prune.callbacks",
     "DynamicBatchLoading": "lightning_prune.callbacks",
@@ -87,11 +89,13 @@ __all__ = [
     "ImageClassifier",
     "LayerChange",
     "LayerPruningResult",
+    "MemoryPlan",
     "MixedTextDataModule",
     "NetworkSlimming",
     "OnnxModule",
     "Plan",
     "PrunableModule",
+    "PruneBeforeSharding",
     "PruningError",
     "PruningResult",
     "RecordError",
@@ -126,6 +130,7 @@ __all__ = [
     "find_blocks",
     "finetune",
     "flap",
+    "format_plans",
     "from_pretrained",
     "generation_speed",
     "get_criterion",
@@ -134,6 +139,7 @@ __all__ = [
     "llm_pruner",
     "load_from_checkpoint",
     "lora_recover",
+    "memory_plan",
     "merge_records",
     "perplexity",
     "plan_cuts",

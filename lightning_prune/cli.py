@@ -375,6 +375,11 @@ def train(cfg: DictConfig) -> float | list[float] | None:
     data = build_data(cfg)
     model = build_model(cfg, data)
     callbacks = build_callbacks(cfg)
+    if cfg.get("plan"):  # the memory plan of this run, and no training
+        from lightning_prune.memory_report import plan_run
+
+        print(plan_run(cfg, data, model, callbacks))
+        return None
     keeper = keep_dense(callbacks)
     loggers = build_loggers(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")

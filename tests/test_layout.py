@@ -54,11 +54,11 @@ LAYERS = [
     ["surgery"],
     ["record", "verify"],
     ["budget", "latency", "widths"],
-    ["api", "depth", "saving", "export"],
+    ["api", "depth", "saving", "export", "memory"],
     ["methods"],
     ["integrations"],
     ["callbacks", "data", "models"],
-    ["cli", "demo", "report"],
+    ["cli", "demo", "report", "memory_report"],
 ]
 # Integrations reach down only into what the core offers extensions: registries and the trace builder.
 INTEGRATION_MAY_IMPORT = [

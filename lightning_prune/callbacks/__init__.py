@@ -5,6 +5,7 @@ from lightning_prune.callbacks.distillation import Distillation
 from lightning_prune.callbacks.domains import DynamicBatchLoading
 from lightning_prune.callbacks.io import AtomicCheckpointIO
 from lightning_prune.callbacks.pruning import StructuredPruning
+from lightning_prune.callbacks.sharding import PruneBeforeSharding
 from lightning_prune.callbacks.sheared import ShearedPruning
 from lightning_prune.callbacks.slimming import NetworkSlimming
 
@@ -14,6 +15,7 @@ __all__ = [
     "DynamicBatchLoading",
     "NetworkSlimming",
     "PrunableModule",
+    "PruneBeforeSharding",
     "ShearedPruning",
     "StructuredPruning",
     "applied_record",

@@ -83,6 +83,9 @@ def restore_pruned(module: nn.Module, checkpoint: Mapping[str, Any], where: str 
             f"({len(wanted)} steps). Load the checkpoint into a freshly built model."
         )
     remaining = new_record(wanted[len(done) :])
+    if len(wanted) == len(done):  # cut already (a sharded module, say, cut before the strategy wrapped it)
+        setattr(module, _ATTRIBUTE, target)
+        return
     add_recorded_biases(module, remaining, where)
     for step in check_record(module, remaining, where):
         apply_step(module, step)

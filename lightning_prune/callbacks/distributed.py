@@ -23,8 +23,10 @@ def check_strategy(trainer: pl.Trainer) -> None:
     strategy = type(trainer.strategy).__name__
     if strategy in UNSUPPORTED_STRATEGIES:
         raise PruningError(
-            f"StructuredPruning does not support `strategy` {strategy}: the cut needs every parameter "
-            "whole on every rank. Use strategy='ddp' (or 'ddp_spawn'), or prune before sharding."
+            f"StructuredPruning does not support `strategy` {strategy} for a scheduled step: the cut needs "
+            "every parameter whole on every rank, and a sharded rank holds only its slice. Prune once before "
+            "the strategy shards the model with `lightning_prune.PruneBeforeSharding` (the one-shot path), or "
+            "use strategy='ddp' (or 'ddp_spawn') for a schedule."
         )
 
 

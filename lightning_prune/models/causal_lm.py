@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.checkpoint import PrunableModule
 from lightning_prune.data.text import CausalLMDataModule
+from lightning_prune.depth import find_blocks
 from lightning_prune.language import check_windows
 from lightning_prune.running import preserved_state
 
@@ -164,6 +165,13 @@ class CausalLM(PrunableModule):
         example_tokens: length of ``example_input_array`` (two windows), which the pruning callbacks trace.
         sample_tokens: after each validation, log a greedy continuation of this many tokens of the first
             validation window's first 8 (0: none).
+        gradient_checkpointing: recompute each decoder layer's activations in the backward pass instead of
+            keeping them (Hugging Face's ``activation_checkpointing_enable``, non-reentrant): less memory, one
+            more forward per step.
+
+    Under Lightning's ``ModelParallelStrategy`` (FSDP2 over its ``data_parallel`` mesh, CPU with gloo too)
+    ``configure_model`` shards every decoder layer and then the whole model with ``fully_shard``; under
+    ``FSDPStrategy`` (GPU) Lightning wraps it. ``Trainer(precision="bf16-true")`` trains in bf16 end to end.
 
     Raises:
         ValueError: in ``__init__``, a missing folder or one without a model, a config without ``model_type``,
@@ -186,10 +194,13 @@ class CausalLM(PrunableModule):
         min_lr_ratio: float = 0.1,
         example_tokens: int = 32,
         sample_tokens: int = 24,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_causal_lm(pretrained, config, vocabulary)
+        if gradient_checkpointing:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.example_input_array = {"input_ids": torch.zeros(2, example_tokens, dtype=torch.long)}
         self._prompt: Tensor | None = None
         check_windows(self.model, self.example_input_array["input_ids"], "example_tokens")
@@ -202,6 +213,21 @@ class CausalLM(PrunableModule):
             _check_vocabulary(self.model, data.vocabulary, "tokenizer")
             for split in data.splits.values():
                 check_windows(self.model, split.windows, "window")
+
+    @override
+    def configure_model(self) -> None:
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):  # configured for an earlier stage already
+            return
+        names = mesh.mesh_dim_names or ()
+        mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for layer in self.model.get_submodule(find_blocks(self.model)):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits

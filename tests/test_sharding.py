@@ -1,0 +1,173 @@
+"""Prune, then shard: PruneBeforeSharding cuts in setup, FSDP2 (ModelParallelStrategy, CPU + gloo) or DDP shards
+the smaller model, checkpoints resume to the pruned shape in 2 processes and in one.
+
+This file is also the 2-process job the slow tests start::
+
+    python tests/test_sharding.py ROOT --strategy fsdp2|ddp [--resume] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_prune.callbacks import PruneBeforeSharding, StructuredPruning, applied_record
+from lightning_prune.errors import PruningError
+from lightning_prune.models import CausalLM
+
+CONFIG = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": False,
+}  # fmt: skip
+VOCABULARY = 50
+
+
+class Windows(pl.LightningDataModule):
+    """Seeded random token windows: the same on every rank."""
+
+    def __init__(self, rows: int = 32, tokens: int = 16) -> None:
+        super().__init__()
+        ids = torch.randint(0, VOCABULARY, (rows, tokens), generator=torch.Generator().manual_seed(0))
+        self.rows = [{"input_ids": row} for row in ids]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.rows, batch_size=4)
+
+
+def language_model() -> CausalLM:
+    pl.seed_everything(0, verbose=False)
+    return CausalLM(config=CONFIG, vocabulary=VOCABULARY, sample_tokens=0, warmup_steps=1)
+
+
+def pruning(**options) -> PruneBeforeSharding:
+    return PruneBeforeSharding(amount=0.25, importance="l1", log_table=False, **options)
+
+
+def shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Full (global) shapes: a sharded parameter is a DTensor whose shape is the whole tensor's."""
+    return {name: tuple(parameter.shape) for name, parameter in module.named_parameters()}
+
+
+def trainer(root: Path, steps: int, **options) -> pl.Trainer:
+    save = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=2, save_last=True, save_top_k=0)
+    return pl.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, callbacks=[save, *options.pop("callbacks", [])],
+        enable_progress_bar=False, enable_model_summary=False, **options,
+    )  # fmt: skip
+
+
+# --- the job ------------------------------------------------------------------------------------------------
+def job(root: Path, strategy_name: str, resume: bool, steps: int) -> None:
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    warnings.filterwarnings("ignore")
+    if strategy_name == "fsdp2":
+        strategy = ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False,
+            process_group_backend="gloo",
+        )  # fmt: skip
+    else:
+        strategy = DDPStrategy(process_group_backend="gloo")
+    model = language_model()
+    run = trainer(root, steps, devices=2, strategy=strategy, callbacks=[pruning()])
+    run.fit(model, datamodule=Windows(), ckpt_path=root / "checkpoints" / "last.ckpt" if resume else None)
+    sharded = type(model.model).__name__
+    torch.save(
+        {"shapes": shapes(model), "record": applied_record(model), "step": run.global_step, "class": sharded,
+         "loss": float(run.callback_metrics["train/loss"])},
+        root / f"{'resumed' if resume else 'final'}-rank{run.global_rank}.pt",
+    )  # fmt: skip
+
+
+def run_job(root: Path, strategy: str, resume: bool = False, steps: int = 2) -> None:
+    command = [sys.executable, __file__, str(root), "--strategy", strategy, "--steps", str(steps)]
+    done = subprocess.run(command + (["--resume"] if resume else []), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# --- tests --------------------------------------------------------------------------------------------------
+def test_a_scheduled_step_under_fsdp_is_refused_and_names_the_one_shot_path() -> None:
+    class ModelParallelStrategy:  # the check reads the strategy's class name only
+        pass
+
+    fake = type("T", (), {"strategy": ModelParallelStrategy(), "max_epochs": 3})()
+    with pytest.raises(PruningError, match=r"ModelParallelStrategy for a scheduled step.*PruneBeforeSharding"):
+        StructuredPruning(amount=0.3).setup(fake, language_model(), "fit")
+
+
+def test_a_schedule_or_gradients_without_calibration_are_refused_at_construction() -> None:
+    with pytest.raises(PruningError, match=r"\['schedule'\] cannot be set"):
+        PruneBeforeSharding(schedule="linear", when="train_epoch_start")
+    assert PruneBeforeSharding(schedule="oneshot", start_epoch=0, when="train_epoch_start").steps == {0: 0.2}
+    with pytest.raises(PruningError, match="set `calibration_batches`"):
+        PruneBeforeSharding(importance="taylor")
+
+
+def test_one_process_cuts_in_setup_and_its_checkpoint_resumes_and_loads(tmp_path) -> None:
+    model = language_model()
+    dense = shapes(model)
+    trainer(tmp_path, 2, callbacks=[pruning()]).fit(model, datamodule=Windows())
+    pruned = shapes(model)
+    assert pruned.keys() == dense.keys() and pruned != dense
+    assert all(a <= b for name in dense for a, b in zip(pruned[name], dense[name], strict=True))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    resumed = language_model()
+    again = trainer(tmp_path, 4, callbacks=[pruning()])
+    again.fit(resumed, datamodule=Windows(), ckpt_path=last)
+    assert shapes(resumed) == pruned and again.global_step == 4
+    assert applied_record(resumed) == applied_record(model)  # the record replayed, not a second cut
+    loaded = CausalLM.load_from_checkpoint(last, weights_only=True)
+    assert shapes(loaded) == pruned
+    ids = torch.randint(0, VOCABULARY, (2, 8))
+    checkpoint = torch.load(last, weights_only=True)
+    reference = language_model()
+    reference.load_state_dict(checkpoint["state_dict"])  # the carried record cuts the dense module first
+    torch.testing.assert_close(loaded.eval()(ids), reference.eval()(ids))
+
+
+def test_gradient_checkpointing_and_bf16_true_train_a_pruned_model(tmp_path) -> None:
+    model = CausalLM(config=CONFIG, vocabulary=VOCABULARY, sample_tokens=0, warmup_steps=1, gradient_checkpointing=True)
+    assert model.model.is_activation_checkpointing
+    run = trainer(tmp_path, 2, callbacks=[pruning()], precision="bf16-true")
+    run.fit(model, datamodule=Windows())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(run.callback_metrics["train/loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_processes_prune_identically_then_shard_train_and_resume(tmp_path, strategy) -> None:
+    run_job(tmp_path, strategy)
+    ranks = [torch.load(tmp_path / f"final-rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert ranks[0]["shapes"] == ranks[1]["shapes"] and ranks[0]["record"] == ranks[1]["record"]
+    if strategy == "fsdp2":
+        assert ranks[0]["class"].startswith("FSDP")  # fully_shard swaps in an FSDP subclass
+    single = language_model()
+    trainer(tmp_path / "single", 1, callbacks=[pruning()]).fit(single, datamodule=Windows())
+    assert ranks[0]["shapes"] == shapes(single)  # the cut one process makes on the same weights
+    run_job(tmp_path, strategy, resume=True, steps=4)
+    resumed = [torch.load(tmp_path / f"resumed-rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert all(r["shapes"] == ranks[0]["shapes"] and r["step"] == 4 for r in resumed)
+    model = language_model()  # and the 2-process checkpoint resumes in one process
+    one = trainer(tmp_path, 4, callbacks=[pruning()])
+    one.fit(model, datamodule=Windows(), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert shapes(model) == ranks[0]["shapes"] and one.global_step == 4
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--strategy", choices=["fsdp2", "ddp"], required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--steps", type=int, default=2)
+    arguments = parser.parse_args()
+    job(arguments.root, arguments.strategy, arguments.resume, arguments.steps)
