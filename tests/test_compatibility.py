@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ from jobs import run_job
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_prune.callbacks import StructuredPruning, applied_record
+from lightning_prune.callbacks.checkpoint import STATE_KEY
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.models import ImageClassifier
 
@@ -24,6 +26,9 @@ def assert_same_run(finished: dict, expected: dict) -> None:
     1e-5; resuming on one machine is bit-identical (test_callbacks' kill-and-resume tests)."""
     assert finished["record"] == expected["record"]
     assert (finished["epoch"], finished["global_step"]) == (expected["epoch"], expected["global_step"])
+    # the record now also travels in the module's own state dict (for ddp_spawn); the rest is the 0.1 format
+    carried = finished["state_dict"].pop(STATE_KEY)
+    assert json.loads(bytes(carried.tolist()).decode()) == finished["record"]
     assert finished["state_dict"].keys() == expected["state_dict"].keys()
     for name, tensor in expected["state_dict"].items():
         assert finished["state_dict"][name].shape == tensor.shape, name

@@ -307,7 +307,11 @@ def grouped_bias(record: dict) -> None:
             lambda record: first_cut(record, "head.weight")["keep"].append(2**64),
             r"step 0: `keep` of cut on `head\.weight` must be strictly increasing indices in \[0, 32\)",
         ),
-        ("grouped", grouped_bias, r"a grouped cut \(groups=2\) takes the inputs .* `stem\.0\.bias` has shape \[16\]"),
+        (
+            "grouped",
+            grouped_bias,
+            r"a grouped cut \(groups=2\) takes indices of blocks of rows.* `stem\.0\.bias` has shape \[16\]",
+        ),
         ("grouped", lambda record: record.update(format=DEEP), r"`format` is \[\[\[\[\.\.\.\]\]\]\], expected"),
         ("grouped", lambda record: first_cut(record, "head.weight").update(tensor=DEEP), r"`tensor` must be a str"),
         (
