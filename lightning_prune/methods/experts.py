@@ -35,7 +35,7 @@ from lightning_prune.measure import count_macs, count_params
 from lightning_prune.methods.base import METHODS
 from lightning_prune.methods.depth_methods import batches_from, collect_batches
 from lightning_prune.record import new_record
-from lightning_prune.running import ExampleInputs, preserved_state, run_model
+from lightning_prune.running import ExampleInputs, observe
 from lightning_prune.surgery import apply_cuts
 
 SCORES = ("frequency", "weight", "l1")
@@ -140,14 +140,7 @@ def routing_statistics(
         model.get_submodule(layer.experts).register_forward_pre_hook(hook(layer.experts, layer.count), with_kwargs=True)
         for layer in layers
     ]
-    try:
-        with preserved_state(model), torch.no_grad():
-            model.eval()
-            for batch in calibration:
-                run_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe(model, calibration, handles)
     if not all(tokens.values()):
         raise PruningError("`calibration` routed no tokens through the experts: pass a non-empty list of batches.")
     return {name: (picked[name] / tokens[name], weight[name] / tokens[name]) for name in picked}
