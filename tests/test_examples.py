@@ -109,6 +109,7 @@ def test_prune_causal_lm_on_the_default_model(tmp_path: Path) -> None:
     assert "reloads it with the same logits" in output
 
 
+@pytest.mark.slow  # test_hydra's multirun_and_report runs the same sweep and report from the CLI
 def test_hydra_sweep_and_report(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     overrides = ["debug=smoke", "measure.min_run_time=0.05"]

@@ -128,6 +128,7 @@ def killed_ddp_job(tmp_path_factory) -> Callable[[], tuple[Path, list]]:
     return as_it_was
 
 
+@pytest.mark.slow  # DDP resume stays in the default suite: test_checkpoints_move_between_ddp_and_one_process
 def test_a_killed_ddp_job_resumes_under_ddp_to_the_uninterrupted_result(completed_job, killed_ddp_job) -> None:
     root, _ = killed_ddp_job()
     resumed = run_job(root, "--resume", *DDP)

@@ -306,6 +306,7 @@ def test_language_model_run_saves_a_model_that_reloads_to_the_reported_perplexit
     assert results["final"]["perplexity"] != results["dense"]["perplexity"]
 
 
+@pytest.mark.slow  # one language-model run stays in the default suite (saves a model that reloads)
 def test_language_model_sweep_over_methods_and_amounts_reports_perplexity(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     # model= and data= on the command line too: a sweep checks its overrides against the default config first
@@ -361,6 +362,7 @@ def test_multirun_and_report(tmp_path: Path, launcher: str) -> None:
         assert row[8].startswith(told)
 
 
+@pytest.mark.slow  # the basic sweep is multirun_and_report; this one adds the Optuna sweeper
 def test_optuna_sweep(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     command = [*CLI, "hparams_search=digits_optuna", "hydra.sweeper.n_trials=2", "debug=smoke", *FAST]
@@ -375,6 +377,7 @@ def test_optuna_sweep(tmp_path: Path) -> None:
 
 
 # --- the installed package -----------------------------------------------------------------------------
+@pytest.mark.slow  # builds and installs a wheel in a fresh venv (~30 s)
 def test_wheel_ships_the_configs_and_runs_from_anywhere(tmp_path: Path) -> None:
     source = tmp_path / "source"
     ignore = shutil.ignore_patterns(".git", ".venv", "build", "dist", "logs", "*.egg-info", "__pycache__", "benchmarks")
@@ -441,7 +444,14 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize(("overrides", "messages"), list(BAD.values()), ids=list(BAD))
+# Raised by check_config: tested in process below; the CLI run of each is slow (the path is the same for all).
+CHECKED = ("misspelt_new_key", "missing_value", "unknown_exporter", "unsupported_when")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "messages"),
+    [pytest.param(*BAD[name], id=name, marks=[pytest.mark.slow] if name in CHECKED[1:] else []) for name in BAD],
+)
 def test_bad_config_fails_before_training(tmp_path: Path, overrides: list[str], messages: list[str]) -> None:
     done = run([*CLI, *overrides, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert done.returncode != 0
@@ -449,6 +459,15 @@ def test_bad_config_fails_before_training(tmp_path: Path, overrides: list[str], 
         assert message in done.stderr, done.stderr[-3000:]
     written = {p.name for p in tmp_path.rglob("*") if p.is_file()}
     assert not written & {RESULTS, f".{RESULTS}.partial", "metrics.csv", "last.ckpt"}, written
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_config_check_refuses_the_bad_configs_of_the_command_line(tmp_path: Path, name: str) -> None:
+    overrides, messages = BAD[name]
+    with pytest.raises(ConfigError) as refused:
+        check_config(compose_into(tmp_path, overrides))
+    for message in messages:
+        assert message in str(refused.value)
 
 
 @pytest.mark.parametrize(
