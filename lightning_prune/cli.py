@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from lightning_prune.callbacks import Distillation, ShearedPruning, StructuredPruning
+from lightning_prune.callbacks.sharding import unsharded
 from lightning_prune.callbacks.snapshot import keep_dense
 from lightning_prune.data import SplitDataModule
 from lightning_prune.export import EXPORTERS, export_pair
@@ -394,6 +395,9 @@ def train(cfg: DictConfig) -> float | list[float] | None:
         dense = build_model(cfg, data)
         dense.load_state_dict(keeper.model.state_dict())
     dense_test = final_test if dense is model else trainer.test(dense, datamodule=data, verbose=False)[0]
+    same = dense is model
+    model = unsharded(model, lambda: build_model(cfg, data))  # FSDP: the whole weights, to measure and save
+    dense = model if same else unsharded(dense, lambda: build_model(cfg, data))
 
     folder = Path(cfg.paths.output_dir)
     if is_language(cfg):
@@ -417,18 +421,12 @@ def train(cfg: DictConfig) -> float | list[float] | None:
         before, after, ratio = measure((dense, model), (dense_test, final_test), images, cfg)
         dense_widths, final_widths = widths(dense), widths(model)
         results = {
-            "overrides": overrides(),
-            "dense": before,
-            "final": after,
-            "units": {
-                "macs": "per sample: one image",
-                "latency": f"seconds per forward of {len(images)} images, "
-                "median of repeats timed in turns (low/high: interquartile range)",
-            },
-            **ratio,
-            "latency_batch": len(images),
+            "overrides": overrides(), "dense": before, "final": after,
+            "units": {"macs": "per sample: one image", "latency": f"seconds per forward of {len(images)} images, "
+                      "median of repeats timed in turns (low/high: interquartile range)"},
+            **ratio, "latency_batch": len(images),
             "widths": {name: [width, final_widths[name]] for name, width in dense_widths.items()},
-        }
+        }  # fmt: skip
     results["recovery"] = recovery(callbacks)
     for sheared in (c for c in callbacks if isinstance(c, ShearedPruning)):
         results["sheared"] = dict(sheared.done)  # the step of the cut, the shape reached, parameters before/after

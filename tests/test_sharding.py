@@ -9,6 +9,8 @@ This file is also the 2-process job the slow tests start::
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import warnings
@@ -161,6 +163,38 @@ def test_two_processes_prune_identically_then_shard_train_and_resume(tmp_path, s
     one = trainer(tmp_path, 4, callbacks=[pruning()])
     one.fit(model, datamodule=Windows(), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
     assert shapes(model) == ranks[0]["shapes"] and one.global_step == 4
+
+
+@pytest.mark.slow
+def test_the_command_line_under_trainer_fsdp_saves_the_trained_weights_whole(tmp_path) -> None:
+    """``trainer=fsdp`` on 2 CPU processes: the run measures and saves a plain model gathered from the shards; the
+    folder loads with the stock class and computes what the last checkpoint's weights compute."""
+    from transformers import AutoModelForCausalLM
+
+    import lightning_prune as lp
+
+    config = "{model_type:llama,hidden_size:32,intermediate_size:48,num_hidden_layers:2,num_attention_heads:4,"
+    command = [
+        sys.executable, "-m", "lightning_prune.cli", "experiment=llm_pruner", "trainer=fsdp", "trainer.accelerator=cpu",
+        "trainer.strategy.process_group_backend=gloo", "trainer.precision=32-true", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "callbacks.pruning._target_=lightning_prune.PruneBeforeSharding", "callbacks.pruning.target=channels",
+        "callbacks.pruning.calibration_batches=2", "callbacks.pruning.log_table=false",
+        f"model.config={config}num_key_value_heads:2,max_position_embeddings:64,tie_word_embeddings:false}}",
+        "data.window=32", "measure.repeats=3", "measure.new_tokens=4", f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["model"]["stock_from_pretrained"] is True
+    saved = AutoModelForCausalLM.from_pretrained(results["model"]["path"]).eval()
+    assert saved.config.intermediate_size < 48  # the cut reached the saved folder
+    trained = lp.load_from_checkpoint(CausalLM, tmp_path / "checkpoints" / "last.ckpt").eval()
+    ids = torch.randint(0, saved.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids).logits, trained.model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ weights, same calibration batches, checked), and the strategy then shards the sm
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.calibration import _training_loss
 from lightning_prune.callbacks.checkpoint import (
+    CHECKPOINT_KEY,
+    STATE_KEY,
     add_to_applied,
+    applied_record,
     read_checkpoint,
     restore_pruned,
 )
@@ -154,3 +158,23 @@ def check_same_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> No
             "strategy keeps each rank's own slice. Seed every rank alike (`seed_everything`) or load the same "
             "`pretrained` folder on every rank."
         )
+
+
+def unsharded(module: pl.LightningModule, rebuild: Callable[[], pl.LightningModule]) -> pl.LightningModule:
+    """``module`` itself when none of its parameters is sharded; else a plain module with the whole weights on
+    every rank, for measuring and saving after a sharded fit (FSDP2's parameters are ``DTensor`` shards, which
+    neither ``generate`` on one rank nor ``save_pretrained`` can read).
+
+    A collective when sharded: call it on every rank. ``rebuild`` makes a fresh module of the same class and
+    arguments (dense); it is cut to the pruned shapes (the record ``module`` carries) before the weights load.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(parameter, DTensor) for parameter in module.parameters()):
+        return module
+    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    plain = rebuild()
+    restore_pruned(plain, {CHECKPOINT_KEY: {"record": applied_record(module)}}, "the sharded model's record")
+    plain.load_state_dict({name: tensor for name, tensor in weights.items() if not name.endswith(STATE_KEY)})
+    return plain
