@@ -4,6 +4,7 @@ each on the same number of tokens.
 
     python benchmarks/sheared_llama.py --threads 1              # both targets, 60 mask steps of 8 windows
     python benchmarks/sheared_llama.py --mask-steps 200 --targets 96:213 --every 20
+    python benchmarks/sheared_llama.py --masks-only --gate-lr 0.1 --multiplier-lr 0.1  # the mask phase's trajectory
 
 For each target ``hidden_size:intermediate_size``: test perplexity right after the cut (the end of the mask phase),
 after full fine-tuning on the recovery budget (5% of the dense model's training tokens, as
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--gate-lr", type=float, default=0.02, help="of the gates' log alpha (Adam)")
     parser.add_argument("--multiplier-lr", type=float, default=0.5, help="of the Lagrange multipliers (Adam ascent)")
     parser.add_argument("--every", type=int, default=10, help="steps between the printed expected sizes")
+    parser.add_argument("--masks-only", action="store_true", help="only the mask phase and its expected sizes")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -82,11 +84,13 @@ def main() -> None:
         f"a plain one ({gated * 1000:.0f} vs {plain * 1000:.0f} ms, batch {args.batch})\n"
     )
     print(
-        "| target (hidden:FFN) | decoder params | removed (decoder) | ppl after cut | ppl after recovery "
+        ""
+        if args.masks_only
+        else "| target (hidden:FFN) | decoder params | removed (decoder) | ppl after cut | ppl after recovery "
         "| LLM-Pruner + FT, same decoder params | same shape from scratch | expected at the end (hidden, FFN) "
         "| mask phase |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("" if args.masks_only else "|---|---|---|---|---|---|---|---|---|")
     calibration = data.calibration(10, 64, seed=0)
     trajectories = []
     for text in args.targets:
@@ -99,6 +103,14 @@ def main() -> None:
             multiplier_lr=args.multiplier_lr, log_every=args.every,
         )  # fmt: skip
         seconds = time.perf_counter() - start
+        points = [
+            f"{h['step']}: {h['hidden_size']:.0f}/{h['intermediate_size']:.0f} "
+            f"(target {h['target_hidden_size']:.0f}/{h['target_intermediate_size']:.0f})"
+            for h in result.history
+        ]
+        trajectories.append(f"- {hidden}:{ffn}, expected hidden/FFN at step " + ", ".join(points))
+        if args.masks_only:
+            continue
         after_cut = lp.perplexity(model, test)
         lp.finetune(model, recovery, causal_lm_loss, lr=1e-4, epochs=1)
         recovered = lp.perplexity(model, test)
@@ -118,12 +130,6 @@ def main() -> None:
             f"| {seconds:.0f} s |",
             flush=True,
         )
-        points = [
-            f"{h['step']}: {h['hidden_size']:.0f}/{h['intermediate_size']:.0f} "
-            f"(target {h['target_hidden_size']:.0f}/{h['target_intermediate_size']:.0f})"
-            for h in result.history
-        ]
-        trajectories.append(f"- {hidden}:{ffn}, expected hidden/FFN at step " + ", ".join(points))
     print("\nexpected sizes during the mask phase (the target warms up linearly over half the steps):")
     print("\n".join(trajectories))
 
