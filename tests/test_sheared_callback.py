@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_llm_callbacks import CONFIG, loader, trainer
+from test_llm_pruner import windows
 
 import lightning_prune as lp
 from lightning_prune.callbacks import ShearedPruning
@@ -187,3 +188,30 @@ def test_under_float16_the_gates_do_not_step_when_the_grad_scaler_skips_an_overf
     callback, overflow, module = float16_run(2.0**100)  # float16 gradients overflow at every step
     assert not overflow.gradients  # the gates' optimizer never stepped on infinite gradients
     assert len(callback.history) == 2 and module.model.config.hidden_size == 16  # the phase still ends in the cut
+
+
+class SameGates(pl.Callback):
+    """Every batch of one optimizer step draws the same gate samples (the random state is set by the step)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.manual_seed(trainer.global_step)
+
+
+@pytest.mark.slow
+def test_under_accumulation_the_gates_step_once_on_the_gradient_of_the_whole_batch() -> None:
+    def steps(batch_size: int, accumulate: int) -> list[dict[str, torch.Tensor]]:
+        pl.seed_everything(0, verbose=False)
+        module = lp.CausalLM(config=CONFIG, vocabulary=64, warmup_steps=1)
+        callback = ShearedPruning({"hidden_size": 16, "intermediate_size": 24}, mask_steps=4, warmup=1)
+        probe = GateGradients()
+        data = torch.utils.data.DataLoader([{"input_ids": w} for w in windows(8, 12)], batch_size=batch_size)
+        options = {"max_steps": 3, "accumulate_grad_batches": accumulate, "enable_checkpointing": False}
+        trainer(2, [callback, probe, SameGates()], **options).fit(module, data)
+        assert len(probe.gradients) == len(callback.history) == 3
+        return probe.gradients
+
+    accumulated, whole = steps(2, accumulate=2), steps(4, accumulate=1)
+    for step, gradients in enumerate(whole):  # both halves' loss gradients, and the Lagrangian's once
+        for key, gradient in gradients.items():  # (the multipliers start at 0 and pull from the third step)
+            assert gradient.abs().max() > 0, key
+            torch.testing.assert_close(accumulated[step][key], gradient, atol=1e-7, rtol=1e-4)
