@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -61,11 +62,12 @@ def blockwise(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if module is model.get_input_embeddings()]
 
 
-def sheared_target(model: torch.nn.Module, amount: float, round_to: int = 8) -> dict[str, int]:
+def sheared_target(model: torch.nn.Module, amount: float) -> dict[str, int]:
     """A shape of ``model``'s family with ``amount`` fewer decoder parameters: the hidden size shrinks by half of
-    ``amount`` (rounded up to ``round_to``), the FFN width takes the rest (20% of the default model: 120:309,
-    50%: 96:213)."""
+    ``amount`` (rounded up to a multiple of 8 and of the heads), the FFN width takes the rest (20% of the default
+    model: 120:309, 50%: 96:213)."""
     config = model.config
+    round_to = math.lcm(8, config.num_attention_heads)
     hidden = min(config.hidden_size, -(-round(config.hidden_size * (1 - amount / 2)) // round_to) * round_to)
     goal = (1 - amount) * decoder_params(model)
 

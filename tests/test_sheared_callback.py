@@ -102,6 +102,9 @@ def test_a_run_resumed_after_the_cut_has_the_target_shape_and_does_not_cut_again
     [
         ({"hidden_size": 64}, {}, r"`hidden_size`=64 is larger than the model's 32"),
         ({"num_attention_heads": 3}, {}, r"`num_attention_heads`=3 is not a multiple of the model's 2"),
+        ({"num_hidden_layers": 4}, {}, r"`num_hidden_layers`=4 is larger than the model's 3"),
+        ({"num_attention_heads": 4, "num_key_value_heads": 1}, {}, r"ratio of 2 .*`num_attention_heads`=2"),
+        ({"hidden_size": 30}, {}, r"family refuses: .*hidden size \(30\) is not a multiple.*heads \(4\)"),
     ],
 )
 def test_an_unreachable_target_is_refused_before_training(target, options, message) -> None:
