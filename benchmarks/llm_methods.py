@@ -4,6 +4,7 @@
     python benchmarks/llm_methods.py --amounts 0.2 --recovery-tokens 200000 --methods flap llm_pruner_vectorwise
     python benchmarks/llm_methods.py --amounts 0.25 0.5 --methods shortgpt angular drop_deepest laco  # whole layers
     python benchmarks/llm_methods.py --amounts 0.2 0.25 0.3 --methods slicegpt slicegpt_per_layer  # of the stream
+    python benchmarks/llm_methods.py --methods sheared llm_pruner_vectorwise_ft  # a learned target shape
 
 For each amount and method, from the same dense model: the parameters left (all, and the decoder's: the
 block stack without embeddings and LM head), test perplexity right after the cut, test perplexity after
@@ -14,6 +15,10 @@ of repeats, dense and pruned timed alternately, with the interquartile range), a
 SliceGPT rows slice ``amount`` of the stream's dimensions (not of the decoder's parameters: it also narrows the
 embeddings and the LM head, and per-layer bases add shortcut matrices, counted); each is followed by the
 ``--equal-size`` methods at the share of all parameters that SliceGPT removed, so they compare at the same size.
+
+Sheared-LLaMA rows (``sheared``) learn masks for ``--sheared-steps`` steps of 8 training windows (tokens the other
+methods do not see) toward the shape of :func:`sheared_target`, cut to it, and recover with full fine-tuning as the
+``_ft`` rows do (the paper's continued pre-training).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -38,6 +44,8 @@ PAPERS = [
     "ShortGPT (Men et al. 2024): 25% of the layers removed keeps ~85–92% of the benchmark performance.",
     "LaCo (Yang et al. 2024): > 80% of average task performance at 25–30% of the layers removed; claims to beat "
     "LLM-Pruner and SliceGPT.",
+    "Sheared-LLaMA (Xia et al. 2024): Llama-2-7B to 2.7B (0.4B tokens of mask learning, 50B of continued "
+    "pre-training) beats same-size models trained from scratch; Llama-7B -> 5.5B: 96% of the original, 1.3x faster.",
     "SliceGPT (Ashkboos et al. 2024): 25% of the parameters of Llama-2-70B / OPT-66B / Phi-2 removed keeps 99% / 99% "
     "/ 90% of zero-shot performance without recovery.",
 ]
@@ -54,10 +62,38 @@ def blockwise(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if module is model.get_input_embeddings()]
 
 
-def cut(method: str, calibration: torch.Tensor, activations: torch.Tensor) -> Callable[[Any, float], Any]:
+def sheared_target(model: torch.nn.Module, amount: float) -> dict[str, int]:
+    """A shape of ``model``'s family with ``amount`` fewer decoder parameters: the hidden size shrinks by half of
+    ``amount`` (rounded up to a multiple of 8 and of the heads), the FFN width takes the rest (20% of the default
+    model: 120:309, 50%: 96:213)."""
+    config = model.config
+    round_to = math.lcm(8, config.num_attention_heads)
+    hidden = min(config.hidden_size, -(-round(config.hidden_size * (1 - amount / 2)) // round_to) * round_to)
+    goal = (1 - amount) * decoder_params(model)
+
+    def size(ffn: int) -> int:  # the decoder's parameter count is linear in the FFN width at a fixed hidden size
+        shaped = copy.deepcopy(config)
+        shaped.hidden_size, shaped.intermediate_size = hidden, ffn
+        with torch.device("meta"):
+            return decoder_params(AutoModelForCausalLM.from_config(shaped))
+
+    per_neuron = size(2) - size(1)
+    ffn = round(1 + (goal - size(1)) / per_neuron)
+    return {"hidden_size": hidden, "intermediate_size": max(1, min(config.intermediate_size, ffn))}
+
+
+def cut(
+    method: str, calibration: torch.Tensor, activations: torch.Tensor, training: list[torch.Tensor], steps: int
+) -> Callable[[Any, float], Any]:
     """``cut(model, fraction_of_all_params)`` for a table row's method; ``activations``: the calibration windows of
-    the activation methods (Wanda-sp, FLAP), ``calibration`` those of LLM-Pruner."""
+    the activation methods (Wanda-sp, FLAP), ``calibration`` those of LLM-Pruner, ``training`` the batches of
+    Sheared-LLaMA's ``steps`` mask steps."""
     example = {"input_ids": calibration[:1], "use_cache": False}
+    if method == "sheared":
+        return lambda model, amount: lp.shear(
+            model, sheared_target(model, amount * lp.count_params(model) / decoder_params(model)), training, steps,
+            **SHEAR_OPTIONS,
+        )  # fmt: skip
     if method in DEPTH:
         return lambda model, amount: depth_cut(method, model, calibration, amount)
     if method in ("random", "l1"):
@@ -89,9 +125,10 @@ def depth_cut(method: str, model: torch.nn.Module, calibration: torch.Tensor, am
     return (lp.drop_angular if method == "angular" else lp.drop_deepest)(model, calibration, count)
 
 
+SHEAR_OPTIONS = {"lr": 1e-4, "gate_lr": 0.02, "multiplier_lr": 0.5}  # see benchmarks/sheared_llama.py
 METHODS = [
     "random", "l1", "llm_pruner_vectorwise", "llm_pruner_elementwise", "llm_pruner_second", "llm_pruner_mix",
-    "llm_pruner_vectorwise_ft", "wanda_sp", "flap", "flap_no_compensation", *DEPTH, *SLICING,
+    "llm_pruner_vectorwise_ft", "wanda_sp", "flap", "flap_no_compensation", *DEPTH, *SLICING, "sheared",
 ]  # fmt: skip
 
 
@@ -119,6 +156,7 @@ def main() -> None:
         "--equal-size", nargs="*", default=["llm_pruner_vectorwise", "flap"], choices=METHODS,
         help="methods run after each SliceGPT row at the share of all parameters it removed",
     )  # fmt: skip
+    parser.add_argument("--sheared-steps", type=int, default=60, help="mask steps of 8 windows (Sheared-LLaMA)")
     parser.add_argument("--speed-batch", type=int, default=16, help="prompts generated side by side when timing")
     parser.add_argument("--recovery-tokens", type=int, default=None, help="default: 5%% of the dense training tokens")
     parser.add_argument("--threads", type=int, default=2)
@@ -138,6 +176,8 @@ def main() -> None:
     windows = data.splits["train"].windows
     recovery = list(windows[: max(1, budget // windows.shape[1])].split(8))
     prompt = test[: args.speed_batch, :16]
+    torch.manual_seed(0)
+    shear_batches = list(windows[torch.randperm(len(windows))[: args.sheared_steps * 8]].split(8))
     dense_ppl = lp.perplexity(dense, test)
     total, decoder = lp.count_params(dense), decoder_params(dense)
     print(f"dense: {total:,} parameters ({decoder:,} in the decoder blocks), test ppl {dense_ppl:.2f}; trained "
@@ -161,15 +201,19 @@ def main() -> None:
         print a table row; returns the cut model."""
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        cut(method, calibration, activations)(model, share)
+        cut(method, calibration, activations, shear_batches, args.sheared_steps)(model, share)
         seconds = time.perf_counter() - start
         after_cut = lp.perplexity(model, test)
-        recover = lp.finetune if method.endswith("_ft") else lp.lora_recover
-        options = {"lr": 1e-4, "epochs": 1} if method.endswith("_ft") else {"lr": 1e-3, "epochs": 1}
+        full = method.endswith("_ft") or method == "sheared"
+        recover = lp.finetune if full else lp.lora_recover
+        options = {"lr": 1e-4, "epochs": 1} if full else {"lr": 1e-3, "epochs": 1}
         recover(model, recovery, causal_lm_loss, **options)
         recovered = lp.perplexity(model, test)
         ratio, low, high = speed_ratio(dense, model.eval(), prompt)
-        label = method + (" + full FT" if method.endswith("_ft") else " + LoRA")
+        label = method + (" + full FT" if full else " + LoRA")
+        if method == "sheared":
+            shape = model.config
+            label += f" ({shape.hidden_size}:{shape.intermediate_size}, {args.sheared_steps} mask steps)"
         print(
             f"| {removed} | {label} | {lp.count_params(model):,} | {decoder_params(model):,} | {after_cut:.2f} "
             f"| {recovered:.2f} | {ratio:.2f}× ({low:.2f}–{high:.2f}) | {seconds:.1f} s |",

@@ -1,13 +1,18 @@
 """Sheared-LLaMA on the trained default model (``lightning_prune.default_language_model``): targets with about 20% and
-50% fewer decoder parameters, against training the same shape from scratch on the same number of tokens.
+50% fewer decoder parameters, against LLM-Pruner at the same decoder size and training the same shape from scratch,
+each on the same number of tokens.
 
-    python benchmarks/sheared_llama.py                          # both targets, 100 mask steps of 8 windows
-    python benchmarks/sheared_llama.py --mask-steps 200 --targets 96:213
+    python benchmarks/sheared_llama.py --threads 1              # both targets, 60 mask steps of 8 windows
+    python benchmarks/sheared_llama.py --mask-steps 200 --targets 96:213 --every 20
+    python benchmarks/sheared_llama.py --masks-only --gate-lr 0.1 --multiplier-lr 0.1  # the mask phase's trajectory
 
 For each target ``hidden_size:intermediate_size``: test perplexity right after the cut (the end of the mask phase),
 after full fine-tuning on the recovery budget (5% of the dense model's training tokens, as
-``benchmarks/llm_methods.py``), the same shape trained from random weights on mask + recovery tokens, how close the
-expected sizes came to the target during the mask phase, and the cost of a masked training step over a plain one.
+``benchmarks/llm_methods.py``); LLM-Pruner (block-wise, vectorwise: heads and FFN neurons, the stream kept, since
+its one fraction per group cannot give the hidden and FFN widths different shares) cut to the same decoder
+parameter count and fine-tuned on the mask + recovery tokens; the same shape trained from random weights on those
+tokens; the expected sizes every ``--every`` steps of the mask phase against the warmed-up target; and the cost of
+a masked training step over a plain one.
 """
 
 from __future__ import annotations
@@ -49,8 +54,12 @@ def step_seconds(model: torch.nn.Module, batch: torch.Tensor, repeats: int = 7) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", nargs="+", default=["120:308", "96:213"], help="hidden_size:intermediate_size")
-    parser.add_argument("--mask-steps", type=int, default=100, help="optimizer steps of the mask phase")
+    parser.add_argument("--mask-steps", type=int, default=60, help="optimizer steps of the mask phase")
     parser.add_argument("--batch", type=int, default=8, help="windows per step")
+    parser.add_argument("--gate-lr", type=float, default=0.02, help="of the gates' log alpha (Adam)")
+    parser.add_argument("--multiplier-lr", type=float, default=0.5, help="of the Lagrange multipliers (Adam ascent)")
+    parser.add_argument("--every", type=int, default=10, help="steps between the printed expected sizes")
+    parser.add_argument("--masks-only", action="store_true", help="only the mask phase and its expected sizes")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -75,17 +84,33 @@ def main() -> None:
         f"a plain one ({gated * 1000:.0f} vs {plain * 1000:.0f} ms, batch {args.batch})\n"
     )
     print(
-        "| target (hidden:FFN) | decoder params | removed (decoder) | ppl after cut | ppl after recovery "
-        "| same shape from scratch | closest expected (hidden, FFN) | mask phase |"
+        ""
+        if args.masks_only
+        else "| target (hidden:FFN) | decoder params | removed (decoder) | ppl after cut | ppl after recovery "
+        "| LLM-Pruner + FT, same decoder params | same shape from scratch | expected at the end (hidden, FFN) "
+        "| mask phase |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("" if args.masks_only else "|---|---|---|---|---|---|---|---|---|")
+    calibration = data.calibration(10, 64, seed=0)
+    trajectories = []
     for text in args.targets:
         hidden, ffn = (int(v) for v in text.split(":"))
         target = {"hidden_size": hidden, "intermediate_size": ffn}
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        result = lp.shear(model, target, mask_batches, args.mask_steps, lr=1e-4, gate_lr=0.1, multiplier_lr=0.1)
+        result = lp.shear(
+            model, target, mask_batches, args.mask_steps, lr=1e-4, gate_lr=args.gate_lr,
+            multiplier_lr=args.multiplier_lr, log_every=args.every,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
+        points = [
+            f"{h['step']}: {h['hidden_size']:.0f}/{h['intermediate_size']:.0f} "
+            f"(target {h['target_hidden_size']:.0f}/{h['target_intermediate_size']:.0f})"
+            for h in result.history
+        ]
+        trajectories.append(f"- {hidden}:{ffn}, expected hidden/FFN at step " + ", ".join(points))
+        if args.masks_only:
+            continue
         after_cut = lp.perplexity(model, test)
         lp.finetune(model, recovery, causal_lm_loss, lr=1e-4, epochs=1)
         recovered = lp.perplexity(model, test)
@@ -93,15 +118,20 @@ def main() -> None:
         config.hidden_size, config.intermediate_size = hidden, ffn
         scratch = AutoModelForCausalLM.from_config(config)
         lp.finetune(scratch, mask_batches + recovery, causal_lm_loss, lr=3e-3, epochs=1)
-        closest = min(result.history, key=lambda h: abs(h["hidden_size"] - hidden) / hidden + abs(
-            h["intermediate_size"] - ffn) / ffn)  # fmt: skip
+        pruner = copy.deepcopy(dense)
+        share = (decoder_params(dense) - decoder_params(model)) / lp.count_params(dense)
+        lp.llm_pruner(pruner, calibration, share, variant="vectorwise", target="params")
+        lp.finetune(pruner, mask_batches + recovery, causal_lm_loss, lr=1e-4, epochs=1)
+        last = result.history[-1]
         print(
             f"| {hidden}:{ffn} | {decoder_params(model):,} | {1 - decoder_params(model) / decoder_params(dense):.1%} "
-            f"| {after_cut:.2f} | {recovered:.2f} | {lp.perplexity(scratch, test):.2f} "
-            f"| {closest['hidden_size']:.1f}, {closest['intermediate_size']:.1f} (step {closest['step']}) "
+            f"| {after_cut:.2f} | {recovered:.2f} | {lp.perplexity(pruner, test):.2f} ({decoder_params(pruner):,}) "
+            f"| {lp.perplexity(scratch, test):.2f} | {last['hidden_size']:.1f}, {last['intermediate_size']:.1f} "
             f"| {seconds:.0f} s |",
             flush=True,
         )
+    print("\nexpected sizes during the mask phase (the target warms up linearly over half the steps):")
+    print("\n".join(trajectories))
 
 
 if __name__ == "__main__":

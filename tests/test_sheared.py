@@ -107,6 +107,38 @@ def test_expected_parameters_are_the_dense_count_with_open_gates_and_the_cut_cou
     assert predicted == pytest.approx(shearing.cut().params_after, rel=1e-6)
 
 
+def test_attention_and_mlp_have_their_own_layer_gates_and_whole_layers_are_kept_by_both() -> None:
+    import copy
+
+    model, ids = llama(layers=4), windows(2, 10)
+    reference = copy.deepcopy(model)
+    shearing = Shearing(model, {"num_hidden_layers": 2})
+    assert set(shearing.log_alpha) == {"layers_attention", "layers_mlp"}
+    with torch.no_grad():  # open gates are exactly 1 and closed ones exactly 0, sampled or not
+        shearing.log_alpha["layers_attention"].fill_(50.0)
+        shearing.log_alpha["layers_mlp"].copy_(torch.tensor([50.0, -50.0, 50.0, 50.0]))
+        reference.model.layers[1].mlp.down_proj.weight.zero_()  # layer 1 without its MLP, its attention kept
+    shearing.attach()
+    model.train()
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    mlp = lp.count_params(model.model.layers[1].mlp)
+    norms = sum(p.numel() for n, p in model.model.layers[1].named_parameters() if "norm" in n)
+    expected = shearing.expected()
+    assert expected["num_hidden_layers"].item() == pytest.approx(3.5)  # half of layer 1 is gone
+    assert expected["params"].item() == pytest.approx(lp.count_params(model) - mlp - norms / 2, rel=1e-6)
+    with torch.no_grad():  # attention alone would keep layers 0 and 2; both halves together keep 0 and 3
+        shearing.log_alpha["layers_attention"].copy_(torch.tensor([3.0, -5.0, 1.0, 0.0]))
+        shearing.log_alpha["layers_mlp"].copy_(torch.tensor([3.0, 4.0, -2.0, 0.5]))
+    model.eval()
+    with torch.no_grad():
+        gated = model(input_ids=ids).logits
+    assert shearing.step().drops[0].keep == [0, 3]
+    shearing.cut()
+    assert model.config.num_hidden_layers == 2
+    with torch.no_grad():  # each kept half folded its own gate value
+        torch.testing.assert_close(model(input_ids=ids).logits, gated, atol=1e-5, rtol=1e-5)
+
+
 def test_hard_concrete_gates_follow_the_papers_formulas() -> None:
     torch.manual_seed(0)
     log_alpha = torch.tensor([-3.0, 0.0, 2.0]).repeat_interleave(20000).reshape(3, -1)

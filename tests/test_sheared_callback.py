@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_llm_callbacks import CONFIG, loader, trainer
+from test_llm_pruner import windows
 
 import lightning_prune as lp
 from lightning_prune.callbacks import ShearedPruning
@@ -101,6 +102,9 @@ def test_a_run_resumed_after_the_cut_has_the_target_shape_and_does_not_cut_again
     [
         ({"hidden_size": 64}, {}, r"`hidden_size`=64 is larger than the model's 32"),
         ({"num_attention_heads": 3}, {}, r"`num_attention_heads`=3 is not a multiple of the model's 2"),
+        ({"num_hidden_layers": 4}, {}, r"`num_hidden_layers`=4 is larger than the model's 3"),
+        ({"num_attention_heads": 4, "num_key_value_heads": 1}, {}, r"ratio of 2 .*`num_attention_heads`=2"),
+        ({"hidden_size": 30}, {}, r"family refuses: .*hidden size \(30\) is not a multiple.*heads \(4\)"),
     ],
 )
 def test_an_unreachable_target_is_refused_before_training(target, options, message) -> None:
@@ -134,3 +138,83 @@ def test_the_phase_runs_under_bf16_autocast_and_cuts_to_a_head_target() -> None:
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (16, 2, 1)
     assert module.model.model.layers[0].self_attn.q_proj.weight.shape == (16, 16)
     assert len(callback.history) == 3 and callback.done["step"] == 3
+
+
+class GateGradients(pl.Callback):
+    """The gates' gradients and values each time the callback's optimizer steps (training loss + Lagrangian)."""
+
+    def __init__(self) -> None:
+        self.gradients, self.before = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        shearing = next(c for c in trainer.callbacks if isinstance(c, ShearedPruning))
+        optimizer = shearing.optimizer
+        if optimizer is None or getattr(optimizer, "probed", False):
+            return
+        step = optimizer.step
+
+        def probed(*args, **kwargs):
+            gates = shearing.shearing.log_alpha
+            self.gradients.append({k: v.grad.clone() for k, v in gates.items()})
+            self.before.append({k: v.detach().clone() for k, v in gates.items()})
+            return step(*args, **kwargs)
+
+        optimizer.step, optimizer.probed = probed, True
+
+
+def float16_run(scale: float) -> tuple[ShearedPruning, GateGradients, lp.CausalLM]:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    pl.seed_everything(0, verbose=False)
+    module = lp.CausalLM(config=CONFIG, vocabulary=64, warmup_steps=1)
+    callback, probe = (
+        ShearedPruning({"hidden_size": 16, "intermediate_size": 24}, mask_steps=2, warmup=1),
+        GateGradients(),
+    )
+    precision = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=scale))
+    trainer(1, [callback, probe], max_steps=2, enable_checkpointing=False, plugins=[precision]).fit(module, loader())
+    return callback, probe, module
+
+
+@pytest.mark.slow
+def test_under_float16_with_a_grad_scaler_the_gates_see_unscaled_gradients() -> None:
+    _, large, _ = float16_run(2.0**16)
+    _, small, _ = float16_run(2.0**4)
+    assert len(large.gradients) == len(small.gradients) == 2
+    for step, gradients in enumerate(large.gradients):  # the loss scale is divided out of the gates' gradients
+        for key, gradient in gradients.items():
+            assert gradient.abs().max() > 0, key
+            torch.testing.assert_close(gradient, small.gradients[step][key], atol=1e-6, rtol=1e-3)
+
+
+def test_under_float16_the_gates_do_not_step_when_the_grad_scaler_skips_an_overflowing_step() -> None:
+    callback, overflow, module = float16_run(2.0**100)  # float16 gradients overflow at every step
+    assert not overflow.gradients  # the gates' optimizer never stepped on infinite gradients
+    assert len(callback.history) == 2 and module.model.config.hidden_size == 16  # the phase still ends in the cut
+
+
+class SameGates(pl.Callback):
+    """Every batch of one optimizer step draws the same gate samples (the random state is set by the step)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.manual_seed(trainer.global_step)
+
+
+@pytest.mark.slow
+def test_under_accumulation_the_gates_step_once_on_the_gradient_of_the_whole_batch() -> None:
+    def steps(batch_size: int, accumulate: int) -> list[dict[str, torch.Tensor]]:
+        pl.seed_everything(0, verbose=False)
+        module = lp.CausalLM(config=CONFIG, vocabulary=64, warmup_steps=1)
+        callback = ShearedPruning({"hidden_size": 16, "intermediate_size": 24}, mask_steps=4, warmup=1)
+        probe = GateGradients()
+        data = torch.utils.data.DataLoader([{"input_ids": w} for w in windows(8, 12)], batch_size=batch_size)
+        options = {"max_steps": 3, "accumulate_grad_batches": accumulate, "enable_checkpointing": False}
+        trainer(2, [callback, probe, SameGates()], **options).fit(module, data)
+        assert len(probe.gradients) == len(callback.history) == 3
+        return probe.gradients
+
+    accumulated, whole = steps(2, accumulate=2), steps(4, accumulate=1)
+    for step, gradients in enumerate(whole):  # both halves' loss gradients, and the Lagrangian's once
+        for key, gradient in gradients.items():  # (the multipliers start at 0 and pull from the third step)
+            assert gradient.abs().max() > 0, key
+            torch.testing.assert_close(accumulated[step][key], gradient, atol=1e-7, rtol=1e-4)

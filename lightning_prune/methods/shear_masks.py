@@ -44,11 +44,12 @@ def expected_gates(log_alpha: Tensor) -> Tensor:
     return torch.sigmoid(log_alpha - TEMPERATURE * math.log(-LOW / HIGH))
 
 
-def deterministic_gates(log_alpha: Tensor, count: int) -> Tensor:
-    """Exactly ``count`` non-zero gates (the largest scores), each holding its score; the rest zero."""
+def deterministic_gates(log_alpha: Tensor, count: int, ranking: Tensor | None = None) -> Tensor:
+    """Exactly ``count`` non-zero gates (the largest ``ranking``, by default ``log_alpha``), each holding its score;
+    the rest zero."""
     scores = torch.sigmoid(log_alpha.detach() / TEMPERATURE * SHARPNESS)
     gates = torch.zeros_like(scores)
-    keep = torch.topk(log_alpha.detach(), count, sorted=False).indices
+    keep = torch.topk(log_alpha.detach() if ranking is None else ranking, count, sorted=False).indices
     gates[keep] = scores[keep]
     return gates
 

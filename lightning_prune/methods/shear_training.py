@@ -41,7 +41,8 @@ def shear(
         log_every: every that many steps the expected counts go into ``result.history``.
 
     Returns:
-        A :class:`ShearResult` whose ``history`` holds the expected counts and parameters during the phase.
+        A :class:`ShearResult` whose ``history`` holds, every ``log_every`` steps after the step, the expected counts
+        and parameters, and the warmed-up target of each constrained count (``target_<field>``).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise PruningError(f"`steps` must be a non-negative integer, got {steps!r}.")
@@ -65,7 +66,11 @@ def shear(
                 loss.backward()
                 optimizer.step()
                 if number % log_every == 0 or number == steps - 1:
-                    history.append({"step": number, **{k: float(v.detach()) for k, v in shearing.expected().items()}})
+                    expected = {k: float(v.detach()) for k, v in shearing.expected().items()}
+                    goals = {
+                        f"target_{k}": shearing.lagrangian.target_at(k, number) for k in shearing.lagrangian.target
+                    }
+                    history.append({"step": number, **expected, **goals})
         finally:
             shearing.detach()
             model.train(was_training)

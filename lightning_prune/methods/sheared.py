@@ -9,7 +9,10 @@ neurons), never by naming a family:
   every norm that reads the stream normalises over the dimensions still present (``×√(D/k)`` before it, ``÷√(D/k)``
   after it, ``k`` the non-zero gates), which is what the cut model's norm computes;
 - the readers of heads and FFN neurons (``o_proj``, ``down_proj``) scale their inputs by the head-group and neuron
-  gates; a layer gate scales both of its block's writers, so a closed gate leaves the block an identity.
+  gates; each layer has two layer gates, one scaling its attention's writer and one its MLP's (the paper's
+  separate attention and MLP masks), so a closed gate leaves that half of the block an identity. The layers kept
+  at the end are the ``num_hidden_layers`` with the largest sum of the two ``log α`` (a stock model keeps or drops
+  whole layers); each kept half folds its own gate's value.
 
 In training mode the gates are hard-concrete samples (one per forward pass), in eval mode deterministic with
 exactly the target counts, so the masked model in eval mode computes what the cut model computes. :meth:`cut`
@@ -55,6 +58,7 @@ QUANTITIES = {
     "ffn": "intermediate_size",
     "layers": "num_hidden_layers",
 }
+LAYER_GATES = ("layers_attention", "layers_mlp")  # a block's attention and MLP halves
 
 
 @dataclass
@@ -148,7 +152,7 @@ class Shearing:
         self.layers = len(model.get_submodule(self.blocks))
         self._find_groups()
         self.counts = {k: self.shape[QUANTITIES[k]] for k in kinds}
-        size = {"hidden": self.stream.width, "layers": self.layers}
+        size = {"hidden": self.stream.width, **dict.fromkeys(LAYER_GATES, self.layers)}
         size.update({f"heads_{i}": g.width for i, g in enumerate(self.head_groups)})
         size.update({f"ffn_{i}": g.width for i, g in enumerate(self.ffn_groups)})
         start = initial_log_alpha(droprate)
@@ -160,7 +164,7 @@ class Shearing:
                 if key.partition("_")[0] in kinds
             }
         )
-        self._sites, self._norms, self._dims = self._find_sites()
+        self._sites, self._norms, self._dims, self._halves = self._find_sites()
         dense = {QUANTITIES[k]: self.dense_shape[QUANTITIES[k]] for k in kinds}
         with torch.no_grad():
             start = {name: float(count) for name, count in self.expected().items()}
@@ -195,14 +199,23 @@ class Shearing:
             self.head_groups.append(heads[0])
             self.ffn_groups.append(ffn[0])
 
-    def _find_sites(self) -> tuple[list[Site], list[str], dict[tuple[str, int], tuple[str, Tensor]]]:
+    def _find_sites(
+        self,
+    ) -> tuple[list[Site], list[str], dict[tuple[str, int], tuple[str, Tensor]], dict[str, str]]:
         tensors = dict(self.model.named_parameters())
         sites, norms, dims = [], [], {}
+        layered = "layers" in self.counts
+        halves = {  # tensor -> the layer gate of its half of the block (norms have none: both halves count them)
+            m.slot.tensor: gate
+            for groups, gate in ((self.head_groups, LAYER_GATES[0]), (self.ffn_groups, LAYER_GATES[1]))
+            for group in groups
+            for m in group.members
+        }
         gated = [("hidden", self.stream)]
         gated += [(f"heads_{i}", g) for i, g in enumerate(self.head_groups)]
         gated += [(f"ffn_{i}", g) for i, g in enumerate(self.ffn_groups)]
         for key, group in gated:
-            if key not in self.log_alpha and not (key == "hidden" and "layers" in self.log_alpha):
+            if key not in self.log_alpha and not (key == "hidden" and layered):
                 continue
             for number, member in enumerate(group.members):
                 slot = member.slot
@@ -212,8 +225,13 @@ class Shearing:
                     dims[(slot.tensor, slot.dim)] = (key, elements)
                 layer = self._block_of(slot.tensor)
                 writer = slot.role == "out" and slot.tensor.endswith(".weight")
-                if key == "hidden" and writer and "layers" in self.log_alpha and layer is not None:
-                    sites.append(Site(module, "output", "layers", torch.full_like(elements, layer)))
+                if key == "hidden" and writer and layered and layer is not None:
+                    if slot.tensor not in halves:
+                        raise PruningError(
+                            f"`{slot.tensor}` writes the stream inside block {layer} but belongs to neither its head "
+                            "group nor its neuron group: shearing cannot tell which layer gate scales it."
+                        )
+                    sites.append(Site(module, "output", halves[slot.tensor], torch.full_like(elements, layer)))
                 if key not in self.log_alpha:
                     continue
                 if key == "hidden" and writer:
@@ -231,7 +249,7 @@ class Shearing:
                     f"`{site.module}` ({kind.__name__}) would carry shearing gates on its {site.side}; only "
                     "nn.Linear and nn.Embedding layers can, so the gates fold into their weights."
                 )
-        return sites, norms, dims
+        return sites, norms, dims, halves if layered else {}
 
     def _module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)
@@ -254,7 +272,16 @@ class Shearing:
         """Every gate: a hard-concrete sample, or deterministic with exactly the target counts."""
         if not deterministic:
             return {key: sample_gates(log_alpha) for key, log_alpha in self.log_alpha.items()}
-        return {key: deterministic_gates(a, self.counts[key.partition("_")[0]]) for key, a in self.log_alpha.items()}
+        gates = {
+            key: deterministic_gates(a, self.counts[key.partition("_")[0]])
+            for key, a in self.log_alpha.items()
+            if key not in LAYER_GATES
+        }
+        if "layers" in self.counts:  # whole layers stay: ranked by both halves together
+            ranking = sum(self.log_alpha[key].detach() for key in LAYER_GATES)
+            for key in LAYER_GATES:
+                gates[key] = deterministic_gates(self.log_alpha[key], self.counts["layers"], ranking)
+        return gates
 
     def expected(self) -> dict[str, Tensor]:
         """Expected counts of every constrained config field (per layer for heads and FFN), and of parameters."""
@@ -262,9 +289,7 @@ class Shearing:
         counts: dict[str, Tensor] = {}
         for kind in self.counts:
             per_layer = [keep[key].sum() for key in keep if key.partition("_")[0] == kind]
-            counts[QUANTITIES[kind]] = torch.stack(per_layer).sum() / (
-                len(per_layer) if kind in ("heads", "ffn") else 1
-            )
+            counts[QUANTITIES[kind]] = torch.stack(per_layer).sum() / len(per_layer)  # layers: both halves
         total = torch.zeros((), device=next(iter(keep.values())).device) if keep else torch.zeros(())
         for name, tensor in self.model.named_parameters():
             size = total.new_ones(())
@@ -272,8 +297,10 @@ class Shearing:
                 gate = self._dims.get((name, dim))
                 size = size * (keep[gate[0]][gate[1].to(size.device)].sum() if gate else width)
             layer = self._block_of(name)
-            if "layers" in keep and layer is not None:
-                size = size * keep["layers"][layer]
+            if self._halves and layer is not None:
+                half = self._halves.get(name)
+                gates = [keep[half][layer]] if half else [keep[key][layer] for key in LAYER_GATES]
+                size = size * torch.stack(gates).mean()
             total = total + size
         counts["params"] = total
         return counts
@@ -347,12 +374,13 @@ class Shearing:
         groups.update({f"heads_{i}": g for i, g in enumerate(self.head_groups)})
         groups.update({f"ffn_{i}": g for i, g in enumerate(self.ffn_groups)})
         for key, values in gates.items():
-            if key != "layers":
+            if key not in LAYER_GATES:
                 removed[groups[key].index] = (values == 0).nonzero().flatten().tolist()
         cuts = plan_cuts(self.graph, Plan(removed))
         drops = []
-        if "layers" in gates:
-            drops.append(Drop(self.blocks, self.layers, (gates["layers"] != 0).nonzero().flatten().tolist()))
+        if "layers" in self.counts:
+            kept = (gates[LAYER_GATES[0]] != 0).nonzero().flatten().tolist()
+            drops.append(Drop(self.blocks, self.layers, kept))
         return Step(cuts, drops)
 
     def fold(self) -> None:
