@@ -31,11 +31,22 @@ TINY = {
 MEASURED = {**TINY, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 8,
             "num_key_value_heads": 4, "max_position_embeddings": 512, "vocab_size": 8000}  # fmt: skip
 BATCH, TOKENS = 8, 256
+# TinyLlama-1.1B's shape (1,100M parameters), trained in bf16 (weights, gradients, AdamW states): ``--tinyllama``
+TINYLLAMA = {
+    **MEASURED,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "vocab_size": 32000,
+}
 
 
-def llama(options: dict) -> torch.nn.Module:
+def llama(options: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **options))
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **options), dtype=dtype)
 
 
 def pruned(model: torch.nn.Module, amount: float = 0.3) -> dict:
@@ -145,15 +156,19 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def job(prune: bool, checkpointing: bool) -> dict:
+def job(prune: bool, checkpointing: bool, tinyllama: bool = False) -> dict:
     torch.set_num_threads(1)
-    ids = torch.randint(0, MEASURED["vocab_size"], (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
-    model = llama(MEASURED)
+    options, batch, tokens = (TINYLLAMA, 1, 128) if tinyllama else (MEASURED, BATCH, TOKENS)
+    precision, dtype = ("bf16-true", torch.bfloat16) if tinyllama else ("32-true", torch.float32)
+    ids = torch.randint(0, options["vocab_size"], (batch, tokens), generator=torch.Generator().manual_seed(0))
+    model = llama(options, dtype)
     if prune:
         pruned(model, 0.3)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    plan = lp.memory_plan(model, batch_size=BATCH, sequence_length=TOKENS, gradient_checkpointing=checkpointing)
+    plan = lp.memory_plan(
+        model, batch_size=batch, sequence_length=tokens, gradient_checkpointing=checkpointing, precision=precision
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     parameters = sum(p.nbytes for p in model.parameters())
@@ -181,5 +196,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--pruned", action="store_true")
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--tinyllama", action="store_true", help="the 1.1B shape in bf16, batch 1 x 128 tokens")
     arguments = parser.parse_args()
-    print(json.dumps(job(arguments.pruned, arguments.checkpointing)))
+    print(json.dumps(job(arguments.pruned, arguments.checkpointing, arguments.tinyllama)))

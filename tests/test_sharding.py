@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_prune.callbacks import PruneBeforeSharding, StructuredPruning, applied_record
+from lightning_prune.callbacks import Distillation, PruneBeforeSharding, StructuredPruning, applied_record
 from lightning_prune.errors import PruningError
 from lightning_prune.models import CausalLM
 
@@ -68,7 +68,7 @@ def trainer(root: Path, steps: int, **options) -> pl.Trainer:
 
 
 # --- the job ------------------------------------------------------------------------------------------------
-def job(root: Path, strategy_name: str, resume: bool, steps: int) -> None:
+def job(root: Path, strategy_name: str, resume: bool, steps: int, distill: bool = False) -> None:
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     warnings.filterwarnings("ignore")
@@ -79,20 +79,28 @@ def job(root: Path, strategy_name: str, resume: bool, steps: int) -> None:
         )  # fmt: skip
     else:
         strategy = DDPStrategy(process_group_backend="gloo")
+    from torch.distributed.tensor import DTensor
+
     model = language_model()
-    run = trainer(root, steps, devices=2, strategy=strategy, callbacks=[pruning()])
+    teacher = Distillation() if distill else None  # after the pruning: it cuts in its setup, before ours runs
+    run = trainer(root, steps, devices=2, strategy=strategy, callbacks=[pruning(), *[teacher] * distill])
     run.fit(model, datamodule=Windows(), ckpt_path=root / "checkpoints" / "last.ckpt" if resume else None)
     sharded = type(model.model).__name__
+    taught = {}
+    if teacher is not None:
+        taught = {"teacher": shapes(teacher.teacher), "distill": float(run.callback_metrics["distill/loss"]),
+                  "teacher_sharded": any(isinstance(p, DTensor) for p in teacher.teacher.parameters())}  # fmt: skip
     torch.save(
         {"shapes": shapes(model), "record": applied_record(model), "step": run.global_step, "class": sharded,
-         "loss": float(run.callback_metrics["train/loss"])},
+         "loss": float(run.callback_metrics["train/loss"]), **taught},
         root / f"{'resumed' if resume else 'final'}-rank{run.global_rank}.pt",
     )  # fmt: skip
 
 
-def run_job(root: Path, strategy: str, resume: bool = False, steps: int = 2) -> None:
+def run_job(root: Path, strategy: str, resume: bool = False, steps: int = 2, distill: bool = False) -> None:
     command = [sys.executable, __file__, str(root), "--strategy", strategy, "--steps", str(steps)]
-    done = subprocess.run(command + (["--resume"] if resume else []), capture_output=True, text=True, timeout=300)
+    command += ["--resume"] * resume + ["--distill"] * distill
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -166,6 +174,25 @@ def test_two_processes_prune_identically_then_shard_train_and_resume(tmp_path, s
 
 
 @pytest.mark.slow
+def test_under_fsdp2_distillation_teaches_with_the_whole_dense_model_kept_before_the_cut(tmp_path) -> None:
+    run_job(tmp_path, "fsdp2", distill=True)
+    ranks = [torch.load(tmp_path / f"final-rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    dense = shapes(language_model())
+    for rank in ranks:
+        assert rank["teacher"] == dense and not rank["teacher_sharded"]  # whole on every rank, not the student
+        assert rank["shapes"] != dense and rank["class"].startswith("FSDP")
+        assert rank["distill"] > 0 and torch.isfinite(torch.tensor(rank["distill"]))
+    model, teacher = language_model(), Distillation()  # resumed in one process: the same teacher is rebuilt
+    resumed = trainer(tmp_path, 4, callbacks=[pruning(), teacher])
+    resumed.fit(model, datamodule=Windows(), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert shapes(teacher.teacher) == dense and shapes(model) == ranks[0]["shapes"] and resumed.global_step == 4
+    written = torch.load(tmp_path / "checkpoints" / "distillation_teacher.pt", weights_only=True)
+    for name, tensor in teacher.teacher.state_dict().items():
+        if name in written:
+            torch.testing.assert_close(tensor, written[name])
+
+
+@pytest.mark.slow
 def test_the_command_line_under_trainer_fsdp_saves_the_trained_weights_whole(tmp_path) -> None:
     """``trainer=fsdp`` on 2 CPU processes: the run measures and saves a plain model gathered from the shards; the
     folder loads with the stock class and computes what the last checkpoint's weights compute."""
@@ -203,5 +230,6 @@ if __name__ == "__main__":
     parser.add_argument("--strategy", choices=["fsdp2", "ddp"], required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--distill", action="store_true")
     arguments = parser.parse_args()
-    job(arguments.root, arguments.strategy, arguments.resume, arguments.steps)
+    job(arguments.root, arguments.strategy, arguments.resume, arguments.steps, arguments.distill)

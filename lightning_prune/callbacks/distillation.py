@@ -234,6 +234,15 @@ class Distillation(Callback):
             _check_outputs(pl_module, self.user_teacher, pl_module.example_input_array)
 
     # --- the snapshot -----------------------------------------------------------------------------
+    def before_first_cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called by a callback that cuts outside the epoch hooks (PruneBeforeSharding, in ``setup``, before the
+        strategy shards the model): the teacher is the whole dense model on every rank."""
+        if self.teacher is None and self.user_teacher is None:
+            self._take(trainer, pl_module)
+            # a resumed run cuts again here (Lightning names no checkpoint before `setup`): the teacher's weights
+            # then load from the checkpoint into this dense copy
+            self._skeleton = self.teacher
+
     def _due(self, trainer: pl.Trainer, when: str) -> bool:
         plan = self._plan
         return self.teacher is None and plan is not None and plan == (trainer.current_epoch, when)
@@ -278,7 +287,7 @@ class Distillation(Callback):
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
-            if state.get("source") == "snapshot" and self.user_teacher is None:
+            if state.get("source") == "snapshot" and self.user_teacher is None and self._skeleton is None:
                 self._skeleton = frozen_copy(pl_module)  # as built, before the checkpoint cuts it and its weights load
             load(checkpoint)
 

@@ -99,6 +99,8 @@ class PruneBeforeSharding(StructuredPruning):
             checkpoint = read_checkpoint(path / METADATA_FILE if path.is_dir() else path, trainer)
             restore_pruned(pl_module, checkpoint, f"checkpoint '{path}'")
         elif not self.done:
+            for callback in trainer.callbacks:  # Distillation keeps the dense model as its teacher now
+                getattr(callback, "before_first_cut", lambda *_: None)(trainer, pl_module)
             self._cut(trainer, pl_module)
 
     def _cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
