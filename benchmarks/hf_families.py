@@ -69,7 +69,6 @@ def row(name: str, build: Callable[[], torch.nn.Module], inputs: dict, own: type
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lp.save_pretrained(model, folder)
-        transformers.logging.set_verbosity_error()
         stock = largest_difference(lambda: own.from_pretrained(folder), inputs, reference)
         ours = largest_difference(lambda: lp.from_pretrained(folder), inputs, reference)
     shown = ["fails" if d is None else f"{d:.1e}" for d in (stock, ours)]
@@ -81,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     torch.set_num_threads(parser.parse_args().threads)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     print("| family | parameters removed | stock reload max abs Δlogit | lp reload max abs Δlogit |")
     print("|---|---|---|---|")
     pruned = round_trips = 0
