@@ -179,9 +179,12 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> nn.
             "`lightning_prune.save_pretrained` or `save_pretrained`."
         )
     config = AutoConfig.from_pretrained(folder)
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
+    if manifest.get("stock") and not manifest.get("rewrites"):  # the class's own loader reads its own format
+        options = {} if dtype is None else {"dtype": dtype}  # (Mixtral's experts are written one by one)
+        return _architecture(config).from_pretrained(folder, **options).eval()
     model = _architecture(config)(config)
     state = _model_names(model, _saved_state(folder))
-    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
     apply_rewrites(model, [Rewrite.from_dict(r, f"'{folder / MANIFEST}'") for r in manifest.get("rewrites", [])])
     _cut_to(model, _differences(_shapes(model), {k: tuple(v.shape) for k, v in state.items()}), f"'{folder}'")
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -88,6 +88,8 @@ def test_expert_neurons_and_stream_cut_reload_in_the_stock_class_and_train(name:
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits, atol=1e-5, rtol=0)
+        # and lightning_prune's loader hands a stock folder to the class's own (which reads experts saved one by one)
+        assert torch.equal(lp.from_pretrained(tmp_path)(input_ids=tokens).logits, loaded(input_ids=tokens).logits)
     fresh = build(name)  # the record replays the cut on a dense model
     lp.restore(fresh, result.record)
     fresh.load_state_dict(model.state_dict())
@@ -231,3 +233,13 @@ def test_experts_a_kernel_cannot_run_at_the_cut_width_stay_whole_and_the_config_
     assert "strides" in " ".join(reason for name, reason in result.unprunable.items() if name.endswith("experts"))
     assert all(m.down_proj.shape[2] == 24 for m in experts_of(model)) and model.config.intermediate_size == 24
     assert model.config.hidden_size == model.get_input_embeddings().weight.shape[1]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_router_left_whole_names_itself_and_how_experts_go_instead(name: str) -> None:
+    model = build(name)
+    result = lp.prune(model, {"input_ids": ids(), "use_cache": False}, 0.25, "l1", scope="local")
+    reason = result.unprunable["model.layers.0.mlp.gate"]
+    assert reason.startswith("the router picks the top-k of its expert rows") and "`model.layers.0.mlp.gate`" in reason
+    assert "lightning_prune.prune_experts" in reason and 'structure="experts"' in reason
+    assert model.model.layers[0].mlp.gate.weight.shape[0] == 4  # the rows stay, the stream they read is cut

@@ -293,3 +293,28 @@ def test_gemma_embedding_scale_is_set_again_after_verification_undid_a_stream_cu
     embedding = model.model.embed_tokens
     assert embedding.weight.shape[1] == 48 and float(embedding.embed_scale) == pytest.approx(48**0.5)
     assert model.config.hidden_size == 48
+
+
+def test_phi3_layers_keep_head_counts_of_their_own_under_global_selection(tmp_path) -> None:
+    # Phi-3 splits `qkv_proj` at `config.num_attention_heads` in forward: each cut layer reads its own count
+    model = build("phi3")
+    with torch.no_grad():
+        for parameter in model.model.layers[1].self_attn.parameters():
+            parameter.mul_(3)  # layer 1's heads score higher: a global ranking takes heads from layer 0 only
+    example = {"input_ids": ids(), "use_cache": False}
+    with pytest.warns(UserWarning, match=r"layers of different num_attention_heads: \[6, 8\]"):
+        result = lp.prune(model, example, 0.3, "l1", scope="global")
+    assert [layer.self_attn.o_proj.in_features // 6 for layer in model.model.layers] == [6, 8]
+    assert not [name for name in result.unprunable if ".self_attn." in name]
+    assert model.config.num_attention_heads == 8 and model.model.layers[0].self_attn.config.num_attention_heads == 6
+    assert lp.save_pretrained(model, tmp_path) is False
+    tokens = ids()
+    with torch.no_grad():
+        assert torch.equal(lp.from_pretrained(tmp_path)(input_ids=tokens).logits, model(input_ids=tokens).logits)
+        fresh = build("phi3")
+        lp.restore(fresh, result.record)
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(fresh.eval()(input_ids=tokens).logits, model(input_ids=tokens).logits)
+    prompt = tokens[:1, :4]
+    cached = model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=False))

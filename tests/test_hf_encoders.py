@@ -31,6 +31,16 @@ BERT = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 8, "in
 ENCODER_OUTPUT = "model output"  # an encoder-decoder returns the encoder's last hidden state: its width stays
 BLOOM_FFN = "mlp.dense_h_to_4h.weight` as [192, 48], not [144, 48]"  # its code builds the FFN 4 × hidden wide
 ALIBI = "`baddbmm` with a constant of the same size"  # BLOOM's ALiBi slopes, computed for the model's head count
+# DeBERTa-v2 (v3 is the same class): relative positions through the content projections (`share_att_key`, log
+# buckets, a LayerNorm over the relative embeddings, the first layer's convolution), or through projections of
+# their own (`pos_key_proj`, `pos_query_proj`), whose input is the relative embeddings' columns: a group of its own.
+DEBERTA = {**BERT, "max_position_embeddings": 32, "relative_attention": True, "pos_att_type": ["p2c", "c2p"],
+           "position_biased_input": False, "vocab_size": 97, "pad_token_id": 0}  # fmt: skip
+DEBERTA_SHARED = {"share_att_key": True, "position_buckets": 16, "norm_rel_ebd": "layer_norm", "conv_kernel_size": 3,
+                  "conv_act": "gelu", "attention_head_size": 6}  # fmt: skip
+# its output projection is `hidden × hidden`: heads cut under a whole stream are not a DeBERTa the config builds
+DEBERTA_HEADS = "attention.output.dense.weight` as [48, 48], not [48, 36]"
+DEBERTA_POSITIONS = "attention.self.pos_key_proj.weight` as [36, 48], not [36, 36]"  # relative embeddings cut alone
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,10 @@ FAMILIES = {
     "electra": Expected("ElectraForMaskedLM", "ElectraConfig",
                         {**BERT, "embedding_size": 48, "max_position_embeddings": 32, **TOKENS},
                         round_trip=(HEAD_SIZE_FROM_HIDDEN, True)),
+    "deberta_v2": Expected("DebertaV2ForMaskedLM", "DebertaV2Config", {**DEBERTA, **DEBERTA_SHARED},
+                           round_trip=(DEBERTA_HEADS, True)),
+    "deberta_v2_positions": Expected("DebertaV2ForSequenceClassification", "DebertaV2Config", DEBERTA,
+                                     round_trip=(DEBERTA_POSITIONS, True)),
     "bloom": Expected("BloomForCausalLM", "BloomConfig", {"hidden_size": 48, "n_layer": 2, "n_head": 8, **TOKENS},
                       heads=ALIBI, round_trip=(BLOOM_FFN, HEAD_SIZE_FROM_HIDDEN)),
 }  # fmt: skip
@@ -83,6 +97,13 @@ def inputs(name: str) -> dict:
     if FAMILIES[name].decoder:
         return {"input_ids": tokens, "decoder_input_ids": tokens, "use_cache": False}
     return {"input_ids": tokens, "use_cache": False} if name == "bloom" else {"input_ids": tokens}
+
+
+def labels(name: str) -> torch.Tensor:
+    """Targets of the training step: the tokens, or one class per sequence for a classifier."""
+    if FAMILIES[name].model.endswith("SequenceClassification"):
+        return torch.tensor([0, 1])
+    return inputs(name)["input_ids"]
 
 
 def widths(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -159,11 +180,11 @@ def test_family_prunes_reloads_and_trains(name: str, stream: bool, tmp_path) -> 
         assert torch.equal(cached, model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=False))
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    model(**inputs(name), labels=inputs(name)["input_ids"]).loss.backward()
+    model(**inputs(name), labels=labels(name)).loss.backward()
     optimizer.step()
 
 
-@pytest.mark.parametrize("name", ["t5", "bart", "distilbert"])
+@pytest.mark.parametrize("name", ["t5", "bart", "distilbert", "deberta_v2", "deberta_v2_positions"])
 def test_removed_heads_and_neurons_compute_what_zeroed_ones_do(name: str) -> None:
     # T5's cross-attention adds a zero position bias of one row per head: it follows the heads left
     model = build(name)

@@ -93,6 +93,10 @@ class TraceBuilder:
             if id(tensor) not in self.names:
                 self.names[id(tensor)] = name
                 self.tensors[name] = tensor
+        # an embedding table read whole (DeBERTa's relative positions through its projections) produces its columns
+        self.embedding_tables = {
+            f"{name}.weight".lstrip(".") for name, module in model.named_modules() if isinstance(module, nn.Embedding)
+        }
         self.module_names: dict[int, str] = {}
         self.modules: dict[str, nn.Module] = {}
         for name, module in model.named_modules(remove_duplicate=False):
@@ -144,14 +148,19 @@ class TraceBuilder:
         """Compressed labels of ``tensor`` with ``tensor.ndim`` dimensions.
 
         A parameter met outside a known layer gets labels of its own (``create``), so that it can follow
-        the channels it is combined with (layer scales, tokens, position tables). Buffers (statistics,
-        rotary tables) and tensors of unknown origin are constants: FROZEN.
+        the channels it is combined with (layer scales, tokens, position tables); the weight of an
+        ``nn.Embedding`` read as a whole table has the output channels a lookup gives, its columns. Buffers
+        (statistics, rotary tables) and tensors of unknown origin are constants: FROZEN.
         """
         found = self.labels.get(tensor)
         if found is not None and found.ndim == tensor.ndim:
             return found
         name = self.name_of(tensor)
         trainable = id(tensor) in self.parameters and tensor.numel() > 0 and tensor.is_floating_point()
+        if name in self.embedding_tables and trainable and tensor.ndim == 2:
+            produced = self.space(name, 1, tensor.shape[1])
+            self.slot(tensor, 1, "out", produced)
+            return produced.view(1, -1)
         if name is not None and trainable and (create or name in self.raw):
             return self.raw_label(name, tensor)
         return L.constant(FROZEN, tensor.ndim)

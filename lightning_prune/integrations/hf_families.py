@@ -26,6 +26,8 @@ class Family:
         sections: ``(class name part, heads field, ffn field)`` for models whose encoder and decoder have widths
             of their own (BART's ``encoder_attention_heads``, ``decoder_ffn_dim``): a layer inside a module whose
             class name contains the part (``BartDecoderLayer``, or the ``BartDecoder`` being synced) uses them.
+        follow_hidden: config fields that are the stream width too where the dense config has them equal to it
+            (DeBERTa-v2's ``pooler_hidden_size``); a field set to another width keeps it.
     """
 
     heads: str = "num_attention_heads"
@@ -37,6 +39,7 @@ class Family:
     head_dim: bool = True
     head_size: str = "head_dim"
     sections: tuple[tuple[str, str, str], ...] = ()
+    follow_hidden: tuple[str, ...] = ()
 
     def fields(self, classes: list[str]) -> tuple[str, str | None]:
         """The heads field and the FFN field of a layer inside modules of ``classes`` (innermost first)."""
@@ -66,6 +69,13 @@ FAMILIES: dict[str, Family] = {
         key_value_heads=None, embedding="embedding_size", stream="embedding_hidden_mapping_in", head_dim=False
     ),
     "distilbert": Family(heads="n_heads", key_value_heads=None, hidden="dim", ffn="hidden_dim", head_dim=False),
+    "deberta-v2": Family(
+        key_value_heads=None,
+        head_size="attention_head_size",
+        embedding="embedding_size",
+        stream="embed_proj",
+        follow_hidden=("pooler_hidden_size",),
+    ),
     "bloom": Family(heads="n_head", key_value_heads=None, ffn=None, head_dim=False),
     "t5": Family(heads="num_heads", key_value_heads=None, hidden="d_model", ffn="d_ff", head_size="d_kv"),
     "bart": Family(
@@ -83,8 +93,8 @@ FAMILIES: dict[str, Family] = {
 STANDARD = Family()
 
 # Module names (the last part of the path) whose output width gives a count, and how many widths they fuse.
-QUERY = {"q_proj": 1, "query": 1, "q_lin": 1, "q": 1, "q_attn": 1, "c_attn": 3}  # GPT-2 cross-attention: q_attn,
-KEY = {"k_proj": 1, "key": 1, "k_lin": 1, "k": 1}  # and its c_attn fuses k and v
+QUERY = {"q_proj": 1, "query": 1, "query_proj": 1, "q_lin": 1, "q": 1, "q_attn": 1, "c_attn": 3}  # GPT-2 cross-
+KEY = {"k_proj": 1, "key": 1, "key_proj": 1, "k_lin": 1, "k": 1}  # attention: q_attn, and its c_attn fuses k and v
 # Projections fusing q, k and v (Phi-3's `qkv_proj`: all query heads, then the key heads, then the value heads;
 # GPT-NeoX's `query_key_value`: q, k, v of each head in turn; Falcon's): the query heads are counted from the
 # output projection's input, the key/value heads from what is left of the fused rows.

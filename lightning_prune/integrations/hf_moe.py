@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import warnings
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_prune.fixups import register_layer
 from lightning_prune.graph import labels as L
 from lightning_prune.graph.builder import TraceBuilder
 from lightning_prune.graph.module_rules import register_module_rule
+from lightning_prune.graph.rules.base import OP_RULES, Call
 from lightning_prune.integrations.huggingface import _pretrained_model
 
 # model_type -> (config field of each expert's neurons, config field of the expert count)
@@ -85,6 +87,24 @@ def _experts(b: TraceBuilder, module: nn.Module, inputs: tuple, output: object) 
     b.set(output, written.view(1, -1))
 
 
+ROUTER_ROWS = (
+    "the router picks the top-k of its expert rows, a choice that changes when one goes, so they stay: remove whole "
+    "experts with their router rows instead (`lightning_prune.prune_experts`, or "
+    '`StructuredPruning(structure="experts")`)'
+)
+
+
+def _router(b: TraceBuilder, module: nn.Module, inputs: tuple, output: object) -> None:
+    """The router is a linear layer over the stream whose output rows (one per expert) are left whole, and said why."""
+    source = inputs[0] if inputs else None
+    logits = output[0] if isinstance(output, tuple) else None
+    if not isinstance(source, Tensor) or not isinstance(logits, Tensor) or logits.shape[-1] != module.weight.shape[0]:
+        b.freeze_tensors([*inputs, *(output if isinstance(output, tuple) else (output,))], "a router called oddly")
+        return
+    OP_RULES["linear"](b, Call("linear", F.linear, (source, module.weight, None), {}, logits))
+    b.freeze(b.label(logits), ROUTER_ROWS)
+
+
 def _fix_experts(module: nn.Module) -> None:
     module.num_experts, module.hidden_dim, module.intermediate_dim = module.down_proj.shape
 
@@ -127,6 +147,13 @@ def _moe_model(model: nn.Module) -> None:
 
 
 register_module_rule("hf_experts", _is_experts, _experts)
+ROUTERS = tuple(
+    f"transformers.models.{package}.modeling_{package}.{prefix}TopKRouter"
+    for package, prefix in (("mixtral", "Mixtral"), ("qwen3_moe", "Qwen3Moe"))
+)
+register_module_rule(
+    "hf_router", lambda module: f"{type(module).__module__}.{type(module).__qualname__}" in ROUTERS, _router
+)
 for _package, _prefix in (("mixtral", "Mixtral"), ("qwen3_moe", "Qwen3Moe")):
     _where = f"transformers.models.{_package}.modeling_{_package}.{_prefix}"
     register_layer(f"{_where}Experts", _fix_experts)

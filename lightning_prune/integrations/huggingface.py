@@ -96,7 +96,7 @@ def _pretrained_model(model: nn.Module) -> None:
             values.setdefault(_fields(names, model, name)[0], set()).add(heads)
             if names.key_value_heads is not None:
                 values.setdefault(names.key_value_heads, set()).add(key_value_heads)
-            _follow_heads(model.get_submodule(name), heads, key_value_heads)
+            _follow_heads(model.get_submodule(name), heads, key_value_heads, head_size)
     head_sizes = values[names.head_size]
     if not names.head_dim:
         del values[names.head_size]
@@ -110,6 +110,9 @@ def _pretrained_model(model: nn.Module) -> None:
         elif leaf == names.stream and hasattr(module, "weight"):
             hidden = {_out_features(module)}
     values[names.hidden] = hidden
+    for field in names.follow_hidden:
+        if getattr(config, field, None) == getattr(config, names.hidden):
+            values[field] = hidden
     if names.embedding is not None:
         values[names.embedding] = {embeddings.weight.shape[1]}
     for module in model.modules():
@@ -220,21 +223,52 @@ def _attention_heads(name: str, module: nn.Module, model: nn.Module) -> tuple[in
     return heads, kv_heads, head_size
 
 
-def _follow_heads(module: nn.Module, heads: int, kv_heads: int) -> None:
+def _follow_heads(module: nn.Module, heads: int, kv_heads: int, head_size: int) -> None:
     """An attention layer's stored head counts follow its weights.
 
     Grouped-query attention repeats each key/value head ``num_key_value_groups`` times; layers that keep
-    ``num_heads`` / ``num_key_value_heads`` (StableLM, OPT) or ``num_kv_heads`` (Falcon) use them in ``forward``.
+    ``num_heads`` / ``num_key_value_heads`` (StableLM, OPT), ``num_kv_heads`` (Falcon) or ``num_attention_heads``
+    (DeBERTa-v2) use them in ``forward``. A layer that reads its head counts from the shared config in ``forward``
+    (Phi-3 splits ``qkv_proj`` at ``config.num_attention_heads``) gets a :class:`LayerConfig` with its own.
     """
+    if getattr(module, "config", None) is not None and _slices_at_config(module):
+        shared = module.config.shared if isinstance(module.config, LayerConfig) else module.config
+        module.config = LayerConfig(shared, num_attention_heads=heads, num_key_value_heads=kv_heads)
     for attribute, value in (
         ("num_key_value_groups", heads // kv_heads),
         ("num_heads", heads),
+        ("num_attention_heads", heads),
+        ("all_head_size", heads * head_size),
         ("num_key_value_heads", kv_heads),
         ("num_kv_heads", kv_heads),
         ("n_heads", heads),
     ):
         if isinstance(getattr(module, attribute, None), int):
             setattr(module, attribute, value)
+
+
+class LayerConfig:
+    """One layer's view of a model's shared config: its own head counts, everything else read from ``shared``.
+
+    Under ``scope="global"`` layers keep different numbers of heads, which one config cannot hold; a layer whose
+    ``forward`` reads them from its config sees its own here, and every other field (the attention implementation
+    a user switches, say) stays the shared config's.
+    """
+
+    def __init__(self, shared: Any, **own: int) -> None:
+        self.shared, self.own = shared, own
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("shared", "own"):
+            raise AttributeError(name)
+        return self.own[name] if name in self.own else getattr(self.shared, name)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({self.own}, shared={type(self.shared).__name__})"
+
+
+def _slices_at_config(module: nn.Module) -> bool:
+    return any(f"{klass.__module__}.{klass.__qualname__}" in FOLLOWING_SLICES for klass in type(module).__mro__)
 
 
 register_layer("transformers.modeling_utils.PreTrainedModel", _pretrained_model)

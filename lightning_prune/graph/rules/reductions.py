@@ -59,10 +59,12 @@ def mixing(b: TraceBuilder, call: Call) -> None:
     source = call.args[0]
     labels = b.label(source)
     dim = call.arg(_MIXING[call.name], "dim", _MIXING_DEFAULT.get(call.name))
-    b.require(labels, dims_argument(dim, source.ndim), f"`{call.name}` across a channel dimension")
+    dims = [d % max(source.ndim, 1) for d in dims_argument(dim, source.ndim)]
+    b.require(labels, dims, f"`{call.name}` across a channel dimension")
     for output in call.outputs:
-        if output.ndim == source.ndim:
-            b.set(output, labels)
+        if output.ndim == source.ndim:  # topk and kthvalue keep fewer entries along it: any of the channels
+            shrunk = {d for d in dims if output.shape[d] != source.shape[d]} & L.varying_dims(labels)
+            b.set(output, labels.amin(dim=tuple(shrunk), keepdim=True) if shrunk else labels)
 
 
 _SPATIAL = re.compile(r"^(adaptive_)?(avg|max|lp|fractional_max)_pool([123])d(_with_indices)?$|^max_unpool([123])d$")
