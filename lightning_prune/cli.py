@@ -407,10 +407,11 @@ def train(cfg: DictConfig) -> float | list[float] | None:
             "speed_resolved": (cfg.get("measure") or {}).get("repeats", 5) >= 3
             and (after["low"] > before["high"] or after["high"] < before["low"]),
         }  # fmt: skip
-        if trainer.is_global_zero:
-            from lightning_prune.saving import save_pretrained
+        from lightning_prune.saving import gathered, save_pretrained
 
-            stock = save_pretrained(model.model, folder / "model", tokenizer=data.tokenizer)
+        whole = gathered(model.model)  # every rank takes part in gathering a sharded model; rank 0 gets it
+        if trainer.is_global_zero:
+            stock = save_pretrained(whole, folder / "model", tokenizer=data.tokenizer)
             results["model"] = {"path": str(folder / "model"), "stock_from_pretrained": stock}
     else:
         images = next(iter(data.test_dataloader()))[0]

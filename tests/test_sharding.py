@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from lightning_prune import from_pretrained
 from lightning_prune.callbacks import PruneBeforeSharding, StructuredPruning, applied_record
 from lightning_prune.errors import PruningError
 from lightning_prune.models import CausalLM
@@ -161,6 +162,33 @@ def test_two_processes_prune_identically_then_shard_train_and_resume(tmp_path, s
     one = trainer(tmp_path, 4, callbacks=[pruning()])
     one.fit(model, datamodule=Windows(), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
     assert shapes(model) == ranks[0]["shapes"] and one.global_step == 4
+
+
+@pytest.mark.slow
+def test_the_cli_under_trainer_fsdp_saves_a_whole_stock_model_that_computes_what_its_checkpoint_does(
+    tmp_path: Path,
+) -> None:
+    from test_hydra import CLI, FAST, TINY_LM, read_results, run
+    from transformers import AutoModelForCausalLM
+
+    one_shot = ["callbacks.pruning._target_=lightning_prune.PruneBeforeSharding", "callbacks.pruning.start_epoch=0",
+                "callbacks.pruning.end_epoch=null", "trainer.max_epochs=1"]  # fmt: skip
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.process_group_backend=gloo"]
+    command = [*CLI, "experiment=llm_pruner", *fsdp, "debug=smoke", *one_shot, *TINY_LM, *FAST,
+               f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    done = run(command, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_results(tmp_path / "run")
+    assert results["model"]["stock_from_pretrained"] and results["final"]["params"] < results["dense"]["params"]
+    folder = tmp_path / "run" / "model"
+    stock = AutoModelForCausalLM.from_pretrained(folder).eval()  # the class itself, not FSDP's subclass of it
+    assert type(stock).__name__ == "LlamaForCausalLM" and stock.dtype == torch.bfloat16  # bf16-true, whole
+    assert sum(p.numel() for p in stock.parameters()) == results["final"]["params"]
+    checkpoint = CausalLM.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    expected = checkpoint.eval().model(ids).logits
+    torch.testing.assert_close(stock.float()(ids).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(from_pretrained(folder).float()(ids).logits, expected, rtol=0, atol=0)
 
 
 if __name__ == "__main__":
