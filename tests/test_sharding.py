@@ -3,12 +3,14 @@ the smaller model, checkpoints resume to the pruned shape in 2 processes and in 
 
 This file is also the 2-process job the slow tests start::
 
-    python tests/test_sharding.py ROOT --strategy fsdp2|ddp [--resume] [--steps N]
+    python tests/test_sharding.py ROOT --strategy fsdp2|ddp [--resume] [--steps N] [--sharded] [--bad WHAT]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import subprocess
 import sys
 import warnings
@@ -67,13 +69,13 @@ def trainer(root: Path, steps: int, **options) -> pl.Trainer:
 
 
 # --- the job ------------------------------------------------------------------------------------------------
-def job(root: Path, strategy_name: str, resume: bool, steps: int) -> None:
+def job(root: Path, strategy_name: str, resume: bool, steps: int, sharded: bool = False) -> None:
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     warnings.filterwarnings("ignore")
     if strategy_name == "fsdp2":
         strategy = ModelParallelStrategy(
-            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False,
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=sharded,
             process_group_backend="gloo",
         )  # fmt: skip
     else:
@@ -89,9 +91,35 @@ def job(root: Path, strategy_name: str, resume: bool, steps: int) -> None:
     )  # fmt: skip
 
 
-def run_job(root: Path, strategy: str, resume: bool = False, steps: int = 2) -> None:
+def bad_job(root: Path, strategy_name: str, what: str) -> None:
+    """Two ranks that must not train: ``weights`` differ, ``records`` (each rank asks another amount), or a
+    ``scheduled`` StructuredPruning step under FSDP2. Each rank writes the error it stopped with."""
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    warnings.filterwarnings("ignore")
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    if strategy_name == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
+    else:
+        strategy = DDPStrategy(process_group_backend="gloo")
+    model = language_model()
+    callback = {"weights": pruning(), "records": PruneBeforeSharding(amount=0.25 + 0.25 * rank, log_table=False),
+                "scheduled": StructuredPruning(amount=0.3, log_table=False)}[what]  # fmt: skip
+    if what == "weights":
+        with torch.no_grad():
+            model.model.lm_head.weight.add_(rank)
+    try:
+        trainer(root, 2, devices=2, strategy=strategy, callbacks=[callback]).fit(model, datamodule=Windows())
+    except PruningError as error:
+        (root / f"error-rank{rank}.txt").write_text(str(error))
+
+
+def run_job(
+    root: Path, strategy: str, resume: bool = False, steps: int = 2, sharded: bool = False, bad: str | None = None
+) -> None:
     command = [sys.executable, __file__, str(root), "--strategy", strategy, "--steps", str(steps)]
-    done = subprocess.run(command + (["--resume"] if resume else []), capture_output=True, text=True, timeout=300)
+    command += (["--resume"] if resume else []) + (["--sharded"] if sharded else []) + (["--bad", bad] if bad else [])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -165,6 +193,46 @@ def test_two_processes_prune_identically_then_shard_train_and_resume(tmp_path, s
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        (
+            "weights",
+            r"ranks hold different weights before PruneBeforeSharding \(digests \[\d+, \d+\]\).*seed_everything",
+        ),
+        ("records", r"ranks made different cuts \(record digests \[\d+, \d+\]\)"),
+        ("scheduled", r"ModelParallelStrategy for a scheduled step.*PruneBeforeSharding"),
+    ],
+    ids=["weights", "records", "scheduled"],
+)
+def test_two_fsdp2_ranks_stop_in_setup_with_a_named_error(tmp_path, what: str, message: str) -> None:
+    run_job(tmp_path, "fsdp2", bad=what)
+    for rank in (0, 1):
+        assert re.search(message, (tmp_path / f"error-rank{rank}.txt").read_text(), re.DOTALL)
+    assert not (tmp_path / "checkpoints").exists()  # stopped before the first step
+
+
+@pytest.mark.slow
+def test_a_sharded_fsdp2_checkpoint_resumes_pruned_in_two_processes_and_loads_consolidated_in_one(tmp_path) -> None:
+    run_job(tmp_path, "fsdp2", sharded=True)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / "meta.pt").is_file()  # a folder of shards and its metadata
+    pruned = torch.load(tmp_path / "final-rank0.pt", weights_only=True)["shapes"]
+    assert pruned != shapes(language_model())
+    run_job(tmp_path, "fsdp2", resume=True, steps=4, sharded=True)
+    resumed = [torch.load(tmp_path / f"resumed-rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert all(r["shapes"] == pruned and r["step"] == 4 for r in resumed)
+    consolidate = [sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(last)]
+    done = subprocess.run(consolidate, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # one process: Lightning's consolidated file holds the weights and the record (its optimizer states are in a
+    # layout a one-process fit cannot resume), so the module loads pruned, in the shapes the shards were written in
+    loaded = CausalLM.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt.consolidated", weights_only=True)
+    assert shapes(loaded) == pruned and applied_record(loaded) == resumed[0]["record"]
+    assert torch.isfinite(loaded.eval()(torch.randint(0, VOCABULARY, (2, 8)))).all()
+
+
+@pytest.mark.slow
 def test_the_cli_under_trainer_fsdp_saves_a_whole_stock_model_that_computes_what_its_checkpoint_does(
     tmp_path: Path,
 ) -> None:
@@ -197,5 +265,10 @@ if __name__ == "__main__":
     parser.add_argument("--strategy", choices=["fsdp2", "ddp"], required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--sharded", action="store_true", help="FSDP2 writes sharded checkpoints (folders)")
+    parser.add_argument("--bad", choices=["weights", "records", "scheduled"], help="a run that must stop in setup")
     arguments = parser.parse_args()
-    job(arguments.root, arguments.strategy, arguments.resume, arguments.steps)
+    if arguments.bad:
+        bad_job(arguments.root, arguments.strategy, arguments.bad)
+    else:
+        job(arguments.root, arguments.strategy, arguments.resume, arguments.steps, arguments.sharded)
