@@ -153,7 +153,7 @@ def test_one_process_cuts_in_setup_and_its_checkpoint_resumes_and_loads(tmp_path
     again = trainer(tmp_path, 4, callbacks=[pruning()])
     again.fit(resumed, datamodule=Windows(), ckpt_path=last)
     assert shapes(resumed) == pruned and again.global_step == 4
-    assert applied_record(resumed) == applied_record(model)  # the record replayed, not a second cut
+    assert applied_record(resumed) == applied_record(model)  # cut again alike, then checked against the record
     loaded = CausalLM.load_from_checkpoint(last, weights_only=True)
     assert shapes(loaded) == pruned
     ids = torch.randint(0, VOCABULARY, (2, 8))
@@ -161,6 +161,20 @@ def test_one_process_cuts_in_setup_and_its_checkpoint_resumes_and_loads(tmp_path
     reference = language_model()
     reference.load_state_dict(checkpoint["state_dict"])  # the carried record cuts the dense module first
     torch.testing.assert_close(loaded.eval()(ids), reference.eval()(ids))
+
+
+def test_a_checkpoint_set_as_trainer_ckpt_path_is_replayed_without_a_second_cut(tmp_path, caplog) -> None:
+    model = language_model()
+    trainer(tmp_path, 2, callbacks=[pruning()]).fit(model, datamodule=Windows())
+    other = CausalLM(config=CONFIG, vocabulary=VOCABULARY, sample_tokens=0, warmup_steps=1)  # other weights
+    again = trainer(tmp_path, 4, callbacks=[pruning()])
+    again.ckpt_path = tmp_path / "checkpoints" / "last.ckpt"  # known in setup: fit(ckpt_path=...) sets it later
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again.fit(other, datamodule=Windows())
+    assert "PruneBeforeSharding:" not in caplog.text  # no cut of its own weights, the checkpoint's record instead
+    assert shapes(other) == shapes(model) and applied_record(other) == applied_record(model)
+    assert again.global_step == 4
 
 
 def test_gradient_checkpointing_and_bf16_true_train_a_pruned_model(tmp_path) -> None:

@@ -41,9 +41,11 @@ class PruneBeforeSharding(StructuredPruning):
     In the callback's ``setup`` (before ``configure_model`` and before the strategy wraps anything) every rank
     checks that it holds the same weights as the others, runs the method on the same calibration batches (the
     first ``calibration_batches`` of the data module's own training loader, identical on every rank), and checks
-    that all made the same cut; then the strategy shards the pruned model and training is the recovery. A run
-    resumed from a checkpoint (``fit(..., ckpt_path=...)``, a file or a sharded folder) replays the checkpoint's
-    record instead of cutting again, so the shards load into the pruned shapes.
+    that all made the same cut; then the strategy shards the pruned model and training is the recovery. Resuming:
+    Lightning tells the callbacks a ``fit(..., ckpt_path=...)`` path only after ``setup``, so such a run cuts the
+    same weights again and the checkpoint's record is checked when it loads (``RecordError`` if the cuts differ);
+    set ``trainer.ckpt_path = path`` before ``fit`` instead (a file or a sharded folder) and the checkpoint's
+    record is replayed without a cut of its own, whatever weights the module was built with.
 
     Args:
         amount, importance, structure, calibration_batches, options, target: as in :class:`StructuredPruning`;
