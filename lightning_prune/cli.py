@@ -37,7 +37,6 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from lightning_prune.callbacks import Distillation, ShearedPruning, StructuredPruning
-from lightning_prune.callbacks.sharding import unsharded
 from lightning_prune.callbacks.snapshot import keep_dense
 from lightning_prune.data import SplitDataModule
 from lightning_prune.export import EXPORTERS, export_pair
@@ -395,9 +394,6 @@ def train(cfg: DictConfig) -> float | list[float] | None:
         dense = build_model(cfg, data)
         dense.load_state_dict(keeper.model.state_dict())
     dense_test = final_test if dense is model else trainer.test(dense, datamodule=data, verbose=False)[0]
-    same = dense is model
-    model = unsharded(model, lambda: build_model(cfg, data))  # FSDP: the whole weights, to measure and save
-    dense = model if same else unsharded(dense, lambda: build_model(cfg, data))
 
     folder = Path(cfg.paths.output_dir)
     if is_language(cfg):
@@ -411,10 +407,11 @@ def train(cfg: DictConfig) -> float | list[float] | None:
             "speed_resolved": (cfg.get("measure") or {}).get("repeats", 5) >= 3
             and (after["low"] > before["high"] or after["high"] < before["low"]),
         }  # fmt: skip
-        if trainer.is_global_zero:
-            from lightning_prune.saving import save_pretrained
+        from lightning_prune.saving import gathered, save_pretrained
 
-            stock = save_pretrained(model.model, folder / "model", tokenizer=data.tokenizer)
+        whole = gathered(model.model)  # every rank takes part in gathering a sharded model; rank 0 gets it
+        if trainer.is_global_zero:
+            stock = save_pretrained(whole, folder / "model", tokenizer=data.tokenizer)
             results["model"] = {"path": str(folder / "model"), "stock_from_pretrained": stock}
     else:
         images = next(iter(data.test_dataloader()))[0]

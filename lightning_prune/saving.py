@@ -185,18 +185,59 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> nn.
         return _architecture(config).from_pretrained(folder, **options).eval()
     model = _architecture(config)(config)
     state = _model_names(model, _saved_state(folder))
-    apply_rewrites(model, [Rewrite.from_dict(r, f"'{folder / MANIFEST}'") for r in manifest.get("rewrites", [])])
-    _cut_to(model, _differences(_shapes(model), {k: tuple(v.shape) for k, v in state.items()}), f"'{folder}'")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    _load_into(model, state, manifest.get("rewrites", []), f"'{folder}'")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _load_into(model: nn.Module, state: dict[str, Tensor], rewrites: list[dict], where: str, **load: Any) -> None:
+    """Replay ``rewrites`` on ``model`` (built from its config), cut it to the shapes of ``state``, load ``state``."""
+    apply_rewrites(model, [Rewrite.from_dict(r, where) for r in rewrites])
+    _cut_to(model, _differences(_shapes(model), {k: tuple(v.shape) for k, v in state.items()}), where)
+    missing, unexpected = model.load_state_dict(state, strict=False, **load)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [name for name in missing if name not in tied and not _is_tied(model, name)]
     if missing or unexpected:
         raise PruningError(
-            f"'{folder}': the weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}."
+            f"{where}: the weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}."
         )
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+
+
+def gathered(model: nn.Module) -> nn.Module | None:
+    """A whole, unsharded copy of ``model`` (a Hugging Face model) on rank 0, for :func:`save_pretrained`.
+
+    A model sharded by FSDP2's ``fully_shard`` holds only its slice of every tensor, and its class is a
+    sharding subclass of its own: this gathers the full state dict to rank 0's CPU (a collective: call it on every
+    rank) and loads it into a model of the original class, built on the meta device and cut to the pruned
+    shapes, so no second copy of the weights is allocated. Buffers outside the state dict (not sharded) are copied.
+
+    Returns:
+        ``model`` itself when it is not sharded; the copy on rank 0; ``None`` on the other ranks.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.get_rank() != 0:
+        return None
+    original = next(kind for kind in type(model).__mro__ if not issubclass(kind, FSDPModule))
+    with torch.device("meta"):
+        copy = original(model.config)
+    rewrites = list(getattr(model, "_lightning_prune_rewrites", []))
+    _load_into(copy, state, rewrites, f"the gathered {original.__name__}", assign=True)
+    if rewrites:
+        copy._lightning_prune_rewrites = rewrites
+    buffers = dict(model.named_buffers())
+    for name, buffer in list(copy.named_buffers()):
+        if buffer.is_meta:  # not in the state dict (rotary frequencies): the sharded model's own
+            path, _, leaf = name.rpartition(".")
+            copy.get_submodule(path)._buffers[leaf] = buffers[name].detach().cpu()
+    copy.tie_weights()
+    return copy.eval()
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:

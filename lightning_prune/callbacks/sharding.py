@@ -9,7 +9,6 @@ weights, same calibration batches, checked), and the strategy then shards the sm
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,7 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.calibration import _training_loss
 from lightning_prune.callbacks.checkpoint import (
-    CHECKPOINT_KEY,
-    STATE_KEY,
     add_to_applied,
-    applied_record,
     read_checkpoint,
     restore_pruned,
 )
@@ -45,9 +41,11 @@ class PruneBeforeSharding(StructuredPruning):
     In the callback's ``setup`` (before ``configure_model`` and before the strategy wraps anything) every rank
     checks that it holds the same weights as the others, runs the method on the same calibration batches (the
     first ``calibration_batches`` of the data module's own training loader, identical on every rank), and checks
-    that all made the same cut; then the strategy shards the pruned model and training is the recovery. A run
-    resumed from a checkpoint (``fit(..., ckpt_path=...)``, a file or a sharded folder) replays the checkpoint's
-    record instead of cutting again, so the shards load into the pruned shapes.
+    that all made the same cut; then the strategy shards the pruned model and training is the recovery. Resuming:
+    Lightning tells the callbacks a ``fit(..., ckpt_path=...)`` path only after ``setup``, so such a run cuts the
+    same weights again and the checkpoint's record is checked when it loads (``RecordError`` if the cuts differ);
+    set ``trainer.ckpt_path = path`` before ``fit`` instead (a file or a sharded folder) and the checkpoint's
+    record is replayed without a cut of its own, whatever weights the module was built with.
 
     Args:
         amount, importance, structure, calibration_batches, options, target: as in :class:`StructuredPruning`;
@@ -160,23 +158,3 @@ def check_same_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> No
             "strategy keeps each rank's own slice. Seed every rank alike (`seed_everything`) or load the same "
             "`pretrained` folder on every rank."
         )
-
-
-def unsharded(module: pl.LightningModule, rebuild: Callable[[], pl.LightningModule]) -> pl.LightningModule:
-    """``module`` itself when none of its parameters is sharded; else a plain module with the whole weights on
-    every rank, for measuring and saving after a sharded fit (FSDP2's parameters are ``DTensor`` shards, which
-    neither ``generate`` on one rank nor ``save_pretrained`` can read).
-
-    A collective when sharded: call it on every rank. ``rebuild`` makes a fresh module of the same class and
-    arguments (dense); it is cut to the pruned shapes (the record ``module`` carries) before the weights load.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    if not any(isinstance(parameter, DTensor) for parameter in module.parameters()):
-        return module
-    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-    plain = rebuild()
-    restore_pruned(plain, {CHECKPOINT_KEY: {"record": applied_record(module)}}, "the sharded model's record")
-    plain.load_state_dict({name: tensor for name, tensor in weights.items() if not name.endswith(STATE_KEY)})
-    return plain
