@@ -17,7 +17,8 @@ from lightning_prune.errors import PruningError, VerificationError
 from lightning_prune.graph.groups import DependencyGraph, group_trace, match_modules
 from lightning_prune.graph.tracer import trace_model
 from lightning_prune.importance import Criterion, ScoringContext, get_criterion, needs_gradients, score
-from lightning_prune.latency import LatencyModel, LatencyOutcome, LatencySettings, plan_for_latency, search_latency
+from lightning_prune.latency import LatencyOutcome, LatencySettings, plan_for_latency, search_latency
+from lightning_prune.latency_table import LatencyModel
 from lightning_prune.measure import count_macs, count_params
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import new_record

@@ -15,14 +15,8 @@ from lightning_prune.budget import Budget, DenseSize
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import group_trace
 from lightning_prune.graph.tracer import trace_model
-from lightning_prune.latency import (
-    LatencyModel,
-    LatencySettings,
-    LatencyTable,
-    layer_specs,
-    plan_for_latency,
-    search_latency,
-)
+from lightning_prune.latency import LatencySettings, plan_for_latency, search_latency
+from lightning_prune.latency_table import LatencyModel, LatencyTable, layer_specs
 from lightning_prune.measure import LatencyComparison, Spread, count_macs
 from lightning_prune.selection import SelectionOptions
 
