@@ -113,10 +113,7 @@ def _final_plan(
 
 Trial = TypeVar("Trial")
 Timing = Callable[[nn.Module, nn.Module, ExampleInputs], LatencyComparison]
-
-
-def _compare(dense: nn.Module, pruned: nn.Module, example_inputs: ExampleInputs) -> LatencyComparison:
-    return compare_latency(dense, pruned, example_inputs)
+PLAIN = ("cache", "tolerance", "rounds", "repeats", "min_run_time")  # the settings a yaml file can give
 
 
 @dataclass(frozen=True)
@@ -124,25 +121,55 @@ class LatencySettings:
     """How ``target="latency"`` measures, validated on construction.
 
     Args:
-        timing: ``timing(dense, pruned, example_inputs) -> LatencyComparison`` times the whole models
-            (:func:`~lightning_prune.measure.compare_latency` by default).
+        timing: ``timing(dense, pruned, example_inputs) -> LatencyComparison`` times the whole models; None:
+            :func:`~lightning_prune.measure.compare_latency` with ``repeats`` and ``min_run_time``.
         time_layer: ``time_layer(layer, input) -> seconds`` times one layer for the table.
         cache: keep the table on disk (``$LIGHTNING_PRUNE_CACHE/latency/<device>.json``) and reuse it.
         tolerance: a measured ratio within this fraction below the goal ends the search.
         rounds: at most this many pruned copies are timed.
+        repeats, min_run_time: turns and total seconds per model of each whole-model timing.
     """
 
-    timing: Timing = _compare
+    timing: Timing | None = None
     time_layer: TimeLayer = time_layer
     cache: bool = True
     tolerance: float = TOLERANCE
     rounds: int = ROUNDS
+    repeats: int = 10
+    min_run_time: float = 1.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.tolerance, int | float) and 0 < self.tolerance < 1):
             raise PruningError(f"`tolerance` must be a fraction in (0, 1), got {self.tolerance!r}.")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise PruningError(f"`rounds` must be a positive integer, got {self.rounds!r}.")
+        for name in ("rounds", "repeats"):
+            value, least = getattr(self, name), 1 if name == "rounds" else 3
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise PruningError(f"`{name}` must be an integer of at least {least}, got {value!r}.")
+        if (
+            isinstance(self.min_run_time, bool)
+            or not isinstance(self.min_run_time, int | float)
+            or self.min_run_time <= 0
+        ):
+            raise PruningError(f"`min_run_time` must be a positive number of seconds, got {self.min_run_time!r}.")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencySettings:
+        """Settings from plain values (a yaml mapping): any of ``cache``, ``tolerance``, ``rounds``, ``repeats``,
+        ``min_run_time``."""
+        unknown = sorted(set(data) - set(PLAIN))
+        if unknown:
+            raise PruningError(f"latency settings {unknown} are unknown; the plain ones are: {', '.join(PLAIN)}.")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain settings (the timing functions are code and stay out)."""
+        return {name: getattr(self, name) for name in PLAIN}
+
+    def compare(self, dense: nn.Module, pruned: nn.Module, example_inputs: ExampleInputs) -> LatencyComparison:
+        """``dense`` and ``pruned`` timed on ``example_inputs`` as these settings say."""
+        if self.timing is not None:
+            return self.timing(dense, pruned, example_inputs)
+        return compare_latency(dense, pruned, example_inputs, repeats=self.repeats, min_run_time=self.min_run_time)
 
 
 @dataclass(frozen=True)

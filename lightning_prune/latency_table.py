@@ -182,14 +182,14 @@ class LatencyTable:
     def seconds(self, spec: LayerSpec, in_width: int, out_width: int) -> float:
         """Interpolated seconds of the layer at these widths (bilinear; clamped at the grid's edges)."""
         grid = self.grid(spec)
-        if spec.depthwise:
-            index, weight = _bracket(grid["in"], in_width)
-            diagonal = [grid["seconds"][i][i] for i in range(len(grid["in"]))]
-            return diagonal[index] * (1 - weight) + diagonal[index + 1] * weight
         i, a = _bracket(grid["in"], in_width)
-        j, b = _bracket(grid["out"], out_width)
+        k = min(i + 1, len(grid["in"]) - 1)  # an axis of one width (a layer of one input channel) has no next
         s = grid["seconds"]
-        return (1 - a) * ((1 - b) * s[i][j] + b * s[i][j + 1]) + a * ((1 - b) * s[i + 1][j] + b * s[i + 1][j + 1])
+        if spec.depthwise:
+            return s[i][i] * (1 - a) + s[k][k] * a
+        j, b = _bracket(grid["out"], out_width)
+        m = min(j + 1, len(grid["out"]) - 1)
+        return (1 - a) * ((1 - b) * s[i][j] + b * s[i][m]) + a * ((1 - b) * s[k][j] + b * s[k][m])
 
 
 def _bracket(points: Sequence[int], value: float) -> tuple[int, float]:
