@@ -137,7 +137,7 @@ class _Planner:
         if fraction > 0 and graph.groups and all(s is None for s in scores):
             raise _nothing_scored(self.model, self.importance, self.budget.amount, len(graph.groups))
         if self.cost is not None:
-            return plan_for_latency(graph, scores, self.cost, self.keep, self.selection)
+            return plan_for_latency(graph, scores, self.cost, self.keep, self.selection, floor=True)
         if self.budget.target == "channels" or fraction == 0:
             return select(graph.groups, scores, fraction, self.selection)
         goal = int((1 - fraction) * current)

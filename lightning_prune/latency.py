@@ -35,8 +35,11 @@ def plan_for_latency(
     cost: LatencyModel,
     keep: float,
     selection: SelectionOptions,
+    *,
+    floor: bool = False,
 ) -> Plan:
-    """The plan that brings ``cost``'s estimated seconds to at most ``keep`` of the dense estimate.
+    """The plan that brings ``cost``'s estimated seconds to at most ``keep`` of the dense estimate (with
+    ``floor``, where no plan can: the one that removes everything the constraints allow).
 
     Greedy knapsack: each step removes, from one group, its next chunk of lowest-scored elements (about
     1/``STEPS`` of its width, as ``round_to``, blocks and ``max_fraction`` allow), choosing the chunk whose
@@ -44,7 +47,7 @@ def plan_for_latency(
     least. Groups whose removal saves no time are never cut.
 
     Raises:
-        PruningError: if removing everything the constraints allow does not reach the goal.
+        PruningError: if removing everything the constraints allow does not reach the goal (without ``floor``).
     """
     widths = cost.dense_widths()
     dense = cost.seconds(widths)
@@ -82,6 +85,8 @@ def plan_for_latency(
     candidates = {index: candidate(index) for index in scored}
     while current > goal:
         useful = [(c[0], index) for index, c in candidates.items() if c is not None and c[0] < math.inf]
+        if not useful and floor:  # the search times it and judges
+            break
         if not useful:
             raise PruningError(
                 f"`target='latency'` cannot reach {keep:.0%} of the estimated dense time of the convolutions and "

@@ -131,6 +131,9 @@ def test_knapsack_cuts_least_importance_per_second_first() -> None:
         assert cheap.index in plan.removed and dear.index not in plan.removed
     with pytest.raises(PruningError, match="cannot reach 10%"):
         plan_for_latency(graph, scores, cost, 0.1, SelectionOptions(normalize="none"))
+    # the search's copies take the floor instead: everything the constraints allow (max_fraction 0.9 of 16)
+    floor = plan_for_latency(graph, scores, cost, 0.1, SelectionOptions(normalize="none"), floor=True)
+    assert {len(floor.removed[first.index]), len(floor.removed[second.index])} == {14}
 
 
 def test_search_corrects_for_time_the_estimate_does_not_see() -> None:
