@@ -9,9 +9,12 @@ their statistics), loses 50% or 70% of its prunable channels (global ranking, sc
 group by their mean) and is fine-tuned 10 epochs. Test accuracy right after the cut and after
 fine-tuning, mean ± spread over seeds; params and MACs. Random is the floor.
 
-Table 2: time per training step (forward, backward, SGD step) with and without the taylor/fisher
-hooks attached, ``torch.utils.benchmark``, 2 threads, for the digits CNN and a CIFAR ResNet-18 shape
-(batch 64, 32×32), and the memory the accumulated statistics take.
+Table 2: time per training step (forward, backward, SGD step) of a model and of a copy with the
+taylor/fisher hooks attached, timed in alternating turns (``torch.utils.benchmark``, ``--threads``; median
+and interquartile range), for the digits CNN and a CIFAR ResNet-18 shape (batch 64, 32×32), and the memory
+the accumulated statistics take.
+
+    python benchmarks/criteria.py --skip-accuracy --threads 1 --repeats 10 --min-run-time 3   # the cost only
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def accuracy_table(seeds: list[int]) -> None:
             )
 
 
-def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def stepper(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step() -> None:
@@ -127,31 +130,44 @@ def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=3.0).median
+    return step
 
 
-def cost_table() -> None:
+def interleaved(steps: list, repeats: int, min_run_time: float) -> list[list[float]]:
+    """Seconds per call of each of ``steps``, timed in alternating turns (``torch.utils.benchmark``)."""
+    timers = [benchmark.Timer(stmt="step()", globals={"step": s}, num_threads=torch.get_num_threads()) for s in steps]
+    once = [min(t.timeit(1).median for _ in range(3)) for t in timers]  # also warms up
+    number = [max(1, round(min_run_time / repeats / seconds)) for seconds in once]
+    samples: list[list[float]] = [[] for _ in steps]
+    for turn in range(repeats):
+        for index in range(len(steps)) if turn % 2 == 0 else reversed(range(len(steps))):
+            samples[index].append(timers[index].timeit(number[index]).median)
+    return samples
+
+
+def cost_table(repeats: int, min_run_time: float) -> None:
     import torchvision
 
     cases = [
         ("digits CNN, batch 64, 8x8", ImageClassifier().net, torch.randn(64, 1, 8, 8)),
         ("resnet18, batch 64, 32x32", torchvision.models.resnet18(num_classes=10), torch.randn(64, 3, 32, 32)),
     ]
-    print("\n| model | step without hooks | with taylor+fisher hooks | overhead | statistics memory |")
+    print(f"\n{torch.get_num_threads()} thread(s); plain and hooked copies timed in {repeats} alternating turns")
+    print("| model | step without hooks [IQR] | with taylor+fisher hooks [IQR] | overhead | statistics memory |")
     print("|---|---|---|---|---|")
     for name, model, x in cases:
         y = torch.randint(0, 10, (x.shape[0],))
-        plain = step_time(model, x, y)
-        collector = GradientStatistics(model, lp.build_graph(model, x[:2])).attach()
-        hooked = step_time(model, x, y)
+        hooked = copy.deepcopy(model)
+        collector = GradientStatistics(hooked, lp.build_graph(hooked, x[:2])).attach()
+        plain_times, hooked_times = interleaved([stepper(model, x, y), stepper(hooked, x, y)], repeats, min_run_time)
         accumulated = collector.detach()
         size = sum(t.numel() * t.element_size() for kind in ("taylor", "fisher") for t in accumulated[kind].values())
-        overhead = hooked / plain - 1
-        print(
-            f"| {name} | {plain * 1e3:.2f} ms | {hooked * 1e3:.2f} ms | {overhead:+.1%} | {size / 1024:.1f} KiB |",
-            flush=True,
-        )
+        cells = []
+        for times in (plain_times, hooked_times):
+            low, median, high = statistics.quantiles(times, n=4, method="inclusive")
+            cells.append((median, f"{median * 1e3:.2f} ms [{low * 1e3:.2f}-{high * 1e3:.2f}]"))
+        overhead = cells[1][0] / cells[0][0] - 1
+        print(f"| {name} | {cells[0][1]} | {cells[1][1]} | {overhead:+.1%} | {size / 1024:.1f} KiB |", flush=True)
 
 
 def main() -> None:
@@ -159,13 +175,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20, help="alternating turns of the cost table")
+    parser.add_argument("--min-run-time", type=float, default=6.0, help="seconds per model of the cost table")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if not args.skip_accuracy:
         accuracy_table(args.seeds)
     if not args.skip_cost:
-        cost_table()
+        cost_table(args.repeats, args.min_run_time)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from lightning_prune.errors import PruningError, VerificationError
 from lightning_prune.graph.groups import DependencyGraph, group_trace, match_modules
 from lightning_prune.graph.tracer import trace_model
 from lightning_prune.importance import Criterion, ScoringContext, get_criterion, needs_gradients, score
-from lightning_prune.latency import LatencyModel, LatencyOutcome, LatencySettings, plan_for_latency, search_latency
+from lightning_prune.latency import LatencyOutcome, LatencySettings, plan_for_latency, search_latency
+from lightning_prune.latency_table import LatencyModel
 from lightning_prune.measure import count_macs, count_params
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import new_record
@@ -136,7 +137,7 @@ class _Planner:
         if fraction > 0 and graph.groups and all(s is None for s in scores):
             raise _nothing_scored(self.model, self.importance, self.budget.amount, len(graph.groups))
         if self.cost is not None:
-            return plan_for_latency(graph, scores, self.cost, self.keep, self.selection)
+            return plan_for_latency(graph, scores, self.cost, self.keep, self.selection, floor=True)
         if self.budget.target == "channels" or fraction == 0:
             return select(graph.groups, scores, fraction, self.selection)
         goal = int((1 - fraction) * current)
@@ -326,10 +327,18 @@ def _prune_to_latency(
             f"{type(model).__name__} runs none on these inputs: use `target='macs'`."
         )
     reference = copy.deepcopy(model)
-    goal = 1.0 - planner.budget.amount
+    goal, kept = 1.0 - planner.budget.amount, 1.0
     if dense is not None and dense.latency is not None:
-        now = settings.timing(reference, reference, example_inputs).dense.median
+        if dense.latency_kept is not None:  # the ratios measured in turns so far, not seconds from another time
+            kept, now = dense.latency_kept, dense.latency * dense.latency_kept
+        else:
+            now = settings.compare(reference, reference, example_inputs).dense.median
+            kept = now / dense.latency
         goal = 1.0 - planner.budget.fraction_now(dense, now)
+        if goal >= 1.0:  # already at the goal: nothing is due in this step
+            result = _run(model, replace(planner, fixed=Plan({})), ignored, optimizers, verify, modes)[0]
+            result.dense = replace(result.dense, latency=dense.latency, latency_kept=kept)
+            return result
 
     def attempt(keep: float) -> list[Any]:
         trial = copy.deepcopy(model)
@@ -337,14 +346,14 @@ def _prune_to_latency(
         return [trial, *_run(trial, chooser, ignored, [], verify, modes)]
 
     def measure(tried: list[Any]) -> float:
-        tried.append(settings.timing(reference, tried[0], example_inputs))
+        tried.append(settings.compare(reference, tried[0], example_inputs))
         return 1.0 / tried[-1].ratio
 
     best, _, tries = search_latency(attempt, measure, goal, tolerance=settings.tolerance, rounds=settings.rounds)
     _, _, plan, left_alone, timing = best
     result = _run(model, replace(planner, fixed=plan), {**ignored, **left_alone}, optimizers, verify, modes)[0]
     seconds = dense.latency if dense is not None and dense.latency is not None else timing.dense.median
-    result.dense = replace(result.dense, latency=seconds)
+    result.dense = replace(result.dense, latency=seconds, latency_kept=kept / timing.ratio)
     result.latency = LatencyOutcome(goal, timing, tries)
     return result
 

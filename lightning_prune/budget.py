@@ -32,7 +32,10 @@ class DenseSize:
 
     ``units`` are prunable channels (or, for depth pruning, blocks of the block stack); ``removed`` counts
     those gone in all steps so far; ``latency`` is the dense model's measured seconds per forward where a
-    ``target="latency"`` step timed it. Plain data: it lives in callback state and checkpoints.
+    ``target="latency"`` step timed it, and ``latency_kept`` the model's measured time now over the dense
+    model's: the product of every latency step's ratio, each timed against the model before it in turns (so
+    that a machine running faster or slower between steps does not move the goal). Plain data: it lives in
+    callback state and checkpoints.
     """
 
     params: int
@@ -40,6 +43,7 @@ class DenseSize:
     units: int
     removed: int = 0
     latency: float | None = None
+    latency_kept: float | None = None
 
     def after(self, removed: int) -> DenseSize:
         """This size with ``removed`` more units gone."""
@@ -54,13 +58,14 @@ class DenseSize:
         units = data.get("units", data.get("channels", data.get("blocks")))
         if units is None or "params" not in data or "macs" not in data:
             raise PruningError(f"a dense size needs `params`, `macs` and `units`; got {dict(data)}.")
-        seconds = data.get("latency")
+        seconds, kept = data.get("latency"), data.get("latency_kept")
         return cls(
             int(data["params"]),
             int(data["macs"]),
             int(units),
             int(data.get("removed", removed)),
             None if seconds is None else float(seconds),
+            None if kept is None else float(kept),
         )
 
 

@@ -38,6 +38,7 @@ from lightning_prune.running import preserved_state, tensor_owners
 from lightning_prune.slicing import index_rows
 
 KINDS = ("taylor", "fisher")
+FOLD_EVERY = 16  # finished batches kept on their device, then folded into the accumulators in one pass
 Statistics = dict[str, Any]
 
 
@@ -86,8 +87,10 @@ class GradientStatistics:
         self.taylor: dict[str, Tensor] = {}
         self.fisher: dict[str, Tensor] = {}
         self.batches = 0
-        self._pending: dict[str, Tensor] = {}  # per example, from outputs
-        self._pending_weights: dict[str, Tensor] = {}  # per batch, from weights
+        self._pending: dict[str, Tensor] = {}  # this batch, per example, from outputs (float32, on its device)
+        self._pending_weights: dict[str, Tensor] = {}  # this batch, per batch, from weights
+        self._done: list[dict[str, Tensor]] = []  # finished batches not folded into the accumulators yet
+        self._scratch: Tensor | None = None
         self._handles: list[Any] = []
         self._weight_handles: dict[str, Any] = {}
 
@@ -104,7 +107,7 @@ class GradientStatistics:
     def _forward_hook(self, name: str, dim: int) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
             if self._pending.get(name) is not None or self._pending_weights:
-                self.flush()  # a new forward started: the previous backward is complete
+                self._end_batch()  # a new forward started: the previous backward is complete
             if isinstance(output, Tensor) and output.requires_grad and torch.is_grad_enabled():
                 activation = output.detach()
                 output.register_hook(lambda grad: self._on_gradient(name, dim, activation, grad))
@@ -113,59 +116,103 @@ class GradientStatistics:
 
     def _flush_hook(self, module: nn.Module, inputs: Any) -> None:
         if self._pending_weights:
-            self.flush()
+            self._end_batch()
 
     def _weight_hook(self, name: str, parameter: Tensor, dim: int, groups: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             product = index_rows(parameter.detach() * grad, dim, groups)
-            per_channel = product.sum(1, dtype=torch.float32).to("cpu", torch.float64).unsqueeze(0)
+            per_channel = product.sum(1, dtype=torch.float32).unsqueeze(0)
             pending = self._pending_weights.get(name)
             self._pending_weights[name] = per_channel if pending is None else pending + per_channel
 
         return hook
 
     def _on_gradient(self, name: str, dim: int, activation: Tensor, grad: Tensor) -> None:
-        product = activation * grad  # faster than a batched dot product on CPU, measured
+        # a·g into a buffer kept between calls (one, the size of the largest activation): on CPU a fresh tensor per
+        # producer and step was 9% slower for 64x64x32x32; the product is faster than a batched dot product there
+        count, scratch = activation.numel(), self._scratch
+        if scratch is None or scratch.numel() < count or (scratch.dtype, scratch.device) != (grad.dtype, grad.device):
+            self._scratch = scratch = torch.empty(count, dtype=grad.dtype, device=grad.device)
+        product = torch.mul(activation, grad, out=scratch[:count].view(activation.shape))
         if product.ndim == 1:
             product = product.unsqueeze(0)
         channel = dim % product.ndim
         reduce = [d for d in range(product.ndim) if d not in (0, channel)]
-        per_example = product.sum(reduce, dtype=torch.float32) if reduce else product
+        per_example = product.sum(reduce, dtype=torch.float32) if reduce else product.to(torch.float32, copy=True)
         if channel == 0:
             per_example = per_example.unsqueeze(0)
-        per_example = per_example.detach().to("cpu", torch.float64)
         self._pending[name] = per_example if name not in self._pending else self._pending[name] + per_example
 
-    def flush(self) -> None:
-        """Fold the last batch's values into the accumulators."""
+    def _end_batch(self) -> None:
+        """Keep the finished batch's values (on their device) and fold every ``FOLD_EVERY`` batches."""
         if not self._pending and not self._pending_weights:
             return
         for name in self._pending:  # seen through its output: the weight form is not needed
             handle = self._weight_handles.pop(name, None)
             if handle is not None:
                 handle.remove()
-        pending = {**self._pending_weights, **self._pending}
+        self._done.append({**self._pending_weights, **self._pending})
+        self._pending, self._pending_weights = {}, {}
+        if len(self._done) >= FOLD_EVERY:
+            self._fold()
+
+    def flush(self) -> None:
+        """Fold the last batch's values, and every batch not folded yet, into the accumulators."""
+        self._end_batch()
+        self._fold()
+
+    def _fold(self) -> None:
+        """Fold the finished batches into the accumulators, each group in one pass over all of them.
+
+        As if each batch were folded on its own: a member a batch did not see adds nothing to that batch's
+        masks and gets no share of its fisher, and a group whose members a batch saw in mixed forms (per
+        example and per batch) folds that batch to batch sums.
+        """
+        batches, self._done = self._done, []
         for entries, width in zip(self.members, self.widths, strict=True):
-            seen = [(pending[name], positions, elements) for name, positions, elements in entries if name in pending]
-            if not seen:
+            names = list(dict.fromkeys(name for name, _, _ in entries if any(name in b for b in batches)))
+            if not names:
                 continue
-            if len({values.shape[0] for values, _, _ in seen}) > 1:  # mixed forms: batch sums
-                seen = [(values.sum(0, keepdim=True), p, e) for values, p, e in seen]
-            masks = torch.zeros(seen[0][0].shape[0], width, dtype=torch.float64)
-            for values, positions, elements in seen:
-                masks.index_add_(1, elements, values[:, positions])
-            group_fisher = masks.square().sum(0)
-            for name, positions, elements in entries:
-                if name not in pending:
+            channels = {name: next(b[name].shape[1] for b in batches if name in b) for name in names}
+            columns: dict[str, list[Tensor]] = {name: [] for name in names}
+            present: dict[str, list[bool]] = {name: [] for name in names}  # per batch
+            counts = []
+            for batch in batches:
+                seen = [batch[name] for name in names if name in batch]
+                if not seen:
                     continue
-                values = pending[name]
+                mixed = len({values.shape[0] for values in seen}) > 1
+                rows = 1 if mixed else seen[0].shape[0]
+                counts.append(rows)
+                for name in names:
+                    values = batch.get(name)
+                    present[name].append(values is not None)
+                    if values is None:
+                        values = seen[0].new_zeros(rows, channels[name])
+                    columns[name].append(values.sum(0, keepdim=True) if mixed else values)
+            stacked = {name: torch.cat(parts).to("cpu", torch.float64) for name, parts in columns.items()}
+            masks = torch.zeros(sum(counts), width, dtype=torch.float64)
+            for name, positions, elements in entries:
+                if name in stacked:
+                    masks.index_add_(1, elements, stacked[name][:, positions])
+            squares = masks.square()
+            group_fisher = squares.sum(0)
+            sizes = torch.tensor(counts)
+            segments = torch.repeat_interleave(torch.arange(len(counts)), sizes)
+            for name, positions, elements in entries:
+                if name not in stacked:
+                    continue
+                values = stacked[name]
+                per_batch = values.new_zeros(len(counts), values.shape[1]).index_add_(0, segments, values)
                 taylor = self.taylor.setdefault(name, torch.zeros(values.shape[1], dtype=torch.float64))
                 fisher = self.fisher.setdefault(name, torch.zeros(values.shape[1], dtype=torch.float64))
-                taylor[positions] += values[:, positions].sum(0).abs()
-                fisher[positions] += group_fisher[elements]
-        self.batches += 1
-        self._pending = {}
-        self._pending_weights = {}
+                taylor[positions] += per_batch[:, positions].abs().sum(0)
+                if all(present[name]):
+                    fisher[positions] += group_fisher[elements]
+                else:  # a member gets the group's value of the batches that saw it
+                    rows = torch.repeat_interleave(torch.tensor(present[name]), sizes)
+                    fisher[positions] += squares[rows].sum(0)[elements]
+        self.batches += len(batches)
 
     def detach(self) -> Statistics:
         """Remove every hook and return the statistics."""
@@ -176,6 +223,7 @@ class GradientStatistics:
         return self.state()
 
     def state(self) -> Statistics:
+        self._fold()  # the finished batches; the one in flight ends with the next forward
         return {"taylor": dict(self.taylor), "fisher": dict(self.fisher), "batches": self.batches}
 
     def load(self, state: Statistics) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_prune.latency import LayerSpec, TimeLayer, cache_dir, device_name, time_layer
+from lightning_prune.latency_table import LayerSpec, TimeLayer, cache_dir, device_name, time_layer
 
 MULTIPLES = (8, 16, 32)
 SHARE = 0.25  # widths between multiples must save less than this share of the time their channels would

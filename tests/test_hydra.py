@@ -130,6 +130,21 @@ def test_config_composes_and_instantiates(tmp_path: Path, overrides: list[str]) 
     OmegaConf.save(cfg, tmp_path / "config.yaml")  # the composed config, kept with the test's files
 
 
+def test_latency_target_from_the_command_line_builds_its_timing_settings(tmp_path: Path) -> None:
+    overrides = ["pruning=l1", "callbacks.pruning.target=latency", "callbacks.pruning.amount=0.5"]
+    timing = ["+callbacks.pruning.options.latency.rounds=3", "+callbacks.pruning.options.latency.min_run_time=0.2"]
+    built = instantiate_all(compose_into(tmp_path, [*overrides, *timing]))
+    (pruning,) = [c for c in built["callbacks"] if isinstance(c, StructuredPruning)]
+    assert pruning.target == "latency" and pruning.options["target"] == "latency"
+    assert pruning.options["latency"] == {
+        "cache": True, "tolerance": 0.05, "rounds": 3, "repeats": 10, "min_run_time": 0.2
+    }  # fmt: skip
+    with pytest.raises(Exception, match="`amount` is 0 at epochs"):
+        instantiate_all(
+            compose_into(tmp_path, ["pruning=l1", "callbacks.pruning.target=latency", "callbacks.pruning.amount=0"])
+        )
+
+
 def test_keep_dense_before_shearing_copies_the_model_as_fit_starts(tmp_path: Path) -> None:
     import lightning.pytorch as pl
     import torch

@@ -127,6 +127,47 @@ def test_taylor_and_fisher_equal_a_hand_computation() -> None:
     assert torch.allclose(fisher, fisher_stream, rtol=1e-5)
 
 
+class Sometimes(nn.Module):
+    """``b`` joins ``a``'s stream only on batches of odd size: a group member some batches do not see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stream = self.a(x) + self.b(x) if x.shape[0] % 2 else self.a(x)
+        return self.head(torch.tanh(stream))
+
+
+@pytest.mark.parametrize("fold_every", [1, 2, 16])
+def test_statistics_do_not_depend_on_how_many_batches_are_folded_at_once(monkeypatch, fold_every: int) -> None:
+    monkeypatch.setattr("lightning_prune.statistics.FOLD_EVERY", fold_every)
+    torch.manual_seed(0)
+    model = Sometimes()
+    data = [torch.randn(n, 4) for n in (5, 4, 3, 6, 5)]
+    graph = lp.build_graph(model, data[0])
+    statistics = collect_statistics(model, graph, data, lambda m, x: m(x).square().sum())
+    taylor_a, taylor_b, fisher, fisher_b = (torch.zeros(3, dtype=torch.float64) for _ in range(4))
+    for x in data:
+        a = model.a(x)
+        a.retain_grad()
+        b = model.b(x) if x.shape[0] % 2 else None
+        if b is not None:
+            b.retain_grad()
+        model.head(torch.tanh(a if b is None else a + b)).square().sum().backward()
+        mask = a * a.grad + (0 if b is None else b * b.grad)  # d loss / d a mask shared by a and b
+        taylor_a += (a * a.grad).sum(0).abs().double()
+        taylor_b += 0 if b is None else (b * b.grad).sum(0).abs().double()
+        fisher += mask.square().sum(0).double()
+        fisher_b += 0 if b is None else mask.square().sum(0).double()  # b's share: the batches that saw it
+        model.zero_grad()
+    assert statistics["batches"] == 5
+    assert torch.allclose(statistics["taylor"]["a.weight"], taylor_a, rtol=1e-5)
+    assert torch.allclose(statistics["taylor"]["b.weight"], taylor_b, rtol=1e-5)
+    assert torch.allclose(statistics["fisher"]["a.weight"], fisher, rtol=1e-5)
+    assert torch.allclose(statistics["fisher"]["b.weight"], fisher_b, rtol=1e-5)
+
+
 def test_heads_of_multihead_attention_get_the_derivative_of_a_head_mask() -> None:
     # nn.MultiheadAttention's heads have no producer module a hook could see: their statistics come
     # from W·G of the fused in-projection; a head's fisher is (dL/dm_head)² summed over batches.

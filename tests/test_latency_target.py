@@ -15,14 +15,8 @@ from lightning_prune.budget import Budget, DenseSize
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import group_trace
 from lightning_prune.graph.tracer import trace_model
-from lightning_prune.latency import (
-    LatencyModel,
-    LatencySettings,
-    LatencyTable,
-    layer_specs,
-    plan_for_latency,
-    search_latency,
-)
+from lightning_prune.latency import LatencySettings, plan_for_latency, search_latency
+from lightning_prune.latency_table import LatencyModel, LatencyTable, layer_specs
 from lightning_prune.measure import LatencyComparison, Spread, count_macs
 from lightning_prune.selection import SelectionOptions
 
@@ -137,6 +131,9 @@ def test_knapsack_cuts_least_importance_per_second_first() -> None:
         assert cheap.index in plan.removed and dear.index not in plan.removed
     with pytest.raises(PruningError, match="cannot reach 10%"):
         plan_for_latency(graph, scores, cost, 0.1, SelectionOptions(normalize="none"))
+    # the search's copies take the floor instead: everything the constraints allow (max_fraction 0.9 of 16)
+    floor = plan_for_latency(graph, scores, cost, 0.1, SelectionOptions(normalize="none"), floor=True)
+    assert {len(floor.removed[first.index]), len(floor.removed[second.index])} == {14}
 
 
 def test_search_corrects_for_time_the_estimate_does_not_see() -> None:
@@ -242,3 +239,88 @@ def test_round_to_auto_is_measured_once_per_device(tmp_path, monkeypatch) -> Non
     model = PlainCNN()
     result = lp.prune(model, small_input(), 0.3, round_to="auto")
     assert all(change.after % 8 == 0 for change in result.layers)
+
+
+# --- inside Trainer.fit -------------------------------------------------------------------------------
+def _trainer(tmp_path, callbacks: list, epochs: int = 2):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, callbacks=callbacks,
+    )  # fmt: skip
+
+
+def _classifier():
+    import lightning.pytorch as pl
+
+    from lightning_prune.models import ImageClassifier
+
+    pl.seed_everything(0, verbose=False)
+    return ImageClassifier(arch_kwargs={"channels": [8, 16, 32]})
+
+
+def test_latency_target_in_a_trainer_records_the_ratio_it_measured(tmp_path) -> None:
+    import lightning.pytorch as pl
+
+    from lightning_prune.data import DigitsDataModule
+
+    model = _classifier()
+    dense = copy.deepcopy(model)
+    speed = [1.0]  # the machine's pace: it halves between the steps, which interleaved ratios do not see
+
+    def seconds(model: nn.Module) -> float:
+        """What ``product_time`` gives each layer, summed, plus a tenth of the dense model's that no cut removes."""
+        layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        return speed[0] * (sum(product_time(m, None) for m in layers) + 0.1 * fixed)
+
+    fixed = sum(product_time(m, None) for m in dense.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+
+    def timing(reference: nn.Module, pruned: nn.Module, inputs: torch.Tensor) -> LatencyComparison:
+        return LatencyComparison(*(Spread(s, s, s) for s in (seconds(reference), seconds(pruned))), threads=1)
+
+    class Faster(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            speed[0] = 0.5 if trainer.current_epoch >= 1 else 1.0
+
+    settings = LatencySettings(timing=timing, time_layer=product_time, cache=False)
+    pruning = lp.StructuredPruning(
+        schedule={0: 0.4, 1: 0.7}, target="latency", log_table=False, options={"latency": settings}
+    )
+    trainer = _trainer(tmp_path, [Faster(), pruning], epochs=3)
+    trainer.fit(model, DigitsDataModule())
+    assert trainer.global_step == 6  # the last epoch trained the pruned model
+    first, second = pruning.done[0]["latency"], pruning.done[1]["latency"]
+    assert 0.6 * 0.95 <= first["ratio"] <= 0.6 and first["goal"] == pytest.approx(0.6)
+    assert second["goal"] == pytest.approx(0.3 / first["ratio"]) and second["ratio"] <= second["goal"]
+    assert first["batch"] == 8 and first["threads"] == 1
+    speed[0] = 1.0
+    final = timing(dense, model, model.example_input_array)
+    measured = final.pruned.median / final.dense.median
+    assert 0.3 * 0.9 <= measured <= 0.3 and measured == pytest.approx(first["ratio"] * second["ratio"])
+    assert float(trainer.callback_metrics["prune/latency_ratio"]) == pytest.approx(measured)
+    assert pruning.dense.latency == pytest.approx(first["dense_seconds"])
+
+
+@pytest.mark.parametrize("amount", [0, 1.0, -0.2, 1.5])
+def test_latency_target_outside_zero_one_is_refused_before_training(amount: float) -> None:
+    with pytest.raises(PruningError, match="`amount`"):
+        lp.StructuredPruning(amount=amount, target="latency")
+
+
+def test_latency_schedule_with_a_zero_step_and_bad_settings_are_refused() -> None:
+    with pytest.raises(PruningError, match=r"`amount` is 0 at epochs \[0\]"):
+        lp.StructuredPruning(schedule={0: 0.0, 2: 0.4}, target="latency")
+    with pytest.raises(PruningError, match=r"latency settings \['budget'\] are unknown"):
+        lp.StructuredPruning(amount=0.3, target="latency", options={"latency": {"budget": 1}})
+    with pytest.raises(PruningError, match="`min_run_time`"):
+        lp.StructuredPruning(amount=0.3, target="latency", options={"latency": {"min_run_time": 0}})
+    pruning = lp.StructuredPruning(amount=0.3, target="latency", options={"latency": {"rounds": 3, "repeats": 5}})
+    assert pruning.options["latency"] == {**LatencySettings(rounds=3, repeats=5).to_dict()}
+
+
+def test_table_of_a_layer_with_one_input_channel_has_one_row() -> None:
+    spec = layer_specs(nn.Sequential(nn.Conv2d(1, 8, 3)), torch.zeros(2, 1, 8, 8))["0"]
+    table = LatencyTable(torch.device("cpu"), None, product_time)
+    assert table.grid(spec)["in"] == [1]
+    assert table.seconds(spec, 1, 5) == pytest.approx(5e-6) and table.seconds(spec, 1, 8) == pytest.approx(8e-6)

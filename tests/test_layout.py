@@ -53,7 +53,7 @@ LAYERS = [
     ["planning", "fixups"],
     ["surgery"],
     ["record", "verify"],
-    ["budget", "latency", "widths"],
+    ["budget", "latency_table", "latency", "widths"],
     ["api", "depth", "saving", "export", "memory"],
     ["methods"],
     ["integrations"],

@@ -19,7 +19,13 @@ from lightning_prune.statistics import Statistics, reduce_statistics
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
-def check_strategy(trainer: pl.Trainer) -> None:
+def check_strategy(trainer: pl.Trainer, target: str = "channels") -> None:
+    if target == "latency" and trainer.world_size > 1:
+        raise PruningError(
+            f"`target='latency'` under {trainer.world_size} processes: each rank would time its own device and "
+            "could cut a different model. Prune to latency in one process (e.g. `lightning_prune.prune(..., "
+            "target='latency')` before training, then fine-tune under DDP), or use `target='macs'`."
+        )
     strategy = type(trainer.strategy).__name__
     if strategy in UNSUPPORTED_STRATEGIES:
         raise PruningError(

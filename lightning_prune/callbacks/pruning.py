@@ -34,7 +34,7 @@ from lightning_prune.callbacks.checkpoint import (
 from lightning_prune.callbacks.distributed import check_same_cut, check_strategy, rewrap_distributed
 from lightning_prune.callbacks.io import AtomicCheckpointIO
 from lightning_prune.callbacks.optimizers import parameter_ids, rebuild_optimizers
-from lightning_prune.callbacks.reporting import report_step
+from lightning_prune.callbacks.reporting import latency_summary, report_step
 from lightning_prune.depth import LayerPruningResult
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import build_graph
@@ -94,8 +94,11 @@ class StructuredPruning(Callback):
             ``{epoch: cumulative_amount}``. Epochs are Lightning's 0-based ``current_epoch``.
         start_epoch, end_epoch, every: see ``schedule``.
         scope, ignore, round_to, max_fraction, normalize, aggregate, seed: as in :func:`lightning_prune.prune`.
-        target: ``"channels"``, ``"macs"``, ``"params"`` or ``"latency"`` (seconds per forward on the device the
-            model trains on, timed at the batch the step sees): what ``amount`` is a fraction of.
+        target: ``"channels"``, ``"macs"``, ``"params"`` or ``"latency"`` (seconds per eval-mode forward on the
+            device the model trains on, timed on the example inputs; how: ``options={"latency": {"rounds": 3,
+            "min_run_time": 0.5}}`` or a :class:`~lightning_prune.latency.LatencySettings`): what ``amount`` is a
+            fraction of. Each latency step's measured ratio is kept in ``done[epoch]["latency"]``, printed in its
+            summary line and logged as ``prune/latency_ratio`` (the model now over the dense model).
         when: ``"train_epoch_end"``, ``"validation_end"`` (after that epoch's validation) or
             ``"train_epoch_start"``: before the epoch trains, so that ``start_epoch=0`` prunes at the start of
             fit (one-shot pruning of a trained model, then recovery: LLM-Pruner, FLAP, Wanda-sp); statistics
@@ -191,6 +194,13 @@ class StructuredPruning(Callback):
                 f"`options` {unknown} are not arguments of structure={structure!r} beyond the callback's own "
                 f"(set those directly); its options: {', '.join(own) or 'none'}."
             )
+        zero = [epoch for epoch, value in self.steps.items() if value <= 0]
+        if target == "latency" and "target" in accepted and zero:
+            raise PruningError(
+                f"`amount` is 0 at epochs {zero} of the schedule ({self.steps}) with `target='latency'`, which asks "
+                "for no speed-up there: give the fraction of the dense model's latency to remove, in (0, 1) "
+                "(`amount=0.3`: a forward then takes at most 70% of the dense time)."
+            )
         self.method = factory(**{name: value for name, value in offered.items() if name in accepted}, **extra)
         collect = getattr(self.method, "collect", None) if getattr(self.method, "needs_gradients", False) else None
         self.statistics = StepStatistics(calibration_batches, self._graph, collect, importance)
@@ -236,7 +246,7 @@ class StructuredPruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer)
+        check_strategy(trainer, self.target)
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and not isinstance(
             pl_module, PrunableModule
         ):
@@ -338,14 +348,15 @@ class StructuredPruning(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when == "train_epoch_end":
             self._maybe_step(trainer, pl_module)
-        pl_module.log_dict(
-            {
-                "prune/params": float(count_params(pl_module)),
-                "prune/macs": float(self.done[max(self.done)]["macs"] if self.done else 0),
-                "prune/amount": self.amount_done,
-            },
-            on_epoch=True,
-        )
+        last = self.done[max(self.done)] if self.done else {}
+        logged = {
+            "prune/params": float(count_params(pl_module)),
+            "prune/macs": float(last.get("macs", 0)),
+            "prune/amount": self.amount_done,
+        }
+        if self.target == "latency":  # measured seconds now over the dense model's (1 before the first step)
+            logged["prune/latency_ratio"] = getattr(self.dense, "latency_kept", None) or 1.0
+        pl_module.log_dict(logged, on_epoch=True)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -379,6 +390,8 @@ class StructuredPruning(Callback):
             "macs": result.macs_after,
             "removed": result.dense.removed - before,
         }
+        if getattr(result, "latency", None) is not None:  # target="latency": timed against the model before the step
+            self.done[epoch]["latency"] = latency_summary(result.latency, _rows(example))
         if self.when == "train_epoch_start" and self.reset_best:
             _reset_best_checkpoints(trainer)  # what they scored so far was the model before this cut
         number = sorted(self.steps).index(epoch) + 1
@@ -386,7 +399,7 @@ class StructuredPruning(Callback):
         title = f"StructuredPruning: epoch {epoch} step {number}/{len(self.steps)}"
         report_step(
             trainer, title, what, self.amount_done, self.dense, result.params_after, result.macs_after,
-            result.layers, self.log_table, _rows(example),
+            result.layers, self.log_table, _rows(example), self.done[epoch].get("latency"),
         )  # fmt: skip
 
     @override

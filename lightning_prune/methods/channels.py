@@ -16,6 +16,7 @@ from lightning_prune.budget import TARGETS, DenseSize
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import build_graph, match_modules
 from lightning_prune.importance import get_criterion, needs_gradients
+from lightning_prune.latency import LatencySettings
 from lightning_prune.methods.base import METHODS
 from lightning_prune.running import ExampleInputs
 from lightning_prune.selection import SelectionOptions
@@ -27,9 +28,11 @@ class ChannelPruning:
 
     Args:
         importance: a criterion name (see :func:`lightning_prune.prune`).
-        target: ``"channels"``, ``"macs"`` or ``"params"``.
+        target: ``"channels"``, ``"macs"``, ``"params"`` or ``"latency"``.
         selection: how elements are chosen (:class:`~lightning_prune.SelectionOptions`).
         ignore, aggregate, seed, verify: as in :func:`lightning_prune.prune`.
+        latency: how ``target="latency"`` times: :class:`~lightning_prune.latency.LatencySettings`, or a mapping
+            of its plain values (``{"rounds": 3, "min_run_time": 0.5}``, what a yaml file gives).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class ChannelPruning:
         aggregate: str = "sum",
         seed: int = 0,
         verify: bool = True,
+        latency: LatencySettings | Mapping[str, Any] | None = None,
     ) -> None:
         if target not in TARGETS:
             raise PruningError(f"`target` must be one of {', '.join(TARGETS)}; got {target!r}.")
@@ -52,11 +56,16 @@ class ChannelPruning:
         self.collect: Callable[..., Statistics] | None = getattr(criterion, "collect", None)
         self.importance, self.target, self.selection = importance, target, selection or SelectionOptions()
         self.ignore, self.aggregate, self.seed, self.verify = list(ignore), aggregate, seed, verify
+        if latency is not None and not isinstance(latency, LatencySettings | Mapping):
+            raise PruningError(
+                f"`latency` must be a LatencySettings or a mapping of its plain values, got {type(latency).__name__}."
+            )
+        self.latency = latency if isinstance(latency, LatencySettings) else LatencySettings.from_dict(latency or {})
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "importance": self.importance, "target": self.target, **self.selection.to_dict(), "ignore": self.ignore,
-            "aggregate": self.aggregate, "seed": self.seed, "verify": self.verify,
+            "aggregate": self.aggregate, "seed": self.seed, "verify": self.verify, "latency": self.latency.to_dict(),
         }  # fmt: skip
 
     def check(self, model: nn.Module, example_inputs: ExampleInputs | None) -> None:
@@ -97,6 +106,7 @@ class ChannelPruning:
             optimizers=optimizers,
             statistics=statistics,
             verify=self.verify,
+            latency=self.latency,
             **self.selection.to_dict(),
         )
 

@@ -1,0 +1,247 @@
+"""The per-layer latency table behind ``target="latency"``: each convolution and linear layer timed alone at a
+grid of widths, once per device, layer shape and batch, and the estimated time of a model at any widths.
+
+:class:`LatencyTable` keeps the timings as JSON under ``$LIGHTNING_PRUNE_CACHE/latency``; :class:`LatencyModel`
+sums a model's layers, interpolated between the timed widths. :mod:`lightning_prune.latency` plans and searches
+over it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.measure import _import_benchmark
+from lightning_prune.running import ExampleInputs, preserved_state, run_model
+
+FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)  # of a layer's dense width, timed on both sides
+TimeLayer = Callable[[nn.Module, Tensor], float]
+
+
+def cache_dir() -> Path:
+    """``$LIGHTNING_PRUNE_CACHE/latency`` or ``~/.cache/lightning_prune/latency``."""
+    return Path(os.environ.get("LIGHTNING_PRUNE_CACHE", Path.home() / ".cache" / "lightning_prune")) / "latency"
+
+
+def device_name(device: torch.device) -> str:
+    """A file-name-safe name of the device and the thread count it is timed with."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.machine()}-{_cpu_model()}-{torch.get_num_threads()}threads"
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in f"{device.type}-{name}-torch{torch.__version__}")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "cpu"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A convolution or linear layer as one forward sees it: its dense widths, options and input shape."""
+
+    kind: str
+    in_width: int
+    out_width: int
+    input_shape: tuple[int, ...]
+    options: tuple[Any, ...] = ()
+    dtype: str = "float32"
+    channels_last: bool = False
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind == "Conv2d" and self.options[4] == self.in_width > 1
+
+    @property
+    def key(self) -> str:
+        layout = "-cl" if self.channels_last else ""
+        return f"{self.kind}{self.options}x{self.input_shape}:{self.in_width}->{self.out_width}{self.dtype}{layout}"
+
+    def widths(self, in_width: int, out_width: int) -> tuple[int, int]:
+        """Widths a layer of this kind can take near (``in_width``, ``out_width``)."""
+        if self.depthwise:
+            return in_width, in_width * (self.out_width // self.in_width)
+        if self.kind == "Conv2d" and self.options[4] > 1:
+            groups = self.options[4]
+            return max(groups, in_width // groups * groups), max(groups, out_width // groups * groups)
+        return in_width, out_width
+
+    def build(self, in_width: int, out_width: int, device: torch.device) -> tuple[nn.Module, Tensor]:
+        """A fresh layer at these widths and a random input of the recorded shape with ``in_width`` channels."""
+        dtype = getattr(torch, self.dtype)
+        if self.kind == "Linear":
+            layer: nn.Module = nn.Linear(in_width, out_width, bias=self.options[0])
+            shape = (*self.input_shape[:-1], in_width)
+        else:
+            kernel, stride, padding, dilation, groups, bias = self.options
+            groups = in_width if self.depthwise else groups
+            layer = nn.Conv2d(in_width, out_width, kernel, stride, padding, dilation, groups, bias)
+            shape = (self.input_shape[0], in_width, *self.input_shape[2:])
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        layer = layer.to(device=device, dtype=dtype, memory_format=layout)
+        return layer, torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+
+
+def layer_specs(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, LayerSpec]:
+    """Every ``Conv2d`` and ``Linear`` of ``model`` by module name, seen in one eval-mode forward."""
+    specs: dict[str, LayerSpec] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name in specs or not args or not isinstance(args[0], Tensor):
+                return
+            x = args[0]
+            last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            if isinstance(module, nn.Linear):
+                spec = LayerSpec(
+                    "Linear", module.in_features, module.out_features, tuple(x.shape), (module.bias is not None,)
+                )
+            else:
+                options = (module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
+                spec = LayerSpec(
+                    "Conv2d",
+                    module.in_channels,
+                    module.out_channels,
+                    tuple(x.shape),
+                    (*options, module.bias is not None),
+                )
+            specs[name] = replace(spec, dtype=str(x.dtype).removeprefix("torch."), channels_last=last)
+
+        return record
+
+    wanted = [(name, module) for name, module in model.named_modules() if type(module) in (nn.Conv2d, nn.Linear)]
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in wanted]
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            run_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return specs
+
+
+def time_layer(layer: nn.Module, x: Tensor) -> float:
+    """Median seconds of one forward of ``layer`` on ``x`` (``torch.utils.benchmark``, about 20 ms of runs)."""
+    with torch.inference_mode():
+        timer = _import_benchmark().Timer(
+            "layer(x)", globals={"layer": layer, "x": x}, num_threads=torch.get_num_threads()
+        )
+        return timer.blocked_autorange(min_run_time=0.02).median
+
+
+class LatencyTable:
+    """Seconds of each layer spec on a grid of (input, output) widths, timed once and kept in a JSON file.
+
+    ``time(layer, input) -> seconds`` times one layer (:func:`time_layer` by default); ``path`` is the cache
+    file (one per device: :func:`cache_dir` / :func:`device_name`), None to keep the table in memory only.
+    """
+
+    def __init__(self, device: torch.device, path: Path | None, time: TimeLayer = time_layer) -> None:
+        self.device, self.path, self.time = device, path, time
+        self.entries: dict[str, dict[str, list]] = {}
+        self.timed = 0
+        if path is not None and path.exists():
+            self.entries = json.loads(path.read_text())
+
+    def grid(self, spec: LayerSpec) -> dict[str, list]:
+        """The spec's grid, timing (and saving) it first if it is not in the table."""
+        if spec.key not in self.entries:
+            ins = sorted({max(1, round(f * spec.in_width)) for f in FRACTIONS})
+            outs = sorted({max(1, round(f * spec.out_width)) for f in FRACTIONS})
+            if spec.depthwise:  # the output follows the input: one width, kept on the diagonal
+                outs = [spec.widths(i, i)[1] for i in ins]
+            seconds = [[self._time(spec, i, o) for o in outs] for i in ins]
+            self.entries[spec.key] = {"in": ins, "out": outs, "seconds": seconds}
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_text(json.dumps(self.entries))
+        return self.entries[spec.key]
+
+    def _time(self, spec: LayerSpec, in_width: int, out_width: int) -> float:
+        if spec.depthwise and out_width != spec.widths(in_width, in_width)[1]:
+            return math.nan  # a depthwise layer's output follows its input: never looked up
+        self.timed += 1
+        return float(self.time(*spec.build(*spec.widths(in_width, out_width), self.device)))
+
+    def seconds(self, spec: LayerSpec, in_width: int, out_width: int) -> float:
+        """Interpolated seconds of the layer at these widths (bilinear; clamped at the grid's edges)."""
+        grid = self.grid(spec)
+        i, a = _bracket(grid["in"], in_width)
+        k = min(i + 1, len(grid["in"]) - 1)  # an axis of one width (a layer of one input channel) has no next
+        s = grid["seconds"]
+        if spec.depthwise:
+            return s[i][i] * (1 - a) + s[k][k] * a
+        j, b = _bracket(grid["out"], out_width)
+        m = min(j + 1, len(grid["out"]) - 1)
+        return (1 - a) * ((1 - b) * s[i][j] + b * s[i][m]) + a * ((1 - b) * s[k][j] + b * s[k][m])
+
+
+def _bracket(points: Sequence[int], value: float) -> tuple[int, float]:
+    """Index ``i`` and weight ``w`` so that ``value`` ≈ points[i] * (1 - w) + points[i + 1] * w (clamped)."""
+    if len(points) == 1:
+        return 0, 0.0
+    value = min(max(value, points[0]), points[-1])
+    for i in range(len(points) - 1):
+        if value <= points[i + 1]:
+            return i, (value - points[i]) / (points[i + 1] - points[i])
+    return len(points) - 2, 1.0
+
+
+class LatencyModel:
+    """The estimated seconds of a model's convolutions and linear layers at any widths, from a :class:`LatencyTable`."""
+
+    def __init__(self, specs: Mapping[str, LayerSpec], table: LatencyTable) -> None:
+        self.specs, self.table = dict(specs), table
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, example_inputs: ExampleInputs, *, time: TimeLayer = time_layer, cache: bool = True
+    ) -> LatencyModel:
+        """The layers of ``model`` at ``example_inputs`` and the table of their device (kept on disk if ``cache``)."""
+        specs = layer_specs(model, example_inputs)
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        path = cache_dir() / f"{device_name(device)}.json" if cache else None
+        return cls(specs, LatencyTable(device, path, time))
+
+    def layer(self, name: str, widths: Mapping[str, Sequence[int]]) -> float:
+        return self.table.seconds(self.specs[name], *widths[name])
+
+    def dense_widths(self) -> dict[str, list[int]]:
+        return {name: [spec.in_width, spec.out_width] for name, spec in self.specs.items()}
+
+    def seconds(self, widths: Mapping[str, Sequence[int]] | None = None) -> float:
+        """Estimated seconds of all layers at ``widths`` (module name -> [in, out]; dense if None)."""
+        widths = widths or self.dense_widths()
+        return sum(self.layer(name, widths) for name in self.specs)
+
+    def effects(self, group: Any) -> list[tuple[str, int, Tensor, int]]:
+        """(layer, side 0 in / 1 out, element of each position, channels per position) of ``group`` in these layers."""
+        found = []
+        for member in group.members:
+            name, _, leaf = member.slot.tensor.rpartition(".")
+            spec = self.specs.get(name)
+            if leaf != "weight" or spec is None or member.slot.dim > 1:
+                continue
+            if member.slot.dim == 0:
+                found.append((name, 0 if spec.depthwise else 1, member.elements, 1))
+            elif not spec.depthwise:
+                factor = spec.options[4] if spec.kind == "Conv2d" else 1
+                found.append((name, 0, member.elements, factor))
+        return found
