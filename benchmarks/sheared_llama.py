@@ -56,8 +56,9 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["120:308", "96:213"], help="hidden_size:intermediate_size")
     parser.add_argument("--mask-steps", type=int, default=60, help="optimizer steps of the mask phase")
     parser.add_argument("--batch", type=int, default=8, help="windows per step")
-    parser.add_argument("--gate-lr", type=float, default=0.02, help="of the gates' log alpha (Adam)")
-    parser.add_argument("--multiplier-lr", type=float, default=0.5, help="of the Lagrange multipliers (Adam ascent)")
+    parser.add_argument("--gate-lr", type=float, default=0.05, help="of the gates' log alpha (Adam)")
+    parser.add_argument("--multiplier-lr", type=float, default=1.0, help="of the Lagrange multipliers (plain ascent)")
+    parser.add_argument("--damping", type=float, default=100.0, help="the quadratic multiplier's initial value")
     parser.add_argument("--every", type=int, default=10, help="steps between the printed expected sizes")
     parser.add_argument("--masks-only", action="store_true", help="only the mask phase and its expected sizes")
     parser.add_argument("--threads", type=int, default=2)
@@ -100,7 +101,7 @@ def main() -> None:
         start = time.perf_counter()
         result = lp.shear(
             model, target, mask_batches, args.mask_steps, lr=1e-4, gate_lr=args.gate_lr,
-            multiplier_lr=args.multiplier_lr, log_every=args.every,
+            multiplier_lr=args.multiplier_lr, damping=args.damping, log_every=args.every,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         points = [

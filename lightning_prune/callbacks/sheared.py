@@ -17,7 +17,7 @@ from lightning_prune.callbacks.checkpoint import CHECKPOINT_KEY, add_to_applied,
 from lightning_prune.callbacks.distributed import check_strategy
 from lightning_prune.cuts import Cut, Drop, Step
 from lightning_prune.errors import PruningError
-from lightning_prune.methods.shear_masks import ShearTarget, target_shape
+from lightning_prune.methods.shear_masks import DAMPING, ShearTarget, target_shape
 from lightning_prune.methods.sheared import Shearing
 from lightning_prune.record import new_record
 
@@ -39,9 +39,10 @@ class ShearedPruning(Callback):
     """Learn hard-concrete masks that reach ``target`` for ``mask_steps`` optimizer steps, cut the model to it, and
     let training continue on the smaller model (Sheared-LLaMA's pruning phase, then continued pre-training).
 
-    The gates' ``log α`` and the Lagrange multipliers train in the callback's own AdamW (the multipliers' group
-    with ``maximize=True``): the user's optimizer and its learning-rate schedule stay as they are (a schedule
-    refuses an optimizer that grew parameter groups). In ``on_before_optimizer_step`` — once per optimizer step
+    The gates' ``log α`` train in the callback's own AdamW and the Lagrange multipliers by plain gradient ascent
+    (each moves by ``multiplier_lr`` times its gap, so it settles where the gap closes): the user's optimizer and
+    its learning-rate schedule stay as they are (a schedule refuses an optimizer that grew parameter groups).
+    In ``on_before_optimizer_step`` — once per optimizer step
     however many batches are accumulated — the gates' gradients from the training loss are unscaled (mixed
     precision), the Lagrangian is back-propagated, and the gates step with the model; ``training_step`` stays the
     user's own. Validation during the phase sees deterministic gates with exactly the
@@ -55,8 +56,10 @@ class ShearedPruning(Callback):
         mask_steps: optimizer steps of the mask phase; the cut follows the last one.
         warmup: steps over which the constrained counts move linearly to the target (default ``mask_steps // 2``).
         gate_lr: learning rate of the gates' ``log α``.
-        multiplier_lr: learning rate of the Lagrange multipliers (gradient ascent).
+        multiplier_lr: rate of the Lagrange multipliers' plain gradient ascent (``λ += multiplier_lr · gap``).
         droprate: the gates' initial drop rate (the paper: 0.5).
+        damping: the quadratic multiplier's initial value: a pull proportional to the gap that keeps the expected
+            counts from overshooting the target.
         model_attribute: the attribute of the LightningModule holding the Hugging Face model (``"model"`` for
             :class:`~lightning_prune.CausalLM`); ``""`` when the module itself is one.
 
@@ -80,8 +83,9 @@ class ShearedPruning(Callback):
         mask_steps: int,
         warmup: int | None = None,
         gate_lr: float = 0.05,
-        multiplier_lr: float = 0.05,
+        multiplier_lr: float = 1.0,
         droprate: float = 0.5,
+        damping: float = DAMPING,
         model_attribute: str = "model",
     ) -> None:
         self.target = ShearTarget.from_any(target)
@@ -97,7 +101,7 @@ class ShearedPruning(Callback):
         _positive("gate_lr", gate_lr)
         _positive("multiplier_lr", multiplier_lr)
         self.mask_steps, self.warmup, self.gate_lr, self.multiplier_lr = mask_steps, warmup, gate_lr, multiplier_lr
-        self.droprate, self.model_attribute = droprate, model_attribute
+        self.droprate, self.damping, self.model_attribute = droprate, damping, model_attribute
         self.shearing: Shearing | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.start: int | None = None
@@ -137,7 +141,11 @@ class ShearedPruning(Callback):
         if self.done or self.shearing is not None:
             return
         self.shearing = Shearing(
-            self.language_model(pl_module), self.target, warmup=self.warmup, droprate=self.droprate
+            self.language_model(pl_module),
+            self.target,
+            warmup=self.warmup,
+            droprate=self.droprate,
+            damping=self.damping,
         )
         with torch.no_grad():
             for key, value in self._saved.get("gates", {}).items():
@@ -147,17 +155,7 @@ class ShearedPruning(Callback):
         self.shearing.lagrangian.start = dict(self._saved.get("start_counts") or self.shearing.lagrangian.start)
         self.start = self._saved.get("start", trainer.global_step)
         self.shearing.attach()
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": self.shearing.parameters(), "lr": self.gate_lr, "weight_decay": 0.0},
-                {
-                    "params": self.shearing.multipliers(),
-                    "lr": self.multiplier_lr,
-                    "weight_decay": 0.0,
-                    "maximize": True,
-                },
-            ]
-        )
+        self.optimizer = torch.optim.AdamW(self.shearing.parameters(), lr=self.gate_lr, weight_decay=0.0)
         if "optimizer" in self._saved:
             self.optimizer.load_state_dict(self._saved["optimizer"])
 
@@ -178,7 +176,9 @@ class ShearedPruning(Callback):
         lagrangian.backward()
         if all(torch.isfinite(p.grad).all() for p in gates):  # else mixed precision skips this step
             self.optimizer.step()
+            self.shearing.lagrangian.ascend(self.multiplier_lr)
         self.optimizer.zero_grad(set_to_none=True)
+        self.shearing.lagrangian.multipliers.zero_grad(set_to_none=True)
         values = {name: float(value.detach()) for name, value in expected.items()}
         self.history.append({"step": step, **values})
         for name, value in values.items():

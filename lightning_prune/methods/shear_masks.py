@@ -25,6 +25,7 @@ LOW, HIGH = -0.1, 1.1
 TEMPERATURE = 2.0 / 3.0
 SHARPNESS = 0.8  # the reference code's factor on log α / β for the deterministic values
 EPSILON = 1e-6
+DAMPING = 100.0  # the quadratic multiplier's start: a restoring pull proportional to the gap from the first step
 
 
 def initial_log_alpha(droprate: float) -> float:
@@ -100,8 +101,10 @@ class ShearTarget:
 class Lagrangian:
     """``λ₁(ŝ − t) + λ₂(ŝ − t)²`` per constrained quantity, ``ŝ`` and ``t`` as fractions of the dense count (so one
     learning rate serves quantities of every size); ``t`` moves linearly from ``start`` (default: the dense count)
-    to the target over ``warmup`` steps. The multipliers are maximised (their optimizer group has
-    ``maximize=True``).
+    to the target over ``warmup`` steps, then held. The multipliers are maximised by plain gradient ascent
+    (:meth:`ascend`), so ``λ₁`` moves by the learning rate times the gap and stops where the gap closes; ``λ₂``
+    starts at ``damping``, a pull on the gates proportional to the gap that stops them where ``λ₁`` alone (an
+    integral of the gap) would carry them past the target.
 
     :class:`~lightning_prune.methods.sheared.Shearing` starts from the gates' initial expected counts (below the
     dense ones: a gate at ``log α = 0`` is open with probability 0.83): a target starting above them first drives
@@ -113,13 +116,20 @@ class Lagrangian:
         target: Mapping[str, int],
         warmup: int,
         start: Mapping[str, float] | None = None,
+        damping: float = DAMPING,
     ) -> None:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise PruningError(f"`warmup` must be a non-negative number of steps, got {warmup!r}.")
+        if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
+            raise PruningError(f"`damping` must be a non-negative number, got {damping!r}.")
         self.dense, self.target, self.warmup = dict(dense), dict(target), warmup
         self.start = {name: float(start[name]) if start else float(dense[name]) for name in target}
         self.multipliers = torch.nn.ParameterDict(
-            {f"{name}_{order}": torch.nn.Parameter(torch.zeros(())) for name in target for order in (1, 2)}
+            {
+                f"{name}_{order}": torch.nn.Parameter(torch.tensor(0.0 if order == 1 else float(damping)))
+                for name in target
+                for order in (1, 2)
+            }
         )
 
     def target_at(self, name: str, step: int) -> float:
@@ -134,6 +144,16 @@ class Lagrangian:
             first, second = self.multipliers[f"{name}_1"], self.multipliers[f"{name}_2"]
             total = total + first.to(gap) * gap + second.to(gap) * gap * gap
         return total
+
+    def ascend(self, lr: float) -> None:
+        """One step of gradient ascent on the multipliers, ``λ += lr·∂L/∂λ`` (the gap, or its square), then their
+        gradients cleared. Not Adam: its normalised step moves ``λ₁`` by about ``lr`` whatever the gap, and its
+        momentum carries ``λ₁`` on after the gap closes, so the expected counts overshoot the target."""
+        with torch.no_grad():
+            for multiplier in self.multipliers.values():
+                if multiplier.grad is not None:
+                    multiplier.add_(multiplier.grad, alpha=lr)
+        self.multipliers.zero_grad(set_to_none=True)
 
 
 def dense_shape(config: Any) -> dict[str, int]:

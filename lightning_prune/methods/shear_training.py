@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_prune.errors import PruningError
 from lightning_prune.methods.llm_pruner import causal_lm_loss
+from lightning_prune.methods.shear_masks import DAMPING
 from lightning_prune.methods.sheared import Shearing, ShearResult
 
 
@@ -24,19 +25,21 @@ def shear(
     loss_fn: Callable[[nn.Module, Any], Tensor] = causal_lm_loss,
     lr: float = 1e-4,
     gate_lr: float = 0.05,
-    multiplier_lr: float = 0.05,
+    multiplier_lr: float = 1.0,
     warmup: int | None = None,
     droprate: float = 0.5,
+    damping: float = DAMPING,
     log_every: int = 1,
 ) -> ShearResult:
     """Sheared-LLaMA's pruning phase in one call: train ``model`` and its gates for ``steps`` on ``batches``
     (cycled) with the Lagrangian, then cut it to ``target`` in place.
 
     Args:
-        model, target, droprate: as in :class:`Shearing`.
+        model, target, droprate, damping: as in :class:`Shearing`.
         batches: training batches for ``loss_fn(model, batch)`` (default: next-token loss on token-id windows).
         steps: optimizer steps of the mask phase (0: cut by the initial gates).
-        lr, gate_lr, multiplier_lr: AdamW learning rates of the model, the gates' ``log α`` and the multipliers.
+        lr, gate_lr: AdamW learning rates of the model and the gates' ``log α``.
+        multiplier_lr: the multipliers' rate of plain gradient ascent (:meth:`Lagrangian.ascend`).
         warmup: steps over which the constrained counts reach the target (default: ``steps // 2``).
         log_every: every that many steps the expected counts go into ``result.history``.
 
@@ -46,14 +49,15 @@ def shear(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise PruningError(f"`steps` must be a non-negative integer, got {steps!r}.")
-    shearing = Shearing(model, target, warmup=steps // 2 if warmup is None else warmup, droprate=droprate)
+    shearing = Shearing(
+        model, target, warmup=steps // 2 if warmup is None else warmup, droprate=droprate, damping=damping
+    )
     history: list[dict[str, float]] = []
     if steps:
         optimizer = torch.optim.AdamW(
             [
                 {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr},
                 {"params": shearing.parameters(), "lr": gate_lr, "weight_decay": 0.0},
-                {"params": shearing.multipliers(), "lr": multiplier_lr, "weight_decay": 0.0, "maximize": True},
             ]
         )
         shearing.attach()
@@ -65,6 +69,7 @@ def shear(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                shearing.lagrangian.ascend(multiplier_lr)
                 if number % log_every == 0 or number == steps - 1:
                     expected = {k: float(v.detach()) for k, v in shearing.expected().items()}
                     goals = {

@@ -36,6 +36,7 @@ from lightning_prune.graph.groups import Group, build_graph
 from lightning_prune.measure import count_params
 from lightning_prune.methods.llm_pruner import embedding_paths
 from lightning_prune.methods.shear_masks import (
+    DAMPING,
     Lagrangian,
     ShearTarget,
     dense_shape,
@@ -107,6 +108,7 @@ class Shearing:
         target: a :class:`ShearTarget`, a dict of some of its fields, or a Hugging Face config.
         warmup: steps over which the constrained counts move linearly from the dense model's to the target's.
         droprate: the gates' initial drop rate (``log α = log(1 − d) − log d``; the paper: 0.5).
+        damping: the quadratic multiplier's initial value (:class:`~lightning_prune.methods.shear_masks.Lagrangian`).
         example_inputs: inputs to trace the model with (default: 8 token ids).
 
     Raises:
@@ -116,7 +118,8 @@ class Shearing:
     Example::
 
         shearing = Shearing(model, {"hidden_size": 96, "intermediate_size": 256})
-        shearing.attach()           # train: loss + shearing.penalty(step); gates and multipliers in the optimizer
+        shearing.attach()           # train: loss + shearing.penalty(step), gates in the optimizer, and after each
+                                    # step shearing.lagrangian.ascend(lr) for the multipliers
         result = shearing.cut()     # fold, cut: model.config now has the target shape
     """
 
@@ -127,6 +130,7 @@ class Shearing:
         *,
         warmup: int = 0,
         droprate: float = 0.5,
+        damping: float = DAMPING,
         example_inputs: ExampleInputs | None = None,
     ) -> None:
         config = getattr(model, "config", None)
@@ -168,7 +172,7 @@ class Shearing:
         dense = {QUANTITIES[k]: self.dense_shape[QUANTITIES[k]] for k in kinds}
         with torch.no_grad():
             start = {name: float(count) for name, count in self.expected().items()}
-        self.lagrangian = Lagrangian(dense, {QUANTITIES[k]: self.counts[k] for k in kinds}, warmup, start)
+        self.lagrangian = Lagrangian(dense, {QUANTITIES[k]: self.counts[k] for k in kinds}, warmup, start, damping)
         self.lagrangian.multipliers.to(device)
         self._handles: list[Any] = []
         self._gates: dict[str, Tensor] | None = None
@@ -265,7 +269,7 @@ class Shearing:
         return list(self.log_alpha.values())
 
     def multipliers(self) -> list[nn.Parameter]:
-        """The Lagrange multipliers (maximised: put them in a group with ``maximize=True``)."""
+        """The Lagrange multipliers (maximised by ``self.lagrangian.ascend(lr)`` after each step)."""
         return list(self.lagrangian.multipliers.values())
 
     def gates(self, deterministic: bool) -> dict[str, Tensor]:
