@@ -38,6 +38,7 @@ def test_every_example_has_a_docstring_and_a_line_in_the_readme() -> None:
         "callbacks_in_your_trainer.py",
         "hydra_sweep.sh",
         "prune_causal_lm.py",
+        "prune_then_shard.py",
         "prune_torchvision.py",
     ]
     for script in scripts:
@@ -122,3 +123,14 @@ def test_hydra_sweep_and_report(tmp_path: Path) -> None:
     rows = [line for line in report.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert [row.split(" | ")[1] for row in rows] == ["callbacks.pruning.amount=0.3", "callbacks.pruning.amount=0.6"]
     assert (sweep / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow  # two processes under FSDP2 (about 30 s); each part is tested in tests/test_sharding.py (-m slow)
+def test_prune_then_shard_saves_a_whole_stock_model(tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    output = run([sys.executable, str(EXAMPLES / "prune_then_shard.py"), "--tiny", "--out", str(out)], tmp_path)
+    assert number("params after", output) < number("params before", output)
+    assert "memory per rank: strategy=fsdp, devices=2" in output
+    assert "reloads it with the same logits" in output
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] < 64 and config["dtype"] == "bfloat16"
