@@ -288,3 +288,21 @@ def test_whole_convolution_groups_replay_on_a_fresh_model() -> None:
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(model(x), fresh(x))
+
+
+def test_global_response_norm_follows_its_channels() -> None:
+    model, x = build("convnextv2_atto", 32, depths=(1, 1, 1, 1))
+    norms = {name: m for name, m in model.named_modules() if type(m).__name__ == "GlobalResponseNorm"}
+    assert len(norms) == 4
+    graph = build_graph(model, x)
+    hidden = [g for g in graph.groups if any(m.slot.tensor.endswith("mlp.grn.weight") for m in g.members)]
+    assert len(hidden) == 4 and all(g.normalized for g in hidden)
+    result = lp.prune(model, x, 0.3, "l1", ignore=["head.fc"])
+    assert not [reason for reason in result.unprunable.values() if "grn" in reason]
+    for name, norm in norms.items():
+        fc1 = model.get_submodule(name.removesuffix("grn") + "fc1")
+        assert norm.weight.shape == norm.bias.shape == fc1.weight.shape[:1]
+    assert model.get_submodule("stages.0.blocks.0.mlp.fc1").weight.shape[0] < 4 * 40
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 1000)
+    train_one_step(model, x)
