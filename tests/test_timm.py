@@ -306,3 +306,29 @@ def test_global_response_norm_follows_its_channels() -> None:
     with torch.no_grad():
         assert model.eval()(x).shape == (2, 1000)
     train_one_step(model, x)
+
+
+@pytest.mark.parametrize("depthwise", [True, False])
+def test_parts_of_a_list_of_split_sizes_lose_different_counts_exactly(depthwise: bool) -> None:
+    torch.manual_seed(0)
+    mixed = timm.layers.MixedConv2d(24, 24, [3, 5, 7], depthwise=depthwise)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 24, 1), nn.BatchNorm2d(24), nn.ReLU(), mixed, nn.BatchNorm2d(24), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5),
+    ).eval()  # fmt: skip
+    for norm in (model[1], model[4]):
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        nn.init.uniform_(norm.bias, -0.5, 0.5)
+        with torch.no_grad():
+            norm.weight[:6] = norm.bias[:6] = 0  # all in the first part of the split
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    lp.prune(model, x, 0.1, "bn_scale")
+    convs = list(mixed.values())
+    assert mixed.splits == [c.weight.shape[1] * c.groups for c in convs] and mixed.splits[1:] == [8, 8]
+    assert mixed.splits[0] < 8
+    with torch.no_grad():
+        assert relative_error(model(x), before) < 1e-5
+    train_one_step(model, x)

@@ -220,11 +220,20 @@ def _fixed_sizes(call: Call) -> bool:
     return call.name == "tensor_split" and not isinstance(call.arg(1, "indices_or_sections"), int)
 
 
+def _sizes_argument(call: Call) -> Any:
+    if len(call.args) > 1:
+        return call.args[1]
+    names = ("split_size_or_sections", "split_size", "split_sizes", "indices_or_sections", "indices", "sections")
+    return next((call.kwargs[name] for name in names if name in call.kwargs), None)
+
+
 @rule("split", "chunk", "tensor_split", "unbind", "split_with_sizes", "hsplit", "vsplit")
 def partition(b: TraceBuilder, call: Call) -> None:
     """Splits along a channel dimension: equal parts must lose equally many channels (``chunk``); parts of
     sizes the code holds are assumed to follow a pruned width and their site is recorded, so that a pruned
-    model that deviates there can be traced again with that site keeping its sizes (``fixed_splits``)."""
+    model that deviates there can be traced again with that site keeping its sizes (``fixed_splits``). A list
+    of sizes (MixedConv2d's ``splits``) is held part by part, so its parts may lose different counts even where
+    they are equal now; one size for all parts (``split(self.width)``) keeps them equal."""
     source = call.args[0]
     default = {"unbind": 0, "hsplit": 1 if source.ndim > 1 else 0, "vsplit": 0}.get(call.name, 0)
     dim = call.arg(1 if call.name == "unbind" else 2, "dim", default) % source.ndim
@@ -249,7 +258,7 @@ def partition(b: TraceBuilder, call: Call) -> None:
         _moved(b, call, [source], selected=[dim])
         return
     _moved(b, call, [source])
-    if len(sizes) == 1:
+    if len(sizes) == 1 and not isinstance(_sizes_argument(call), list | tuple):
         # Every position of every piece, not one label per index of `dim`: after a view into heads the pieces'
         # labels vary along the head dimension too, and unifying them would merge all heads into one class.
         labels = torch.broadcast_tensors(*(b.label(output) for output in call.outputs))
