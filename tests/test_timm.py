@@ -332,3 +332,25 @@ def test_parts_of_a_list_of_split_sizes_lose_different_counts_exactly(depthwise:
     with torch.no_grad():
         assert relative_error(model(x), before) < 1e-5
     train_one_step(model, x)
+
+
+def test_a_slice_up_to_the_whole_width_follows_the_cut_exactly() -> None:
+    torch.manual_seed(0)
+    ghost = timm.models.ghostnet.GhostModule(8, 16)  # `out[:, :16]` of the 8 + 8 channels it concatenates
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), ghost, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)
+    ).eval()
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        with torch.no_grad():
+            norm.weight[:2] = norm.bias[:2] = 0
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    result = lp.prune(model, x, 0.2, "bn_scale")
+    assert not [reason for reason in result.unprunable.values() if "getitem" in reason]
+    assert ghost.primary_conv[0].out_channels < 8
+    with torch.no_grad():
+        assert relative_error(model(x), before) < 1e-5
+    train_one_step(model, x)

@@ -116,9 +116,19 @@ def _bounds_follow(module: Any) -> bool:
     )
 
 
-def _indexed_dims(index: Any, ndim: int) -> tuple[set[int], set[int]] | None:
-    """Source dimensions an index selects part of: by ints and tensors, and by slices other than ``:`` (with
-    step 1); None if unparsed."""
+def _whole(entry: slice, size: int) -> bool:
+    """Whether a slice takes every index now and after any cut: ``[:n]`` with ``n`` at least the size (GhostNet's
+    ``out[:, :self.out_chs]`` after a concatenation of exactly that many channels) stays whole as the size shrinks."""
+    stop = entry.stop
+    return (
+        entry.step in (None, 1) and entry.start in (None, 0) and (stop is None or (type(stop) is int and stop >= size))
+    )
+
+
+def _indexed_dims(index: Any, shape: torch.Size) -> tuple[set[int], set[int]] | None:
+    """Source dimensions an index selects part of: by ints and tensors, and by slices that do not take the whole
+    dimension (with step 1); None if unparsed."""
+    ndim = len(shape)
     entries = list(index) if isinstance(index, tuple) else [index]
     if sum(1 for e in entries if e is Ellipsis) > 1:
         return None
@@ -139,7 +149,7 @@ def _indexed_dims(index: Any, ndim: int) -> tuple[set[int], set[int]] | None:
             position += ndim - explicit
             continue
         if isinstance(entry, slice):
-            if entry != slice(None):
+            if not _whole(entry, shape[position]):
                 (sliced if entry.step in (None, 1) else dims).add(position)
         elif isinstance(entry, int | Tensor | list) or hasattr(entry, "__index__"):
             dims.update(range(position, position + width(entry)))
@@ -152,7 +162,7 @@ def _indexed_dims(index: Any, ndim: int) -> tuple[set[int], set[int]] | None:
 @rule("getitem")
 def getitem(b: TraceBuilder, call: Call) -> None:
     source = call.args[0]
-    found = _indexed_dims(call.args[1], source.ndim)
+    found = _indexed_dims(call.args[1], source.shape)
     if found is None:
         b.freeze(b.label(source), "an index the engine cannot parse")
         return
