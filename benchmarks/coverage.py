@@ -70,7 +70,7 @@ def trains_one_step(model: torch.nn.Module, x: torch.Tensor) -> bool:
 
 def exact_change(model: torch.nn.Module, x: torch.Tensor, engine: str) -> float | None:
     """Largest relative change of the output when 10% of channels go by BN scale after the first quarter of
-    every BatchNorm's channels was zeroed (None: no BatchNorm)."""
+    every BatchNorm's channels was zeroed (None: no BatchNorm, or none in a prunable group)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     if not norms:
         return None
@@ -83,7 +83,12 @@ def exact_change(model: torch.nn.Module, x: torch.Tensor, engine: str) -> float 
     if engine == "ours":
         import lightning_prune as lp
 
-        lp.prune(model, x, 0.1, "bn_scale", ignore=classifier_names(model))
+        try:
+            lp.prune(model, x, 0.1, "bn_scale", ignore=classifier_names(model))
+        except lp.PruningError as error:
+            if "scored none" not in str(error):
+                raise
+            return None  # every BatchNorm sits in channels left whole (FastViT's): the test does not apply
     else:
         import torch_pruning as tp
 

@@ -288,3 +288,69 @@ def test_whole_convolution_groups_replay_on_a_fresh_model() -> None:
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(model(x), fresh(x))
+
+
+def test_global_response_norm_follows_its_channels() -> None:
+    model, x = build("convnextv2_atto", 32, depths=(1, 1, 1, 1))
+    norms = {name: m for name, m in model.named_modules() if type(m).__name__ == "GlobalResponseNorm"}
+    assert len(norms) == 4
+    graph = build_graph(model, x)
+    hidden = [g for g in graph.groups if any(m.slot.tensor.endswith("mlp.grn.weight") for m in g.members)]
+    assert len(hidden) == 4 and all(g.normalized for g in hidden)
+    result = lp.prune(model, x, 0.3, "l1", ignore=["head.fc"])
+    assert not [reason for reason in result.unprunable.values() if "grn" in reason]
+    for name, norm in norms.items():
+        fc1 = model.get_submodule(name.removesuffix("grn") + "fc1")
+        assert norm.weight.shape == norm.bias.shape == fc1.weight.shape[:1]
+    assert model.get_submodule("stages.0.blocks.0.mlp.fc1").weight.shape[0] < 4 * 40
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 1000)
+    train_one_step(model, x)
+
+
+@pytest.mark.parametrize("depthwise", [True, False])
+def test_parts_of_a_list_of_split_sizes_lose_different_counts_exactly(depthwise: bool) -> None:
+    torch.manual_seed(0)
+    mixed = timm.layers.MixedConv2d(24, 24, [3, 5, 7], depthwise=depthwise)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 24, 1), nn.BatchNorm2d(24), nn.ReLU(), mixed, nn.BatchNorm2d(24), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5),
+    ).eval()  # fmt: skip
+    for norm in (model[1], model[4]):
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        nn.init.uniform_(norm.bias, -0.5, 0.5)
+        with torch.no_grad():
+            norm.weight[:6] = norm.bias[:6] = 0  # all in the first part of the split
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    lp.prune(model, x, 0.1, "bn_scale")
+    convs = list(mixed.values())
+    assert mixed.splits == [c.weight.shape[1] * c.groups for c in convs] and mixed.splits[1:] == [8, 8]
+    assert mixed.splits[0] < 8
+    with torch.no_grad():
+        assert relative_error(model(x), before) < 1e-5
+    train_one_step(model, x)
+
+
+def test_a_slice_up_to_the_whole_width_follows_the_cut_exactly() -> None:
+    torch.manual_seed(0)
+    ghost = timm.models.ghostnet.GhostModule(8, 16)  # `out[:, :16]` of the 8 + 8 channels it concatenates
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), ghost, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)
+    ).eval()
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        with torch.no_grad():
+            norm.weight[:2] = norm.bias[:2] = 0
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    result = lp.prune(model, x, 0.2, "bn_scale")
+    assert not [reason for reason in result.unprunable.values() if "getitem" in reason]
+    assert ghost.primary_conv[0].out_channels < 8
+    with torch.no_grad():
+        assert relative_error(model(x), before) < 1e-5
+    train_one_step(model, x)

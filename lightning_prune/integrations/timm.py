@@ -6,13 +6,22 @@ into scales of ``width`` channels, the selective-kernel convolution splits its i
 ``in_channels // num_paths``, and MixNet's ``MixedConv2d`` by the list ``splits``. The tracer assumes such
 splits follow a pruned width (equal parts lose equally many channels); these fixups make it so, from the
 shapes of the layers each part feeds.
+
+ConvNeXt-V2's ``GlobalResponseNorm`` divides each channel's spatial norm by the mean of those norms over the
+channels: a normalisation across channels like LayerNorm's (removing a channel changes the statistic of the
+others slightly), not a mixing of them, so it is traced as a whole with its weight and bias per channel.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
+
+from torch import Tensor, nn
 
 from lightning_prune.fixups import register_layer
+from lightning_prune.graph import labels as L
+from lightning_prune.graph.builder import TraceBuilder
+from lightning_prune.graph.module_rules import register_module_rule
 
 CSPNET = "timm.models.cspnet."
 
@@ -44,3 +53,27 @@ register_layer(CSPNET + "CrossStage3", _cross_stage)
 register_layer("timm.models.res2net.Bottle2neck", _res2net_bottleneck)
 register_layer("timm.layers.selective_kernel.SelectiveKernel", _selective_kernel)
 register_layer("timm.layers.mixed_conv2d.MixedConv2d", _mixed_conv)
+
+
+def _is_response_norm(module: nn.Module) -> bool:
+    return type(module).__qualname__ == "GlobalResponseNorm" and type(module).__module__.startswith("timm.")
+
+
+def _response_norm(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
+    source = inputs[0] if inputs else None
+    if not isinstance(source, Tensor) or not isinstance(output, Tensor) or source.ndim != 4:
+        b.freeze_tensors([*inputs, output], "GlobalResponseNorm called oddly")
+        return
+    labels = b.label(source)
+    dim = module.channel_dim % source.ndim
+    if L.varying_dims(labels) - {dim}:
+        b.freeze(labels, "GlobalResponseNorm over channels that vary along other dimensions")
+        return
+    channels = b.along(source, dim)
+    b.normalized.append(channels)
+    for tensor in (module.weight, module.bias):
+        b.slot(tensor, 0, "follow", channels)
+    b.set(output, labels)
+
+
+register_module_rule("timm.global_response_norm", _is_response_norm, _response_norm)

@@ -116,9 +116,19 @@ def _bounds_follow(module: Any) -> bool:
     )
 
 
-def _indexed_dims(index: Any, ndim: int) -> tuple[set[int], set[int]] | None:
-    """Source dimensions an index selects part of: by ints and tensors, and by slices other than ``:`` (with
-    step 1); None if unparsed."""
+def _whole(entry: slice, size: int) -> bool:
+    """Whether a slice takes every index now and after any cut: ``[:n]`` with ``n`` at least the size (GhostNet's
+    ``out[:, :self.out_chs]`` after a concatenation of exactly that many channels) stays whole as the size shrinks."""
+    stop = entry.stop
+    return (
+        entry.step in (None, 1) and entry.start in (None, 0) and (stop is None or (type(stop) is int and stop >= size))
+    )
+
+
+def _indexed_dims(index: Any, shape: torch.Size) -> tuple[set[int], set[int]] | None:
+    """Source dimensions an index selects part of: by ints and tensors, and by slices that do not take the whole
+    dimension (with step 1); None if unparsed."""
+    ndim = len(shape)
     entries = list(index) if isinstance(index, tuple) else [index]
     if sum(1 for e in entries if e is Ellipsis) > 1:
         return None
@@ -139,7 +149,7 @@ def _indexed_dims(index: Any, ndim: int) -> tuple[set[int], set[int]] | None:
             position += ndim - explicit
             continue
         if isinstance(entry, slice):
-            if entry != slice(None):
+            if not _whole(entry, shape[position]):
                 (sliced if entry.step in (None, 1) else dims).add(position)
         elif isinstance(entry, int | Tensor | list) or hasattr(entry, "__index__"):
             dims.update(range(position, position + width(entry)))
@@ -152,7 +162,7 @@ def _indexed_dims(index: Any, ndim: int) -> tuple[set[int], set[int]] | None:
 @rule("getitem")
 def getitem(b: TraceBuilder, call: Call) -> None:
     source = call.args[0]
-    found = _indexed_dims(call.args[1], source.ndim)
+    found = _indexed_dims(call.args[1], source.shape)
     if found is None:
         b.freeze(b.label(source), "an index the engine cannot parse")
         return
@@ -220,11 +230,20 @@ def _fixed_sizes(call: Call) -> bool:
     return call.name == "tensor_split" and not isinstance(call.arg(1, "indices_or_sections"), int)
 
 
+def _sizes_argument(call: Call) -> Any:
+    if len(call.args) > 1:
+        return call.args[1]
+    names = ("split_size_or_sections", "split_size", "split_sizes", "indices_or_sections", "indices", "sections")
+    return next((call.kwargs[name] for name in names if name in call.kwargs), None)
+
+
 @rule("split", "chunk", "tensor_split", "unbind", "split_with_sizes", "hsplit", "vsplit")
 def partition(b: TraceBuilder, call: Call) -> None:
     """Splits along a channel dimension: equal parts must lose equally many channels (``chunk``); parts of
     sizes the code holds are assumed to follow a pruned width and their site is recorded, so that a pruned
-    model that deviates there can be traced again with that site keeping its sizes (``fixed_splits``)."""
+    model that deviates there can be traced again with that site keeping its sizes (``fixed_splits``). A list
+    of sizes (MixedConv2d's ``splits``) is held part by part, so its parts may lose different counts even where
+    they are equal now; one size for all parts (``split(self.width)``) keeps them equal."""
     source = call.args[0]
     default = {"unbind": 0, "hsplit": 1 if source.ndim > 1 else 0, "vsplit": 0}.get(call.name, 0)
     dim = call.arg(1 if call.name == "unbind" else 2, "dim", default) % source.ndim
@@ -249,7 +268,7 @@ def partition(b: TraceBuilder, call: Call) -> None:
         _moved(b, call, [source], selected=[dim])
         return
     _moved(b, call, [source])
-    if len(sizes) == 1:
+    if len(sizes) == 1 and not isinstance(_sizes_argument(call), list | tuple):
         # Every position of every piece, not one label per index of `dim`: after a view into heads the pieces'
         # labels vary along the head dimension too, and unifying them would merge all heads into one class.
         labels = torch.broadcast_tensors(*(b.label(output) for output in call.outputs))
