@@ -2,14 +2,18 @@
 
 Every model of ``torchvision.models.list_models(module=torchvision.models)`` (weights=None), or with
 ``--zoo timm`` one representative model of each timm family (``TIMM``, pretrained=False), is pruned by L1
-norm (50% of channels for torchvision, 30% for timm; the classifier excluded), once by lightning-prune and
-once by Torch-Pruning (``pip install torch-pruning==1.6.1``), each in a fresh subprocess with a time limit.
+norm (50% of channels for torchvision, 30% for timm; ``--scope`` global for torchvision, local — every group
+loses the same fraction, Torch-Pruning's default — for timm), once by lightning-prune (which keeps the model's
+output whole itself) and once by Torch-Pruning (its ``ignored_layers`` set to the classifier;
+``pip install torch-pruning==1.6.1``), each in a fresh subprocess with a time limit.
 A model counts when pruning finishes, the pruned model runs with the dense output shape and takes one
 training step (SGD on a cross-entropy loss) with finite outputs. For lightning-prune the pruned model is
 also verified by re-tracing (a plan that would compute something else is rolled back).
 
-``--exact`` adds the equivalence test of BatchNorm models: zero γ and β of the first quarter of every
-BatchNorm's channels, prune 10% of channels by ``bn_scale`` (Torch-Pruning: ``BNScaleImportance``), and
+``--exact`` adds the equivalence test of BatchNorm models: zero γ and β of the first quarter of the channels of
+every BatchNorm that is the only reader of a convolution's output (a pre-norm BatchNorm on a residual stream is
+left: the stream carries a channel its branch drops, so the test does not apply there), prune 10% of channels by
+``bn_scale`` (Torch-Pruning: ``BNScaleImportance``), and
 report the largest change of the eval-mode output relative to its scale (0 is exact: only dead channels went).
 
     python benchmarks/coverage.py                 # every torchvision model, both engines (about an hour)
@@ -68,12 +72,55 @@ def trains_one_step(model: torch.nn.Module, x: torch.Tensor) -> bool:
     return bool(torch.isfinite(loss))
 
 
-def exact_change(model: torch.nn.Module, x: torch.Tensor, engine: str) -> float | None:
+def post_conv_norms(model: torch.nn.Module, x: torch.Tensor) -> list[torch.nn.BatchNorm2d]:
+    """The BatchNorms that are the only reader of a convolution's output (Network Slimming's setting). A
+    BatchNorm whose input also feeds a shortcut (MaxViT's pre-norm over the stem output) or that reads the
+    residual stream (Visformer) silences a channel for its branch only, the stream carries it on, so the
+    zeroed-channel test does not apply to it. Readers are counted on the autograd graph of one forward."""
+    conv_out, found = set(), []
+
+    def conv_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        conv_out.add(output.grad_fn)
+
+    def norm_hook(module: torch.nn.Module, args: tuple) -> None:
+        node = args[0].grad_fn
+        if node in conv_out and all(module is not norm for norm, _ in found):
+            found.append((module, node))
+
+    handles = [
+        m.register_forward_hook(conv_hook) if isinstance(m, torch.nn.Conv2d) else m.register_forward_pre_hook(norm_hook)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))
+    ]
+    try:
+        with torch.enable_grad():
+            out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    readers: dict = {}
+    stack, seen = [t.grad_fn for t in (out if isinstance(out, (tuple, list)) else [out])], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                readers[child] = readers.get(child, 0) + 1
+                stack.append(child)
+    return [norm for norm, node in found if readers.get(node, 0) == 1]
+
+
+def exact_change(model: torch.nn.Module, x: torch.Tensor, engine: str) -> float | str | None:
     """Largest relative change of the output when 10% of channels go by BN scale after the first quarter of
-    every BatchNorm's channels was zeroed (None: no BatchNorm, or none in a prunable group)."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    if not norms:
+    every post-convolution BatchNorm's channels was zeroed (None: no BatchNorm, or none in a prunable group;
+    "pre-norm only": every BatchNorm reads something other than a convolution's output)."""
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
         return None
+    norms = post_conv_norms(model, x)
+    if not norms:
+        return "pre-norm only"
     with torch.no_grad():
         for norm in norms:
             quarter = norm.num_features // 4
@@ -84,7 +131,7 @@ def exact_change(model: torch.nn.Module, x: torch.Tensor, engine: str) -> float 
         import lightning_prune as lp
 
         try:
-            lp.prune(model, x, 0.1, "bn_scale", ignore=classifier_names(model))
+            lp.prune(model, x, 0.1, "bn_scale")
         except lp.PruningError as error:
             if "scored none" not in str(error):
                 raise
@@ -110,12 +157,7 @@ def classifier_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-def classifier_names(model: torch.nn.Module) -> list[str]:
-    layers = classifier_layers(model)
-    return [name for name, module in model.named_modules() if any(module is layer for layer in layers)]
-
-
-def run_one(name: str, engine: str, zoo: str, amount: float, exact: bool) -> dict:
+def run_one(name: str, engine: str, zoo: str, amount: float, exact: bool, scope: str) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model, x = build(name, zoo)
@@ -126,7 +168,7 @@ def run_one(name: str, engine: str, zoo: str, amount: float, exact: bool) -> dic
     if engine == "ours":
         import lightning_prune as lp
 
-        result = lp.prune(model, x, amount, "l1", ignore=classifier_names(model))
+        result = lp.prune(model, x, amount, "l1", scope=scope)  # the engine keeps the model's output whole
         left_alone = len(result.unprunable)
     else:
         import torch_pruning as tp
@@ -137,6 +179,7 @@ def run_one(name: str, engine: str, zoo: str, amount: float, exact: bool) -> dic
             importance=tp.importance.MagnitudeImportance(p=1),
             pruning_ratio=amount,
             ignored_layers=classifier_layers(model),
+            global_pruning=scope == "global",
         )
         pruner.step()
         left_alone = None
@@ -173,11 +216,15 @@ def main() -> None:
     parser.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision")
     parser.add_argument("--amount", type=float, default=None, help="of channels (default 0.5 torchvision, 0.3 timm)")
     parser.add_argument("--exact", action="store_true", help="also the zeroed-BatchNorm equivalence test")
+    parser.add_argument(
+        "--scope", choices=("local", "global"), help="selection (default global torchvision, local timm)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     amount = args.amount if args.amount is not None else (0.3 if args.zoo == "timm" else 0.5)
+    scope = args.scope or ("local" if args.zoo == "timm" else "global")
     if args.one:
-        print(json.dumps(run_one(args.one, args.engines, args.zoo, amount, args.exact)))
+        print(json.dumps(run_one(args.one, args.engines, args.zoo, amount, args.exact, scope)))
         return
     if args.zoo == "timm":
         names = args.models or TIMM
@@ -185,7 +232,7 @@ def main() -> None:
         import torchvision
 
         names = args.models or torchvision.models.list_models(module=torchvision.models)
-    options = ["--zoo", args.zoo, "--amount", str(amount), *(["--exact"] if args.exact else [])]
+    options = ["--zoo", args.zoo, "--amount", str(amount), "--scope", scope, *(["--exact"] if args.exact else [])]
     engines = args.engines.split(",")
     totals, real, exact = dict.fromkeys(engines, 0), dict.fromkeys(engines, 0), dict.fromkeys(engines, 0)
     columns = ["result", "s", "params kept", "unprunable"] + (["BN zeroed: change"] if args.exact else [])
@@ -209,8 +256,8 @@ def main() -> None:
                 cells += [result.get("error", "wrong output"), "", "", ""]
             if args.exact:
                 change = result.get("exact")
-                exact[engine] += change is not None and change < 1e-4
-                cells.append("no BN" if change is None else f"{change:.1e}")
+                exact[engine] += isinstance(change, float) and change < 1e-4
+                cells.append("no BN" if change is None else change if isinstance(change, str) else f"{change:.1e}")
         print(f"| {name} | {' | '.join(cells)} |", flush=True)
     print()
     for engine in engines:
