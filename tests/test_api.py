@@ -163,6 +163,7 @@ def test_modules_whose_code_does_not_follow_are_left_alone_and_the_rest_is_prune
         ({"round_to": 0}, "`round_to` must be a positive integer"),
         ({"target": "flops"}, "`target` must be one of channels, macs, params"),
         ({"ignore": ["layer4"]}, "`ignore` entry 'layer4' matches no module of the model"),
+        ({"ignore": 4}, r"`ignore` must be a list of module names or glob patterns, got int 4"),
         ({"aggregate": "median"}, "`aggregate` must be one of sum, mean, max"),
     ],
 )
@@ -173,6 +174,13 @@ def test_bad_arguments_are_named_and_leave_the_model_unchanged(kwargs: dict, mes
     with pytest.raises(PruningError, match=message):
         lp.prune(model, small_input(), **arguments)
     assert unchanged(model, before)
+
+
+def test_ignore_takes_none_or_one_pattern_as_a_string() -> None:
+    whole = lp.prune(PlainCNN(), small_input(), 0.3, ignore=None)
+    model = PlainCNN()
+    kept = lp.prune(model, small_input(), 0.3, ignore="features.0")
+    assert model.features[0].out_channels == 16 and whole.params_after < kept.params_after
 
 
 def test_wrong_example_inputs_name_the_argument_and_the_module() -> None:

@@ -102,8 +102,18 @@ class DependencyGraph:
         )
 
 
-def match_modules(model: nn.Module, patterns: Iterable[str], argument: str = "ignore") -> list[str]:
-    """Module names matching each name or glob pattern; a pattern that matches nothing is an error."""
+def match_modules(model: nn.Module, patterns: Iterable[str] | str | None, argument: str = "ignore") -> list[str]:
+    """Module names matching each name or glob pattern (one string is one pattern, None is none); a pattern that
+    matches nothing is an error."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    elif not isinstance(patterns, Iterable):
+        raise PruningError(
+            f"`{argument}` must be a list of module names or glob patterns, got {type(patterns).__name__} "
+            f'{patterns!r}; pass e.g. ["fc", "layer4.*"].'
+        )
     names = [name for name, _ in model.named_modules() if name]
     matched: list[str] = []
     for pattern in patterns:
