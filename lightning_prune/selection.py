@@ -195,6 +195,7 @@ def select(
         for group, values in scored:
             count = allowed_count(group, math.floor(amount * group.width + 1e-9), round_to, max_fraction)
             removed[group.index] = lowest(group, values, count)
+        _local_whole_convolution_groups(scored, removed, amount, options)
     elif scored:
         # One global order (ties broken by group, then element): the lowest `taken` are the candidates however
         # many scores are equal, and each group removes only candidates, as many as its constraints allow.
@@ -294,6 +295,48 @@ def _whole_convolution_groups(
         gone = eligible[torch.argsort(cost[eligible], stable=True)[:count]]
         chosen[i] = torch.nonzero(torch.isin(group.blocks, gone)).reshape(-1).tolist()
         chosen[j] = torch.nonzero(torch.isin(partner.blocks, mapping[gone])).reshape(-1).tolist()
+
+
+def _local_whole_convolution_groups(
+    scored: Sequence[tuple[Group, Tensor]], removed: dict[int, list[int]], amount: float, options: SelectionOptions
+) -> None:
+    """Under local scope a grouped convolution's paired input and output groups may lose ``amount`` of its
+    convolution groups whole instead of an equal count from every one: chosen where an equal count removes
+    nothing, or where the whole groups cost less per removed element (scores relative to each side's mean)."""
+    position = {g.index: i for i, (g, _) in enumerate(scored)}
+    for i, (group, values) in enumerate(scored):
+        if group.partner is None or position.get(group.partner[0].index, -1) <= i:
+            continue
+        partner, mapping = group.partner
+        other = scored[position[partner.index]][1]
+        blocks = int(group.blocks.max()) + 1
+        count = min(math.floor(amount * blocks + 1e-9), blocks - 2, math.floor(options.max_fraction * blocks + 1e-9))
+        if count < 1 or group.frozen_channels or partner.frozen_channels:
+            continue
+        if any((g.width - count * (g.width // blocks)) % options.round_to for g in (group, partner)):
+            continue
+        sides = [(group, values, None), (partner, other, mapping)]
+        scale = [v[torch.isfinite(v)].abs().mean().clamp_min(1e-30) for _, v, _ in sides]
+        cost = torch.zeros(blocks, dtype=torch.float64)
+        for (g, v, to_mine), unit in zip(sides, scale, strict=True):
+            per_block = torch.zeros(blocks, dtype=torch.float64).index_add_(0, g.blocks, (v / unit).double())
+            cost += per_block if to_mine is None else per_block[to_mine]
+        eligible = torch.nonzero(torch.isfinite(cost)).reshape(-1)
+        if eligible.numel() < count:
+            continue
+        gone = eligible[torch.argsort(cost[eligible], stable=True)[:count]]
+        whole = [torch.nonzero(torch.isin(group.blocks, gone)).reshape(-1), None]
+        whole[1] = torch.nonzero(torch.isin(partner.blocks, mapping[gone])).reshape(-1)
+        equal = [removed.get(group.index, []), removed.get(partner.index, [])]
+        if any(equal):
+            per_element = [
+                sum(float(v[e].sum() / unit) for (_, v, _), e, unit in zip(sides, chosen, scale, strict=True))
+                / max(sum(len(e) for e in chosen), 1)
+                for chosen in (whole, equal)
+            ]
+            if per_element[0] > per_element[1]:
+                continue
+        removed[group.index], removed[partner.index] = whole[0].tolist(), whole[1].tolist()
 
 
 def groups_by_index(groups: Sequence[Group]) -> dict[int, Group]:

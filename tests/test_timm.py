@@ -235,17 +235,19 @@ def zero_first_quarter_of_batch_norms(model: torch.nn.Module) -> None:
 
 
 GROUPED = [
-    ("timm", "resnext26ts"), ("timm", "regnetx_002"), ("timm", "regnety_002"),
-    ("torchvision", "regnet_y_400mf"),
-    pytest.param("torchvision", "resnext50_32x4d", marks=pytest.mark.slow),
-    pytest.param("torchvision", "regnet_x_400mf", marks=pytest.mark.slow),
+    ("timm", "resnext26ts", "global"), ("timm", "regnetx_002", "global"), ("timm", "regnety_002", "global"),
+    ("torchvision", "regnet_y_400mf", "global"),
+    pytest.param("torchvision", "resnext50_32x4d", "global", marks=pytest.mark.slow),
+    pytest.param("torchvision", "regnet_x_400mf", "global", marks=pytest.mark.slow),
+    ("timm", "regnetx_002", "local"), ("timm", "regnety_002", "local"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("source", "name"), GROUPED)
-def test_grouped_convolutions_lose_only_channels_that_do_nothing(source: str, name: str) -> None:
+@pytest.mark.parametrize(("source", "name", "scope"), GROUPED)
+def test_grouped_convolutions_lose_only_channels_that_do_nothing(source: str, name: str, scope: str) -> None:
     """The first quarter of every BatchNorm's channels is zero (γ = β = 0): whole first convolution groups in
-    ResNeXt and RegNet, which an equal count from every group cannot take; pruning 10% must change nothing."""
+    ResNeXt and RegNet, which an equal count from every group cannot take; pruning 10% must change nothing,
+    under global ranking and under local (every group loses the same fraction, whole convolution groups too)."""
     if source == "torchvision":
         torchvision = pytest.importorskip("torchvision")
         torch.manual_seed(0)
@@ -260,7 +262,7 @@ def test_grouped_convolutions_lose_only_channels_that_do_nothing(source: str, na
     model.eval()
     with torch.no_grad():
         dense = model(x)
-    result = lp.prune(model, x, 0.1, "bn_scale")
+    result = lp.prune(model, x, 0.1, "bn_scale", scope=scope)
     assert result.params_after < 0.9 * result.params_before
     assert set(result.unprunable) == {"fc" if source == "torchvision" else "head.fc"}
     fewer = {n for n, m in model.named_modules() if n in grouped and m.groups < grouped[n]}
@@ -354,3 +356,32 @@ def test_a_slice_up_to_the_whole_width_follows_the_cut_exactly() -> None:
     with torch.no_grad():
         assert relative_error(model(x), before) < 1e-5
     train_one_step(model, x)
+
+
+@pytest.mark.parametrize(("dead", "groups_after"), [("first block", 3), ("first of every block", 4)])
+def test_local_scope_chooses_whole_convolution_groups_or_an_equal_count_by_importance(
+    dead: str, groups_after: int
+) -> None:
+    """Every group must lose a quarter under local scope: one whole convolution group of four, or one channel
+    from each. Whichever holds the dead channels (γ = β = 0 on both sides of the grouped convolution) is
+    cheaper, and so taken; either way the output stays the same."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=4), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 8, 1),
+    )  # fmt: skip
+    batch_norms_that_matter(model)
+    channels = [0, 1, 2, 3] if dead == "first block" else [0, 4, 8, 12]
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            norm.weight[channels] = 0.0
+            norm.bias[channels] = 0.0
+    x = torch.randn(2, 3, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        dense = model(x)
+    lp.prune(model, x, 0.25, "bn_scale", scope="local")
+    assert model[3].groups == groups_after and model[3].out_channels == 12
+    with torch.no_grad():
+        assert relative_error(model(x), dense) < 1e-5
