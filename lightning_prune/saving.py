@@ -45,10 +45,10 @@ def _architecture(config: Any) -> type[nn.Module]:
     )
 
 
-def _built_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """The shapes the stock class builds from ``config``, on the meta device (no memory)."""
+def _built_shapes(config: Any, kind: type[nn.Module]) -> dict[str, tuple[int, ...]]:
+    """The shapes the stock class ``kind`` builds from ``config``, on the meta device (no memory)."""
     with torch.device("meta"):
-        model = _architecture(config)(config)
+        model = kind(config)
     return _shapes(model)
 
 
@@ -59,6 +59,17 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def _differences(built: Mapping[str, tuple[int, ...]], saved: Mapping[str, tuple[int, ...]]) -> dict[str, list[int]]:
     return {name: list(shape) for name, shape in saved.items() if built.get(name) != tuple(shape)}
+
+
+def _own_names(model: nn.Module, stock: bool) -> dict[str, bool]:
+    """``save_pretrained`` options: a folder only :func:`from_pretrained` reads keeps the model's own tensor
+    names. By default transformers converts some back to the family's checkpoint layout (Mixtral's fused
+    experts one by one), which only the stock loader, at the config's widths, converts forth again."""
+    import inspect
+
+    if stock or "save_original_format" not in inspect.signature(model.save_pretrained).parameters:
+        return {}
+    return {"save_original_format": False}
 
 
 def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> bool:
@@ -84,10 +95,10 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: Any = None)
     partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        model.save_pretrained(partial)
+        differences = _differences(_built_shapes(model.config, type(model)), _shapes(model))
+        model.save_pretrained(partial, **_own_names(model, stock=not differences))
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
-        differences = _differences(_built_shapes(model.config), _shapes(model))
         rewrites = list(getattr(model, "_lightning_prune_rewrites", []))  # set by a method (SliceGPT)
         manifest = {"format": FORMAT, "stock": not differences, "shapes": differences, "rewrites": rewrites}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

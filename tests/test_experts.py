@@ -243,3 +243,29 @@ def test_a_router_left_whole_names_itself_and_how_experts_go_instead(name: str) 
     assert reason.startswith("the router picks the top-k of its expert rows") and "`model.layers.0.mlp.gate`" in reason
     assert "lightning_prune.prune_experts" in reason and 'structure="experts"' in reason
     assert model.model.layers[0].mlp.gate.weight.shape[0] == 4  # the rows stay, the stream they read is cut
+
+
+def test_experts_of_different_widths_per_layer_reload_through_lightning_prune(tmp_path) -> None:
+    """Global selection over the experts' neurons, with the first layer's weakest: its experts keep fewer than
+    the second's, which no config can say. ``save_pretrained`` keeps the fused experts under the model's own
+    names (transformers writes Mixtral's experts one by one, which only its loader at the config's widths reads)."""
+    model = build("mixtral")
+    tokens = ids()
+    with torch.no_grad():
+        first = experts_of(model)[0]
+        first.down_proj[:, :, :12] *= 0.01
+        first.gate_up_proj[:, :12] *= 0.01
+        first.gate_up_proj[:, 32:44] *= 0.01
+    example = {"input_ids": tokens, "use_cache": False}
+    graph = lp.build_graph(model, example)
+    scores = score(graph.groups, ScoringContext(model), get_criterion("l1"))
+    scores = [s if is_expert_group(g) else None for g, s in zip(graph.groups, scores, strict=True)]
+    with pytest.warns(UserWarning, match="MoE layers of different widths"):
+        apply_cuts(model, plan_cuts(graph, select(graph.groups, scores, 0.25, scope="global")))
+    widths = [m.intermediate_dim for m in experts_of(model)]
+    assert widths[0] < widths[1] < 32
+    assert lp.save_pretrained(model, tmp_path) is False
+    loaded = lp.from_pretrained(tmp_path)
+    assert [m.intermediate_dim for m in experts_of(loaded)] == widths
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
