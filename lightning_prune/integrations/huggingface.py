@@ -25,6 +25,7 @@ from lightning_prune.graph.module_rules import register_module_rule
 from lightning_prune.graph.rules.base import OP_RULES, Call
 from lightning_prune.graph.rules.movement import FOLLOWING_SLICES as SLICE_BOUNDS
 from lightning_prune.integrations.hf_families import (
+    ALIBI_HEADS,
     FEED_FORWARD,
     FOLLOWING_SLICES,
     FUSED_HEADS,
@@ -162,6 +163,8 @@ def _inexpressible(model: nn.Module, names: Family, values: dict[str, set[int]],
     """Why ``model.config``, updated to the pruned widths, does not build the pruned model; empty where it does."""
     config = model.config
     reasons = [f"layers of different {key}: {sorted(options)}" for key, options in values.items() if len(options) > 1]
+    if any(ALIBI_HEADS in m._buffers and ALIBI_HEADS not in m._non_persistent_buffers_set for m in model.modules()):
+        reasons.append("its layers read the ALiBi slopes of the dense heads they kept, which no config computes")
     hidden = getattr(config, names.hidden, None)
     for field in sorted(names.head_fields):
         heads = getattr(config, field, None)
