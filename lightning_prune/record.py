@@ -106,7 +106,7 @@ def check_record(model: nn.Module, record: Any, where: str = "record") -> list[S
 def add_recorded_biases(model: nn.Module, record: Any, where: str = "record") -> None:
     """Give every ``nn.Linear`` without a bias whose ``<linear>.bias`` the record cuts a zero bias (the same function),
     and every layer the other tensors the record cuts that it lacks (:data:`~lightning_prune.fixups.ADDED_TENSORS`:
-    the kept heads of a BLOOM attention layer, whose ALiBi slopes it selects).
+    the kept heads of a BLOOM or Falcon attention layer, whose ALiBi slopes it selects).
 
     A method may add biases (FLAP's compensation does) and records each with a cut (keeping all of it where nothing
     is removed), so a model built from its original config can follow: call this before :func:`restore`.

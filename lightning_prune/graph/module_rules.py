@@ -7,7 +7,7 @@ like ``nn.LayerNorm``), not a mixing of channels; an attention layer
 over a fused projection is a set of heads. Each rule is registered under a name with the predicate that
 picks its modules; the first registered rule whose predicate holds is used. A rule may also ``prepare`` its
 modules before the trace: give one a tensor that does not change what it computes but that its cuts slice
-(BLOOM's attention gets the indices of the heads whose ALiBi slopes it reads). The rules here cover
+(BLOOM's and Falcon's attention get the indices of the heads whose ALiBi slopes they read). The rules here cover
 ``torch.nn`` and hand-written norms; libraries' layers are registered by :mod:`lightning_prune.integrations`.
 """
 
