@@ -7,7 +7,8 @@ shape. Fixups are registered by module class, or by the class's qualified name (
 for libraries that are not imported; a subclass uses its closest registered base. *Drop fixups*
 ``fixup(model, drop)`` run after blocks leave a block stack (a config that counts layers, say). *Rewrites*
 ``rewrite(model, options)`` replay a method's own changes that are not cuts (:class:`~lightning_prune.cuts.Rewrite`),
-registered by the method under its kind.
+registered by the method under its kind. *Added tensors* ``add(module, name) -> bool`` give a freshly built layer a
+tensor that its cut self has and its class does not build (a record or a saved folder names it), before the cuts.
 
 This module owns the registries and the fixups of ``torch.nn``'s own layers; each library's layers are
 registered by its file in :mod:`lightning_prune.integrations`.
@@ -32,6 +33,12 @@ DROP_FIXUPS: Registry[str, DropFixup] = Registry("drop fixup")
 REWRITES: Registry[str, Callable[[nn.Module, dict], None]] = Registry(
     "rewrite", "The method that wrote the record registers its kind when it is imported (lightning_prune.methods)."
 )
+ADDED_TENSORS: Registry[str, Callable[[nn.Module, str], bool]] = Registry("added tensor")
+
+
+def add_tensor(module: nn.Module, name: str) -> bool:
+    """Give ``module`` the tensor ``name`` it lacks, through the first added-tensor function that knows it."""
+    return any(add(module, name) for add in ADDED_TENSORS.values())
 
 
 def apply_rewrites(model: nn.Module, rewrites: list[Rewrite]) -> None:

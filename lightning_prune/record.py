@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_prune.cuts import Cut, Drop, Rewrite, Step, check_steps
 from lightning_prune.errors import PruningError, RecordError, shown
-from lightning_prune.fixups import REWRITES
+from lightning_prune.fixups import REWRITES, add_tensor
 from lightning_prune.running import meta_clone
 from lightning_prune.surgery import apply_step
 
@@ -104,7 +104,9 @@ def check_record(model: nn.Module, record: Any, where: str = "record") -> list[S
 
 
 def add_recorded_biases(model: nn.Module, record: Any, where: str = "record") -> None:
-    """Give every ``nn.Linear`` without a bias whose ``<linear>.bias`` the record cuts a zero bias (the same function).
+    """Give every ``nn.Linear`` without a bias whose ``<linear>.bias`` the record cuts a zero bias (the same function),
+    and every layer the other tensors the record cuts that it lacks (:data:`~lightning_prune.fixups.ADDED_TENSORS`:
+    the kept heads of a BLOOM or Falcon attention layer, whose ALiBi slopes it selects).
 
     A method may add biases (FLAP's compensation does) and records each with a cut (keeping all of it where nothing
     is removed), so a model built from its original config can follow: call this before :func:`restore`.
@@ -122,6 +124,8 @@ def add_recorded_biases(model: nn.Module, record: Any, where: str = "record") ->
             if missing and module.out_features == cut.size:
                 weight = module.weight
                 module.bias = nn.Parameter(torch.zeros(cut.size, dtype=weight.dtype, device=weight.device))
+            elif not hasattr(module, leaf):
+                add_tensor(module, leaf)
 
 
 def restore(model: nn.Module, record: Mapping[str, Any]) -> None:

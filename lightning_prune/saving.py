@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_prune.cuts import Cut, Rewrite, Step
 from lightning_prune.errors import PruningError
-from lightning_prune.fixups import apply_rewrites
+from lightning_prune.fixups import add_tensor, apply_rewrites
 from lightning_prune.running import named_tensors
 from lightning_prune.surgery import apply_step
 
@@ -147,6 +147,8 @@ def _cut_to(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str)
         module = dict(model.named_modules()).get(path)
         if leaf == "bias" and isinstance(module, nn.Linear) and module.bias is None:
             module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
+        elif module is not None and not hasattr(module, leaf):  # a layer's own (BLOOM's kept heads)
+            add_tensor(module, leaf)
     tensors = model.state_dict(keep_vars=True)
     cuts, seen = [], set()
     for name, shape in shapes.items():

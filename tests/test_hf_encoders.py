@@ -13,14 +13,16 @@ import warnings
 from dataclasses import dataclass
 
 import pytest
+import test_families
 import torch
 from nets import removed_zeroed
-from test_families import HEAD_SIZE_FROM_HIDDEN, produced, reasons
+from test_families import ALIBI, HEAD_SIZE_FROM_HIDDEN, produced, reasons
 
 import lightning_prune as lp
 from lightning_prune import apply_cuts, plan_cuts
 from lightning_prune.importance import ScoringContext, get_criterion, score
 from lightning_prune.integrations.hf_families import FEED_FORWARD, OUTPUT, QUERY
+from lightning_prune.record import new_record
 from lightning_prune.selection import select
 
 transformers = pytest.importorskip("transformers")
@@ -29,8 +31,6 @@ warnings.filterwarnings("ignore", ".*token_id.*")
 TOKENS = {"vocab_size": 97, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 BERT = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 8, "intermediate_size": 64}
 ENCODER_OUTPUT = "model output"  # an encoder-decoder returns the encoder's last hidden state: its width stays
-BLOOM_FFN = "mlp.dense_h_to_4h.weight` as [192, 48], not [144, 48]"  # its code builds the FFN 4 × hidden wide
-ALIBI = "`baddbmm` with a constant of the same size"  # BLOOM's ALiBi slopes, computed for the model's head count
 # DeBERTa-v2 (v3 is the same class): relative positions through the content projections (`share_att_key`, log
 # buckets, a LayerNorm over the relative embeddings, the first layer's convolution), or through projections of
 # their own (`pos_key_proj`, `pos_query_proj`), whose input is the relative embeddings' columns: a group of its own.
@@ -81,7 +81,7 @@ FAMILIES = {
     "deberta_v2_positions": Expected("DebertaV2ForSequenceClassification", "DebertaV2Config", DEBERTA,
                                      round_trip=(DEBERTA_POSITIONS, True)),
     "bloom": Expected("BloomForCausalLM", "BloomConfig", {"hidden_size": 48, "n_layer": 2, "n_head": 8, **TOKENS},
-                      heads=ALIBI, round_trip=(BLOOM_FFN, HEAD_SIZE_FROM_HIDDEN)),
+                      round_trip=(ALIBI, ALIBI)),
 }  # fmt: skip
 
 
@@ -184,9 +184,10 @@ def test_family_prunes_reloads_and_trains(name: str, stream: bool, tmp_path) -> 
     optimizer.step()
 
 
-@pytest.mark.parametrize("name", ["t5", "bart", "distilbert", "deberta_v2", "deberta_v2_positions"])
+@pytest.mark.parametrize("name", ["t5", "bart", "distilbert", "deberta_v2", "deberta_v2_positions", "bloom"])
 def test_removed_heads_and_neurons_compute_what_zeroed_ones_do(name: str) -> None:
-    # T5's cross-attention adds a zero position bias of one row per head: it follows the heads left
+    # T5's cross-attention adds a zero position bias of one row per head: it follows the heads left; BLOOM's
+    # layers read the ALiBi rows of the heads they kept
     model = build(name)
     graph = lp.build_graph(model, inputs(name))
     scores = score(graph.groups, ScoringContext(model), get_criterion("l1"))
@@ -199,3 +200,52 @@ def test_removed_heads_and_neurons_compute_what_zeroed_ones_do(name: str) -> Non
     assert widths(model) == (dense[0] * 3 // 4, dense[1] * 3 // 4, dense[2])
     lp.verify_pruned(model, inputs(name), graph, cuts)
     torch.testing.assert_close(logits(model, name), logits(reference, name), atol=1e-5, rtol=0)
+
+
+ALIBI_MODELS = {"bloom": lambda: build("bloom"), "falcon_alibi": lambda: test_families.build("falcon_alibi")}
+
+
+@pytest.mark.parametrize("name", sorted(ALIBI_MODELS))
+def test_layers_read_the_alibi_slopes_of_the_heads_they_kept(name: str, tmp_path) -> None:
+    model = ALIBI_MODELS[name]()
+    layers = [layer.self_attention for layer in model.transformer.h]
+    with torch.no_grad():  # attention that matters to the logits, so that wrong slopes show
+        for layer in layers:
+            layer.query_key_value.weight.mul_(10)
+            layer.dense.weight.mul_(10)
+    example = inputs("bloom")  # the tokens, without a cache
+    graph = lp.build_graph(model, example)
+    assert lp.save_pretrained(model, tmp_path / "dense") is True  # a dense layer's kept heads are not saved
+    scores = score(graph.groups, ScoringContext(model), get_criterion("l1"))
+    scores = [None if g.normalized else s for g, s in zip(graph.groups, scores, strict=True)]
+    plan = select(graph.groups, scores, 0.25, scope="local")
+    reference = removed_zeroed(model, graph, plan)
+    dense_keys = set(model.state_dict())
+    undo = apply_cuts(model, plan_cuts(graph, plan), undoable=True)
+    undo()  # as verification does: the full indices again, and a state dict like the stock one
+    assert set(model.state_dict()) == dense_keys
+    cuts = plan_cuts(graph, plan)
+    apply_cuts(model, cuts)
+    kept = [layer.alibi_heads.tolist() for layer in layers]
+    assert all(len(heads) == 6 for heads in kept) and any(heads != list(range(6)) for heads in kept)
+    # left padding: the ALiBi tensor comes from the mask's positions (cumsum), per sequence
+    padded = {"input_ids": example["input_ids"], "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    padded["attention_mask"][0, :3] = 0
+    with torch.no_grad():
+        expected = reference(**padded).logits
+        torch.testing.assert_close(model(**padded).logits, expected, atol=1e-5, rtol=0)
+        for layer in layers:  # the first six heads' slopes instead: a different model
+            layer.alibi_heads.copy_(torch.arange(6))
+        assert (model(**padded).logits - expected).abs().max() > 1e-2
+        for layer, heads in zip(layers, kept, strict=True):
+            layer.alibi_heads.copy_(torch.tensor(heads))
+    again = lp.prune(model, example, 0.5, "l1", scope="local")  # a second step cuts them again
+    assert [layer.alibi_heads.numel() for layer in layers] == [3, 3]
+    record = lp.merge_records(new_record([cuts]), again.record)
+    assert lp.save_pretrained(model, tmp_path / "pruned") is False
+    with torch.no_grad():
+        assert torch.equal(lp.from_pretrained(tmp_path / "pruned")(**padded).logits, model(**padded).logits)
+        fresh = ALIBI_MODELS[name]()
+        lp.restore(fresh, record)
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(fresh.eval()(**padded).logits, model(**padded).logits)

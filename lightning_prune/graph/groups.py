@@ -140,7 +140,8 @@ def build_graph(
     """Trace ``model`` on ``example_inputs`` and group its coupled channels.
 
     Args:
-        model: any ``nn.Module``; it is run (without gradients) once per mode and left unchanged.
+        model: any ``nn.Module``; it is run (without gradients) once per mode and left unchanged, but for what
+            module rules prepare (a tensor that changes nothing it computes: :mod:`.module_rules`).
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
         ignore: module names or glob patterns whose parameters keep their shapes.
         modes: tracing in both modes covers branches that run only in training (auxiliary heads).

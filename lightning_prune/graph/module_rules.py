@@ -5,7 +5,9 @@ timm) computes ``x * rsqrt(mean(x²))`` and a hand-written LayerNorm (Cohere) ``
 reductions over channels that are really a normalisation (pruning a channel changes the statistic slightly,
 like ``nn.LayerNorm``), not a mixing of channels; an attention layer
 over a fused projection is a set of heads. Each rule is registered under a name with the predicate that
-picks its modules; the first registered rule whose predicate holds is used. The rules here cover
+picks its modules; the first registered rule whose predicate holds is used. A rule may also ``prepare`` its
+modules before the trace: give one a tensor that does not change what it computes but that its cuts slice
+(BLOOM's and Falcon's attention get the indices of the heads whose ALiBi slopes they read). The rules here cover
 ``torch.nn`` and hand-written norms; libraries' layers are registered by :mod:`lightning_prune.integrations`.
 """
 
@@ -26,27 +28,48 @@ Trace = Callable[[TraceBuilder, nn.Module, tuple, Any], None]
 
 @dataclass(frozen=True)
 class ModuleRule:
-    """``trace(builder, module, inputs, output)`` for every module for which ``matches(module)`` holds."""
+    """``trace(builder, module, inputs, output)`` for every module for which ``matches(module)`` holds, after
+    ``prepare(module)`` (if given) has run on it."""
 
     matches: Callable[[nn.Module], bool]
     trace: Trace
+    prepare: Callable[[nn.Module], None] | None = None
 
 
 MODULE_RULES: Registry[str, ModuleRule] = Registry("module rule")
 
 
 def register_module_rule(
-    name: str, matches: Callable[[nn.Module], bool], trace: Trace, *, replace: bool = False
+    name: str,
+    matches: Callable[[nn.Module], bool],
+    trace: Trace,
+    *,
+    prepare: Callable[[nn.Module], None] | None = None,
+    replace: bool = False,
 ) -> None:
-    """Trace modules for which ``matches(module)`` holds as a whole, with ``trace(builder, module, inputs, output)``."""
-    MODULE_RULES.register(name, ModuleRule(matches, trace), replace=replace)
+    """Trace modules for which ``matches(module)`` holds as a whole, with ``trace(builder, module, inputs, output)``.
+
+    ``prepare(module)``, if given, runs on each such module before every trace; it must leave what the module
+    computes unchanged and do nothing the second time.
+    """
+    MODULE_RULES.register(name, ModuleRule(matches, trace, prepare), replace=replace)
+
+
+def _entry(module: nn.Module) -> ModuleRule | None:
+    return next((entry for entry in MODULE_RULES.values() if entry.matches(module)), None)
 
 
 def module_rule(module: nn.Module) -> Trace | None:
-    for entry in MODULE_RULES.values():
-        if entry.matches(module):
-            return entry.trace
-    return None
+    entry = _entry(module)
+    return entry.trace if entry is not None else None
+
+
+def prepare_modules(model: nn.Module) -> None:
+    """Run the ``prepare`` of the rule of every module of ``model`` that has one."""
+    for module in list(model.modules()):
+        entry = _entry(module)
+        if entry is not None and entry.prepare is not None:
+            entry.prepare(module)
 
 
 def _is_hand_written_norm(module: nn.Module) -> bool:

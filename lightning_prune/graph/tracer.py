@@ -5,8 +5,9 @@ The tracer sees every torch function call of the forward (``F.conv2d``, ``Tensor
 collects three things: *spaces* (the output channels of every producer, keyed by the producing
 parameter so a layer called twice has one space), *slots* (every dimension of every parameter or
 buffer whose indices follow a space) and *edges* (pairs of elements that must be removed together).
-Modules with a rule of their own (:mod:`module_rules`) are traced as a whole. Nothing of the model
-changes: modes, buffers and the RNG state are restored afterwards.
+Modules with a rule of their own (:mod:`module_rules`) are traced as a whole, once their rules have prepared
+them (a tensor that changes nothing they compute). Nothing else of the model changes: modes, buffers and the
+RNG state are restored afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from lightning_prune.errors import TraceError
 from lightning_prune.graph.builder import Trace, TraceBuilder
-from lightning_prune.graph.module_rules import module_rule
+from lightning_prune.graph.module_rules import module_rule, prepare_modules
 from lightning_prune.graph.rules import apply_rule
 from lightning_prune.measure import MacCounter
 from lightning_prune.running import ExampleInputs, preserved_state, run_model
@@ -108,6 +109,7 @@ def trace_model(
     verification uses it to label a pruned model with the ids of the original elements it kept.
     ``fixed_splits`` are split sites (``Trace.split_sites``) whose parts keep their sizes.
     """
+    prepare_modules(model)
     builder = TraceBuilder(model, space_init, num_elements, fixed_splits)
     macs = None
     for mode in modes:

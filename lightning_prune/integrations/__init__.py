@@ -16,7 +16,7 @@ import importlib
 import warnings
 from importlib.metadata import entry_points
 
-BUILT_IN = ("torch_attention", "torchvision", "timm", "huggingface", "hf_moe")
+BUILT_IN = ("torch_attention", "torchvision", "timm", "huggingface", "hf_moe", "hf_alibi")
 ENTRY_POINTS = "lightning_prune.integrations"
 
 

@@ -121,6 +121,11 @@ SCALED_EMBEDDINGS = tuple(
 )
 
 
+# The buffer of an attention layer holding the indices of the dense heads it kept, whose ALiBi slopes it reads
+# (BLOOM): saved with the weights once heads are gone. No config builds it: the config keeps the dense head count.
+ALIBI_HEADS = "alibi_heads"
+
+
 def family(config: object) -> Family:
     """The table entry of ``config``'s family; the standard names for one not listed."""
     return FAMILIES.get(getattr(config, "model_type", ""), STANDARD)

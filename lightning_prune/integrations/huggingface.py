@@ -22,9 +22,9 @@ from lightning_prune.fixups import DROP_FIXUPS, register_layer
 from lightning_prune.graph import labels as L
 from lightning_prune.graph.builder import TraceBuilder
 from lightning_prune.graph.module_rules import register_module_rule
-from lightning_prune.graph.rules.base import OP_RULES, Call
 from lightning_prune.graph.rules.movement import FOLLOWING_SLICES as SLICE_BOUNDS
 from lightning_prune.integrations.hf_families import (
+    ALIBI_HEADS,
     FEED_FORWARD,
     FOLLOWING_SLICES,
     FUSED_HEADS,
@@ -162,6 +162,8 @@ def _inexpressible(model: nn.Module, names: Family, values: dict[str, set[int]],
     """Why ``model.config``, updated to the pruned widths, does not build the pruned model; empty where it does."""
     config = model.config
     reasons = [f"layers of different {key}: {sorted(options)}" for key, options in values.items() if len(options) > 1]
+    if any(ALIBI_HEADS in m._buffers and ALIBI_HEADS not in m._non_persistent_buffers_set for m in model.modules()):
+        reasons.append("its layers read the ALiBi slopes of the dense heads they kept, which no config computes")
     hidden = getattr(config, names.hidden, None)
     for field in sorted(names.head_fields):
         heads = getattr(config, field, None)
@@ -278,65 +280,6 @@ for _layer, _why in FOLLOWING_SLICES.items():
 
 def _is_class(module: nn.Module, qualified: str) -> bool:
     return any(f"{klass.__module__}.{klass.__qualname__}" == qualified for klass in type(module).__mro__)
-
-
-FALCON = "transformers.models.falcon.modeling_falcon"
-
-
-def _falcon_linear(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
-    """``FalconLinear`` computes ``input @ weight.T + bias`` itself: it is a linear layer, traced as one."""
-    if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
-        b.freeze_tensors([*inputs, output], "FalconLinear called oddly")
-        return
-    OP_RULES["linear"](b, Call("linear", F.linear, (inputs[0], module.weight, module.bias), {}, output))
-
-
-def _falcon_attention(b: TraceBuilder, module: nn.Module, inputs: tuple, output: Any) -> None:
-    """Falcon's fused ``query_key_value`` in its three layouts, each head's rows with its ``dense`` columns.
-
-    ``_split_heads`` views the rows by the layer's head counts: per key/value head its query heads, key and value
-    (``new_decoder_architecture``: a key/value head goes with its query heads); per head its query, key and value
-    (``multi_query=False``); or every query head, then one key and one value head that all query heads share
-    (``multi_query``: those two stay, the query heads go one by one). ALiBi slopes are computed for the model's
-    head count, so with ``alibi`` the heads stay whole (the stream can still be cut).
-    """
-    result = output[0] if isinstance(output, tuple) else output
-    if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(result, Tensor):
-        b.freeze_tensors([*inputs, result], "FalconAttention called oddly")
-        return
-    fused, dense, size = module.query_key_value, module.dense, module.head_dim
-    heads = dense.weight.shape[1] // size
-    rows = b.space(b.name_of(fused.weight), 0, fused.weight.shape[0])
-    b.slot(fused.weight, 0, "out", rows)
-    if fused.bias is not None:
-        b.slot(fused.bias, 0, "follow", rows)
-    b.slot(fused.weight, 1, "in", b.along(inputs[0], -1))
-    if module.config.alibi:
-        b.freeze(rows, "ALiBi slopes are computed for the model's head count")
-    if module.new_decoder_architecture:
-        per_group = rows.view(module.num_kv_heads, -1, size)
-        b.unify_rows(per_group.reshape(module.num_kv_heads, -1))
-        queries = per_group[:, :-2]
-    elif not module.multi_query:
-        per_head = rows.view(heads, 3, size)
-        b.unify_rows(per_head.reshape(heads, -1))
-        queries = per_head[:, 0]
-    else:
-        queries = rows[: heads * size].view(heads, size)
-        b.unify_rows(queries)
-        b.freeze(rows[heads * size :], "multi-query attention: its one key and value head serve every query head")
-    b.slot(dense.weight, 1, "in", queries.reshape(-1))
-    b.linear_output(dense, result)
-
-
-register_module_rule(
-    "transformers.falcon.FalconAttention",
-    lambda module: _is_class(module, f"{FALCON}.FalconAttention"),
-    _falcon_attention,
-)
-register_module_rule(
-    "transformers.falcon.FalconLinear", lambda module: _is_class(module, f"{FALCON}.FalconLinear"), _falcon_linear
-)
 
 
 OLMO_NORM = "transformers.models.olmo.modeling_olmo.OlmoLayerNorm"
