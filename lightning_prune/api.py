@@ -327,18 +327,20 @@ def _prune_to_latency(
             f"{type(model).__name__} runs none on these inputs: use `target='macs'`."
         )
     reference = copy.deepcopy(model)
+    seconds_now = settings.compare(reference, reference, example_inputs).dense.median
     goal, kept = 1.0 - planner.budget.amount, 1.0
     if dense is not None and dense.latency is not None:
         if dense.latency_kept is not None:  # the ratios measured in turns so far, not seconds from another time
             kept, now = dense.latency_kept, dense.latency * dense.latency_kept
         else:
-            now = settings.compare(reference, reference, example_inputs).dense.median
-            kept = now / dense.latency
+            now, kept = seconds_now, seconds_now / dense.latency
         goal = 1.0 - planner.budget.fraction_now(dense, now)
         if goal >= 1.0:  # already at the goal: nothing is due in this step
             result = _run(model, replace(planner, fixed=Plan({})), ignored, optimizers, verify, modes)[0]
             result.dense = replace(result.dense, latency=dense.latency, latency_kept=kept)
             return result
+
+    cost.calibrate(seconds_now)  # the time the table does not hold: norms, activations, gates, per-call overhead
 
     def attempt(keep: float) -> list[Any]:
         trial = copy.deepcopy(model)

@@ -202,8 +202,9 @@ def search_latency(
 
     ``attempt(keep)`` prunes a copy to ``keep`` of the estimated time; ``measure(trial)`` times it against the
     dense model (pruned / dense seconds). The first try asks for ``goal``; the next ones aim a little below it
-    (half the ``tolerance``), by the secant through the last two tries (after one, assuming time in proportion
-    to ``keep``), kept between the best try on either side of the goal, until a trial measures within
+    (half the ``tolerance``), by the secant through the last two tries, its slope held near the proportional
+    one (after one try: time in proportion to ``keep``), kept strictly between the closest tries on either side
+    of the goal (else the line through those two, else their midpoint), until a trial measures within
     ``tolerance`` (a fraction of ``goal``) at or below the goal, or after ``rounds`` tries.
 
     Returns:
@@ -215,7 +216,7 @@ def search_latency(
     aim = goal * (1 - tolerance / 2)
     keep, history = goal, []
     best: tuple[float, Trial, float] | None = None
-    slow: float | None = None  # the smallest keep measured above the goal
+    slow: tuple[float, float] | None = None  # the try of smallest keep measured above the goal, and its ratio
     for _ in range(rounds):
         trial = attempt(keep)
         ratio = measure(trial)
@@ -225,10 +226,12 @@ def search_latency(
                 best = (keep, trial, ratio)
             if ratio >= goal * (1 - tolerance):
                 break
-        else:
-            slow = keep if slow is None else min(slow, keep)
+        elif slow is None or keep < slow[0]:
+            slow = (keep, ratio)
         following = _next_keep(history, aim)
-        low, high = (best[0] if best else 0.0), (slow if slow is not None else 1.0)
+        low, high = (best[0] if best else 0.0), (slow[0] if slow is not None else 1.0)
+        if not low < following < high and best is not None and slow is not None:
+            following = _through(best[0], best[2], *slow, aim)
         if not low < following < high:
             following = (low + high) / 2
         if abs(following - keep) < 1e-3:
@@ -245,11 +248,23 @@ def search_latency(
     return best[1], best[2], history
 
 
+def _through(keep: float, ratio: float, other: float, other_ratio: float, aim: float) -> float:
+    """The keep at which the line through two tries measures ``aim`` (their midpoint if they measured alike)."""
+    if ratio == other_ratio:
+        return (keep + other) / 2
+    return keep + (aim - ratio) * (other - keep) / (other_ratio - ratio)
+
+
 def _next_keep(history: Sequence[tuple[float, float]], aim: float) -> float:
-    """The keep whose ratio the last two tries' secant puts at ``aim`` (after one try: in proportion)."""
+    """The keep whose ratio the last two tries' secant puts at ``aim`` (after one try: in proportion). The secant's
+    slope is held within half and twice the proportional one (``ratio / keep``): two noisy timings close together
+    would otherwise send the next try far past the goal."""
     keep, ratio = history[-1]
-    if len(history) > 1:
+    if ratio <= 0:
+        return keep
+    proportional = ratio / keep
+    slope = proportional
+    if len(history) > 1 and keep != history[-2][0]:
         before, ratio_before = history[-2]
-        if ratio != ratio_before and keep != before:
-            return keep + (aim - ratio) * (keep - before) / (ratio - ratio_before)
-    return keep * aim / ratio if ratio > 0 else keep
+        slope = min(max((ratio - ratio_before) / (keep - before), proportional / 2), proportional * 2)
+    return keep + (aim - ratio) / slope

@@ -2,8 +2,10 @@
 grid of widths, once per device, layer shape and batch, and the estimated time of a model at any widths.
 
 :class:`LatencyTable` keeps the timings as JSON under ``$LIGHTNING_PRUNE_CACHE/latency``; :class:`LatencyModel`
-sums a model's layers, interpolated between the timed widths. :mod:`lightning_prune.latency` plans and searches
-over it.
+sums a model's layers, interpolated between the timed widths, and after :meth:`LatencyModel.calibrate` also the
+time the table does not hold (norms, activations, squeeze-excitation, elementwise ops, per-call overhead): the
+whole model's measured time minus its layers timed now, shared out in proportion to the activations each layer
+produces. :mod:`lightning_prune.latency` plans and searches over it.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def _cpu_model() -> str:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """A convolution or linear layer as one forward sees it: its dense widths, options and input shape."""
+    """A convolution or linear layer as one forward sees it: its dense widths, options and input shape (and the
+    shape of its output, which the table's key leaves out: it follows from the rest)."""
 
     kind: str
     in_width: int
@@ -62,6 +65,7 @@ class LayerSpec:
     options: tuple[Any, ...] = ()
     dtype: str = "float32"
     channels_last: bool = False
+    output_shape: tuple[int, ...] = ()
 
     @property
     def depthwise(self) -> bool:
@@ -71,6 +75,11 @@ class LayerSpec:
     def key(self) -> str:
         layout = "-cl" if self.channels_last else ""
         return f"{self.kind}{self.options}x{self.input_shape}:{self.in_width}->{self.out_width}{self.dtype}{layout}"
+
+    def activations(self, in_width: int, out_width: int) -> int:
+        """Elements of the layer's output at these widths (its output channels times what each one holds)."""
+        per_channel = math.prod(self.output_shape) // self.out_width if self.output_shape else 0
+        return per_channel * self.widths(in_width, out_width)[1]
 
     def widths(self, in_width: int, out_width: int) -> tuple[int, int]:
         """Widths a layer of this kind can take near (``in_width``, ``out_width``)."""
@@ -102,8 +111,8 @@ def layer_specs(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, La
     specs: dict[str, LayerSpec] = {}
 
     def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if name in specs or not args or not isinstance(args[0], Tensor):
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if name in specs or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
                 return
             x = args[0]
             last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -120,12 +129,13 @@ def layer_specs(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, La
                     tuple(x.shape),
                     (*options, module.bias is not None),
                 )
-            specs[name] = replace(spec, dtype=str(x.dtype).removeprefix("torch."), channels_last=last)
+            dtype = str(x.dtype).removeprefix("torch.")
+            specs[name] = replace(spec, dtype=dtype, channels_last=last, output_shape=tuple(output.shape))
 
         return record
 
     wanted = [(name, module) for name, module in model.named_modules() if type(module) in (nn.Conv2d, nn.Linear)]
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in wanted]
+    handles = [module.register_forward_hook(hook(name)) for name, module in wanted]
     try:
         with preserved_state(model), torch.no_grad():
             model.eval()
@@ -204,10 +214,19 @@ def _bracket(points: Sequence[int], value: float) -> tuple[int, float]:
 
 
 class LatencyModel:
-    """The estimated seconds of a model's convolutions and linear layers at any widths, from a :class:`LatencyTable`."""
+    """The estimated seconds of a model at any widths: its convolutions and linear layers from a
+    :class:`LatencyTable`, and once :meth:`calibrate` d, the rest of its measured time.
+
+    ``scale`` turns the table's seconds into seconds now (the table may have been timed on a busier or quieter
+    machine); ``residual`` is the dense model's measured seconds that no timed layer holds, spread over the
+    layers in proportion to the elements each one outputs (the norms, activations, gates and adds that read
+    them), so a layer with half its output channels carries half its share.
+    """
 
     def __init__(self, specs: Mapping[str, LayerSpec], table: LatencyTable) -> None:
         self.specs, self.table = dict(specs), table
+        self.scale, self.residual = 1.0, 0.0
+        self._dense_activations = sum(spec.activations(spec.in_width, spec.out_width) for spec in self.specs.values())
 
     @classmethod
     def of(
@@ -220,14 +239,34 @@ class LatencyModel:
         path = cache_dir() / f"{device_name(device)}.json" if cache else None
         return cls(specs, LatencyTable(device, path, time))
 
+    def calibrate(self, seconds: float) -> None:
+        """Fit the estimate to ``seconds``, the whole dense model's measured time per forward: every layer is timed
+        once more at its dense widths (now, beside that measurement), which sets ``scale``; what the model takes
+        beyond its layers becomes ``residual``. If the layers alone take longer than the model (noise, or time
+        they share when run together), they are scaled down to the model's time and nothing is residual."""
+        tabled = sum(self.table.seconds(spec, spec.in_width, spec.out_width) for spec in self.specs.values())
+        now = sum(
+            float(self.table.time(*spec.build(spec.in_width, spec.out_width, self.table.device)))
+            for spec in self.specs.values()
+        )
+        if not (tabled > 0 and now > 0 and seconds > 0):
+            return
+        self.scale = min(now, seconds) / tabled
+        self.residual = max(seconds - now, 0.0) if self._dense_activations else 0.0
+
     def layer(self, name: str, widths: Mapping[str, Sequence[int]]) -> float:
-        return self.table.seconds(self.specs[name], *widths[name])
+        """Estimated seconds of one layer at ``widths``, with its share of the residual."""
+        spec, (in_width, out_width) = self.specs[name], widths[name]
+        seconds = self.scale * self.table.seconds(spec, in_width, out_width)
+        if self.residual:
+            seconds += self.residual * spec.activations(in_width, out_width) / self._dense_activations
+        return seconds
 
     def dense_widths(self) -> dict[str, list[int]]:
         return {name: [spec.in_width, spec.out_width] for name, spec in self.specs.items()}
 
     def seconds(self, widths: Mapping[str, Sequence[int]] | None = None) -> float:
-        """Estimated seconds of all layers at ``widths`` (module name -> [in, out]; dense if None)."""
+        """Estimated seconds of the model at ``widths`` (module name -> [in, out]; dense if None)."""
         widths = widths or self.dense_widths()
         return sum(self.layer(name, widths) for name in self.specs)
 

@@ -1,0 +1,124 @@
+"""The latency model's calibration to a whole-model timing (the time the per-layer table does not hold) and the
+search's guarded steps, on a real squeeze-excitation network with an injected clock: a model's or a layer's
+"seconds" are its deterministic work (MACs plus the elements every op writes), so nothing here asserts a time
+measured on the shared machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from lightning_prune.latency import search_latency
+from lightning_prune.latency_table import LatencyModel, LatencyTable, layer_specs
+from lightning_prune.measure import count_macs
+from lightning_prune.running import run_model
+
+
+class _Written(TorchDispatchMode):
+    """Counts the elements every aten op writes: the memory traffic of norms, activations, gates and adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.elements += sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def work(model: nn.Module, x: torch.Tensor) -> float:
+    """'Seconds' of one forward: MACs plus 8 per element written."""
+    with torch.no_grad(), _Written() as written:
+        model.eval()
+        run_model(model, x)
+    return (count_macs(model, x) + 8 * written.elements) * 1e-9
+
+
+def layer_work(layer: nn.Module, x: torch.Tensor) -> float:
+    """:func:`work` of one convolution or linear layer, from its output's size (each output element costs one
+    multiply-accumulate per weight of its filter, and is written once)."""
+    with torch.no_grad():
+        elements = layer(x).numel()
+    return elements * (layer.weight[0].numel() + 8) * 1e-9
+
+
+def _squeeze_excitation_net() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v3_small(width_mult=0.25, num_classes=10).eval()
+
+
+def _widths(model: nn.Module, names) -> dict[str, list[int]]:
+    modules = dict(model.named_modules())
+    return {
+        name: [modules[name].in_channels, modules[name].out_channels]
+        if isinstance(modules[name], nn.Conv2d)
+        else [modules[name].in_features, modules[name].out_features]
+        for name in names
+    }
+
+
+def test_calibration_rescales_a_table_timed_on_a_busier_machine() -> None:
+    dense, x = _squeeze_excitation_net(), torch.randn(1, 3, 32, 32)
+    busy = LatencyModel.of(dense, x, time=lambda layer, inputs: 3 * layer_work(layer, inputs), cache=False)
+    stale = busy.seconds()
+    busy.table.time = layer_work  # the table's entries stay as timed; calibration times the dense layers once more
+    whole = work(dense, x)
+    busy.calibrate(whole)
+    assert busy.scale == pytest.approx(1 / 3) and busy.residual == pytest.approx(whole - stale / 3)
+    assert busy.seconds() == pytest.approx(whole)
+    # layers that take longer alone than the whole model: scaled down to it, nothing residual
+    busy.calibrate(0.5 * stale / 3)
+    assert busy.residual == 0.0 and busy.seconds() == pytest.approx(0.5 * stale / 3)
+
+
+def test_residual_share_follows_a_layers_output_channels() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1, groups=16), nn.Conv2d(32, 8, 1)
+    )
+    x = torch.randn(1, 3, 8, 8)
+    specs = layer_specs(model, x)
+    assert specs["1"].output_shape == (1, 32, 8, 8) and specs["2"].activations(32, 4) == 4 * 64
+    assert specs["1"].activations(12, 99) == 24 * 64  # a depthwise layer's output follows its input
+    cost = LatencyModel(specs, LatencyTable(torch.device("cpu"), None, lambda layer, inputs: 1e-3))
+    cost.calibrate(3e-3 + (16 + 32 + 8) * 64 * 1e-6)
+    assert cost.residual == pytest.approx((16 + 32 + 8) * 64 * 1e-6)
+    widths = cost.dense_widths()
+    shares = []
+    for out in (16, 12, 8, 4):
+        widths["0"] = [3, out]
+        shares.append(cost.layer("0", widths) - 1e-3)
+    assert shares == pytest.approx([out * 64 * 1e-6 for out in (16, 12, 8, 4)])
+
+
+def test_a_noisy_pair_of_timings_does_not_throw_the_search_past_the_goal() -> None:
+    """Two close tries whose timings are off (0.818 and 0.780 for a model that measures 0.1 + keep) once sent the
+    secant to keep 0.235, far below the 0.7 asked; the guarded step stays near, and the search ends within 5%."""
+    replay = {0.7: 0.818, 0.584: 0.78}
+    tried = []
+
+    def measure(keep: float) -> float:
+        tried.append(keep)
+        return replay.get(round(keep, 3), 0.1 + keep)
+
+    _, ratio, _ = search_latency(lambda keep: keep, measure, 0.7, rounds=5)
+    assert tried[:2] == [0.7, pytest.approx(0.584, abs=1e-3)] and 0.7 * 0.95 <= ratio <= 0.7
+    assert min(tried) > 0.4
+
+
+def test_search_stays_between_the_closest_tries_either_side_of_the_goal() -> None:
+    # time falls faster below keep 0.45 than above it: the guarded secant lands below the goal, then stays between
+    def measure(keep: float) -> float:
+        return 0.4 + 0.5 * keep if keep >= 0.45 else 0.625 - 1.6 * (0.45 - keep)
+
+    _, ratio, history = search_latency(lambda keep: keep, measure, 0.6, rounds=5)
+    assert 0.6 * 0.95 <= ratio <= 0.6
+    for index, (keep, _) in enumerate(history[1:], 1):
+        below = [k for k, r in history[:index] if r <= 0.6]
+        above = [k for k, r in history[:index] if r > 0.6]
+        assert (max(below) if below else 0.0) < keep < (min(above) if above else 1.0)
+    assert any(r <= 0.6 for _, r in history[:-1])  # it did bracket the goal before the last try
