@@ -340,7 +340,7 @@ def _prune_to_latency(
             result.dense = replace(result.dense, latency=dense.latency, latency_kept=kept)
             return result
 
-    cost.calibrate(seconds_now)  # the time the table does not hold: norms, activations, gates, per-call overhead
+    cost.calibrate(reference, example_inputs, seconds_now, clock=settings.clock)  # the time the table lacks
 
     def attempt(keep: float) -> list[Any]:
         trial = copy.deepcopy(model)

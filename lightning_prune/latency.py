@@ -10,6 +10,7 @@ dense one and moves the estimated goal until the measured ratio holds.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import DependencyGraph
-from lightning_prune.latency_table import LatencyModel, TimeLayer, time_layer
+from lightning_prune.latency_table import Clock, LatencyModel, TimeLayer, time_layer
 from lightning_prune.measure import LatencyComparison, compare_latency
 from lightning_prune.running import ExampleInputs
 from lightning_prune.selection import Plan, SelectionOptions, allowed_count, lowest, normalize_scores, select
@@ -129,6 +130,8 @@ class LatencySettings:
         timing: ``timing(dense, pruned, example_inputs) -> LatencyComparison`` times the whole models; None:
             :func:`~lightning_prune.measure.compare_latency` with ``repeats`` and ``min_run_time``.
         time_layer: ``time_layer(layer, input) -> seconds`` times one layer for the table.
+        clock: ``clock() -> seconds``, read between layers to share the time the table does not hold
+            (:meth:`~lightning_prune.latency_table.LatencyModel.calibrate`).
         cache: keep the table on disk (``$LIGHTNING_PRUNE_CACHE/latency/<device>.json``) and reuse it.
         tolerance: a measured ratio within this fraction below the goal ends the search.
         rounds: at most this many pruned copies are timed.
@@ -137,6 +140,7 @@ class LatencySettings:
 
     timing: Timing | None = None
     time_layer: TimeLayer = time_layer
+    clock: Clock = time.perf_counter
     cache: bool = True
     tolerance: float = TOLERANCE
     rounds: int = ROUNDS

@@ -4,8 +4,9 @@ grid of widths, once per device, layer shape and batch, and the estimated time o
 :class:`LatencyTable` keeps the timings as JSON under ``$LIGHTNING_PRUNE_CACHE/latency``; :class:`LatencyModel`
 sums a model's layers, interpolated between the timed widths, and after :meth:`LatencyModel.calibrate` also the
 time the table does not hold (norms, activations, squeeze-excitation, elementwise ops, per-call overhead): the
-whole model's measured time minus its layers timed now, shared out in proportion to the activations each layer
-produces. :mod:`lightning_prune.latency` plans and searches over it.
+whole model's measured time minus its layers timed now, shared out by where the forward spends it (the time
+after each layer until the next one starts, :func:`time_between_layers`), each layer's share shrinking with its
+output channels. :mod:`lightning_prune.latency` plans and searches over it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import math
 import os
 import platform
+import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +29,9 @@ from lightning_prune.measure import _import_benchmark
 from lightning_prune.running import ExampleInputs, preserved_state, run_model
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)  # of a layer's dense width, timed on both sides
+RUNS = 3  # forwards whose time between layers is read (the median per layer is kept)
 TimeLayer = Callable[[nn.Module, Tensor], float]
+Clock = Callable[[], float]
 
 
 def cache_dir() -> Path:
@@ -155,6 +160,55 @@ def time_layer(layer: nn.Module, x: Tensor) -> float:
         return timer.blocked_autorange(min_run_time=0.02).median
 
 
+def time_between_layers(
+    model: nn.Module, example_inputs: ExampleInputs, names: Sequence[str], *, clock: Clock = time.perf_counter
+) -> tuple[dict[str, float], float]:
+    """Seconds of an eval-mode forward spent outside the layers ``names``: after each one until the next starts
+    (or the forward ends), the median over :data:`RUNS` forwards, and the time before the first one.
+
+    Read with forward hooks and ``clock``; on CUDA each reading synchronises first. What follows a layer in call
+    order is mostly what reads its output (its norm, activation, gate, the add after it), so a layer's share of
+    the model's untimed work follows its output channels.
+    """
+    modules = dict(model.named_modules())
+    cuda = any(p.is_cuda for p in model.parameters())
+    state: dict[str, Any] = {}
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return clock()
+
+    def enter(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            state["gaps"][state["last"]] = state["gaps"].get(state["last"], 0.0) + now() - state["since"]
+
+        return hook
+
+    def leave(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            state["last"], state["since"] = name, now()
+
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(enter(name)) for name in names]
+    handles += [modules[name].register_forward_hook(leave(name)) for name in names]
+    runs: list[dict[str | None, float]] = []
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            for _ in range(RUNS):
+                state.update(gaps={}, last=None, since=now())
+                run_model(model, example_inputs)
+                enter("")(model, ())
+                runs.append(state["gaps"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    after = {name: statistics.median(run.get(name, 0.0) for run in runs) for name in names}
+    return after, statistics.median(run.get(None, 0.0) for run in runs)
+
+
 class LatencyTable:
     """Seconds of each layer spec on a grid of (input, output) widths, timed once and kept in a JSON file.
 
@@ -218,15 +272,16 @@ class LatencyModel:
     :class:`LatencyTable`, and once :meth:`calibrate` d, the rest of its measured time.
 
     ``scale`` turns the table's seconds into seconds now (the table may have been timed on a busier or quieter
-    machine); ``residual`` is the dense model's measured seconds that no timed layer holds, spread over the
-    layers in proportion to the elements each one outputs (the norms, activations, gates and adds that read
-    them), so a layer with half its output channels carries half its share.
+    machine); ``fixed`` is the measured time before the first layer, which no width changes; ``residual`` holds,
+    per layer, the dense model's measured seconds spent after it and outside any
+    timed layer (the norms, activations, gates and adds that read its output), which shrinks in proportion to
+    the layer's output elements: a layer with half its output channels carries half its share.
     """
 
     def __init__(self, specs: Mapping[str, LayerSpec], table: LatencyTable) -> None:
         self.specs, self.table = dict(specs), table
-        self.scale, self.residual = 1.0, 0.0
-        self._dense_activations = sum(spec.activations(spec.in_width, spec.out_width) for spec in self.specs.values())
+        self.scale, self.fixed = 1.0, 0.0
+        self.residual: dict[str, float] = {}
 
     @classmethod
     def of(
@@ -239,11 +294,16 @@ class LatencyModel:
         path = cache_dir() / f"{device_name(device)}.json" if cache else None
         return cls(specs, LatencyTable(device, path, time))
 
-    def calibrate(self, seconds: float) -> None:
-        """Fit the estimate to ``seconds``, the whole dense model's measured time per forward: every layer is timed
-        once more at its dense widths (now, beside that measurement), which sets ``scale``; what the model takes
-        beyond its layers becomes ``residual``. If the layers alone take longer than the model (noise, or time
-        they share when run together), they are scaled down to the model's time and nothing is residual."""
+    def calibrate(
+        self, model: nn.Module, example_inputs: ExampleInputs, seconds: float, *, clock: Clock = time.perf_counter
+    ) -> None:
+        """Fit the estimate to ``seconds``, the whole dense ``model``'s measured time per forward.
+
+        Every layer is timed once more at its dense widths (now, beside that measurement), which sets ``scale``.
+        What the model takes beyond its layers is shared over them as :func:`time_between_layers` finds it
+        spent (the part before the first layer stays fixed). If the layers alone take longer than the model
+        (noise, or caches they share when run together), they are scaled down to its time and nothing is residual.
+        """
         tabled = sum(self.table.seconds(spec, spec.in_width, spec.out_width) for spec in self.specs.values())
         now = sum(
             float(self.table.time(*spec.build(spec.in_width, spec.out_width, self.table.device)))
@@ -252,14 +312,20 @@ class LatencyModel:
         if not (tabled > 0 and now > 0 and seconds > 0):
             return
         self.scale = min(now, seconds) / tabled
-        self.residual = max(seconds - now, 0.0) if self._dense_activations else 0.0
+        after, before = time_between_layers(model, example_inputs, list(self.specs), clock=clock)
+        spent = sum(after.values()) + before
+        rest = max(seconds - now, 0.0) if spent > 0 else 0.0
+        self.residual = {name: rest * gap / spent for name, gap in after.items()}
+        self.fixed = rest * before / spent if spent > 0 else 0.0
 
     def layer(self, name: str, widths: Mapping[str, Sequence[int]]) -> float:
         """Estimated seconds of one layer at ``widths``, with its share of the residual."""
         spec, (in_width, out_width) = self.specs[name], widths[name]
         seconds = self.scale * self.table.seconds(spec, in_width, out_width)
-        if self.residual:
-            seconds += self.residual * spec.activations(in_width, out_width) / self._dense_activations
+        share = self.residual.get(name, 0.0)
+        if share:
+            dense = spec.activations(spec.in_width, spec.out_width)
+            seconds += share * (spec.activations(in_width, out_width) / dense if dense else 1.0)
         return seconds
 
     def dense_widths(self) -> dict[str, list[int]]:
@@ -268,7 +334,7 @@ class LatencyModel:
     def seconds(self, widths: Mapping[str, Sequence[int]] | None = None) -> float:
         """Estimated seconds of the model at ``widths`` (module name -> [in, out]; dense if None)."""
         widths = widths or self.dense_widths()
-        return sum(self.layer(name, widths) for name in self.specs)
+        return self.fixed + sum(self.layer(name, widths) for name in self.specs)
 
     def effects(self, group: Any) -> list[tuple[str, int, Tensor, int]]:
         """(layer, side 0 in / 1 out, element of each position, channels per position) of ``group`` in these layers."""

@@ -5,13 +5,18 @@ measured on the shared machine."""
 
 from __future__ import annotations
 
+import copy
+import itertools
+
 import pytest
 import torch
 import torchvision
+from nets import MobileNet, small_input
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import lightning_prune as lp
 from lightning_prune.latency import search_latency
 from lightning_prune.latency_table import LatencyModel, LatencyTable, layer_specs
 from lightning_prune.measure import count_macs
@@ -19,15 +24,21 @@ from lightning_prune.running import run_model
 
 
 class _Written(TorchDispatchMode):
-    """Counts the elements every aten op writes: the memory traffic of norms, activations, gates and adds."""
+    """Counts the elements every aten op writes (views write none): the memory traffic of norms, activations,
+    gates and adds; as a clock (:meth:`clock`), the work done so far."""
 
     def __init__(self) -> None:
         super().__init__()
         self.elements = 0
 
+    def clock(self) -> float:
+        """'Seconds' so far: 8 per element written, as :func:`work` counts them outside multiply-accumulates."""
+        return 8e-9 * self.elements
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.elements += sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        if not func.is_view:  # a view (a linear layer's transposed weight) writes nothing
+            self.elements += sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         return out
 
 
@@ -62,18 +73,50 @@ def _widths(model: nn.Module, names) -> dict[str, list[int]]:
     }
 
 
+@pytest.mark.parametrize(
+    "build",
+    [lambda: MobileNet().eval(), pytest.param(_squeeze_excitation_net, marks=pytest.mark.slow)],
+    ids=["tiny_mobilenet", "mobilenet_v3_small"],
+)
+def test_calibrated_estimate_of_a_pruned_squeeze_excitation_net_follows_its_work(build) -> None:
+    dense, x = build(), torch.randn(1, 3, 32, 32)
+    cost = LatencyModel.of(dense, x, time=layer_work, cache=False)
+    table_only, whole = cost.seconds(), work(dense, x)
+    assert table_only < 0.9 * whole  # norms, hardswish, the gates and adds are a real share of this net's work
+    with _Written() as written:
+        cost.calibrate(dense, x, whole, clock=written.clock)
+    assert cost.scale == pytest.approx(1.0) and sum(cost.residual.values()) == pytest.approx(whole - table_only)
+    assert cost.seconds() == pytest.approx(whole)
+    pruned = copy.deepcopy(dense)
+    lp.prune(pruned, torch.randn(2, 3, 32, 32), 0.4)
+    widths = _widths(pruned, cost.specs)
+    assert widths != cost.dense_widths()
+    measured = work(pruned, x) / whole
+    calibrated = cost.seconds(widths) / whole
+    cost.scale, cost.residual = 1.0, {}
+    uncalibrated = cost.seconds(widths) / table_only
+    # the residual follows the output channels that drive it: within 5% of the ratio the work itself gives, and
+    # closer than the table alone
+    assert calibrated == pytest.approx(measured, rel=0.05)
+    assert abs(calibrated - measured) < abs(uncalibrated - measured)
+
+
 def test_calibration_rescales_a_table_timed_on_a_busier_machine() -> None:
-    dense, x = _squeeze_excitation_net(), torch.randn(1, 3, 32, 32)
+    dense, x = MobileNet().eval(), small_input(2)
     busy = LatencyModel.of(dense, x, time=lambda layer, inputs: 3 * layer_work(layer, inputs), cache=False)
     stale = busy.seconds()
     busy.table.time = layer_work  # the table's entries stay as timed; calibration times the dense layers once more
     whole = work(dense, x)
-    busy.calibrate(whole)
-    assert busy.scale == pytest.approx(1 / 3) and busy.residual == pytest.approx(whole - stale / 3)
+    with _Written() as written:
+        busy.calibrate(dense, x, whole, clock=written.clock)
+    assert busy.scale == pytest.approx(1 / 3) and sum(busy.residual.values()) + busy.fixed == pytest.approx(
+        whole - stale / 3
+    )
     assert busy.seconds() == pytest.approx(whole)
     # layers that take longer alone than the whole model: scaled down to it, nothing residual
-    busy.calibrate(0.5 * stale / 3)
-    assert busy.residual == 0.0 and busy.seconds() == pytest.approx(0.5 * stale / 3)
+    with _Written() as written:
+        busy.calibrate(dense, x, 0.5 * stale / 3, clock=written.clock)
+    assert not any(busy.residual.values()) and busy.seconds() == pytest.approx(0.5 * stale / 3)
 
 
 def test_residual_share_follows_a_layers_output_channels() -> None:
@@ -85,14 +128,16 @@ def test_residual_share_follows_a_layers_output_channels() -> None:
     assert specs["1"].output_shape == (1, 32, 8, 8) and specs["2"].activations(32, 4) == 4 * 64
     assert specs["1"].activations(12, 99) == 24 * 64  # a depthwise layer's output follows its input
     cost = LatencyModel(specs, LatencyTable(torch.device("cpu"), None, lambda layer, inputs: 1e-3))
-    cost.calibrate(3e-3 + (16 + 32 + 8) * 64 * 1e-6)
-    assert cost.residual == pytest.approx((16 + 32 + 8) * 64 * 1e-6)
+    ticks = itertools.count()  # one tick per reading: before the first layer and after each one, one tick apiece
+    cost.calibrate(model, x, 3e-3 + 4e-4, clock=lambda: float(next(ticks)))
+    assert cost.residual == pytest.approx({"0": 1e-4, "1": 1e-4, "2": 1e-4}) and cost.fixed == pytest.approx(1e-4)
+    assert cost.seconds() == pytest.approx(3.4e-3)
     widths = cost.dense_widths()
     shares = []
     for out in (16, 12, 8, 4):
         widths["0"] = [3, out]
         shares.append(cost.layer("0", widths) - 1e-3)
-    assert shares == pytest.approx([out * 64 * 1e-6 for out in (16, 12, 8, 4)])
+    assert shares == pytest.approx([out / 16 * 1e-4 for out in (16, 12, 8, 4)])
 
 
 def test_a_noisy_pair_of_timings_does_not_throw_the_search_past_the_goal() -> None:
