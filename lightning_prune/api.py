@@ -18,7 +18,7 @@ from lightning_prune.graph.groups import DependencyGraph, group_trace, match_mod
 from lightning_prune.graph.tracer import trace_model
 from lightning_prune.importance import Criterion, ScoringContext, get_criterion, needs_gradients, score
 from lightning_prune.latency import LatencyOutcome, LatencySettings, plan_for_latency, search_latency
-from lightning_prune.latency_table import LatencyModel
+from lightning_prune.latency_table import TIMED_LAYERS, LatencyModel
 from lightning_prune.measure import count_macs, count_params
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import new_record
@@ -323,7 +323,8 @@ def _prune_to_latency(
         ) from error
     if not cost.specs:
         raise PruningError(
-            f"`target='latency'` times convolutions (nn.Conv2d) and linear layers (nn.Linear), and "
+            f"`target='latency'` times convolutions (nn.Conv2d), linear layers (nn.Linear) and the layers in "
+            f"`lightning_prune.latency_table.TIMED_LAYERS` ({', '.join(TIMED_LAYERS)}), and "
             f"{type(model).__name__} runs none on these inputs: use `target='macs'`."
         )
     reference = copy.deepcopy(model)

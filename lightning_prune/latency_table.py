@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.measure import _import_benchmark
+from lightning_prune.registry import Registry
 from lightning_prune.running import ExampleInputs, preserved_state, run_model
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)  # of a layer's dense width, timed on both sides
@@ -59,6 +60,35 @@ def _cpu_model() -> str:
 
 
 @dataclass(frozen=True)
+class TimedLayer:
+    """How the table times a layer type besides ``nn.Conv2d`` and ``nn.Linear`` (attention, say).
+
+    Args:
+        matches: ``matches(module)``: the modules of this kind.
+        describe: ``describe(module, args, kwargs, output) -> LayerSpec | None`` from one forward call (None: a
+            call this kind cannot time alone, whose time then counts as the model's residual).
+        build: ``build(spec, in_width, out_width) -> module`` a fresh layer at these widths, called on one
+            random input of ``in_width`` features in the last dimension.
+        weight: the parameter (by its name in the module) whose dim 0 is the ``out`` width and dim 1 the ``in``
+            width, as the dependency graph sees them.
+        block: ``block(spec)``: the ``out`` width comes in multiples of this (a head's rows).
+        outputs: ``outputs(spec, in_width, out_width)``: channels of the module's output at these widths.
+    """
+
+    matches: Callable[[nn.Module], bool]
+    describe: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], LayerSpec | None]
+    build: Callable[[LayerSpec, int, int], nn.Module]
+    weight: str
+    block: Callable[[LayerSpec], int]
+    outputs: Callable[[LayerSpec, int, int], int]
+
+
+TIMED_LAYERS: Registry[str, TimedLayer] = Registry(
+    "timed layer", "register one with `lightning_prune.latency_table.TIMED_LAYERS.register(kind, TimedLayer(...))`."
+)
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """A convolution or linear layer as one forward sees it: its dense widths, options and input shape (and the
     shape of its output, which the table's key leaves out: it follows from the rest)."""
@@ -77,14 +107,24 @@ class LayerSpec:
         return self.kind == "Conv2d" and self.options[4] == self.in_width > 1
 
     @property
+    def weight_name(self) -> str:
+        timed = TIMED_LAYERS.get(self.kind)
+        return timed.weight if timed is not None else "weight"
+
+    @property
     def key(self) -> str:
         layout = "-cl" if self.channels_last else ""
         return f"{self.kind}{self.options}x{self.input_shape}:{self.in_width}->{self.out_width}{self.dtype}{layout}"
 
     def activations(self, in_width: int, out_width: int) -> int:
         """Elements of the layer's output at these widths (its output channels times what each one holds)."""
-        per_channel = math.prod(self.output_shape) // self.out_width if self.output_shape else 0
-        return per_channel * self.widths(in_width, out_width)[1]
+        timed = TIMED_LAYERS.get(self.kind)
+        if timed is not None:
+            dense = timed.outputs(self, self.in_width, self.out_width)
+            channels = timed.outputs(self, *self.widths(in_width, out_width))
+        else:
+            dense, channels = self.out_width, self.widths(in_width, out_width)[1]
+        return math.prod(self.output_shape) // dense * channels if self.output_shape else 0
 
     def widths(self, in_width: int, out_width: int) -> tuple[int, int]:
         """Widths a layer of this kind can take near (``in_width``, ``out_width``)."""
@@ -93,13 +133,21 @@ class LayerSpec:
         if self.kind == "Conv2d" and self.options[4] > 1:
             groups = self.options[4]
             return max(groups, in_width // groups * groups), max(groups, out_width // groups * groups)
+        timed = TIMED_LAYERS.get(self.kind)
+        if timed is not None:
+            block = timed.block(self)
+            return in_width, max(block, round(out_width / block) * block)
         return in_width, out_width
 
     def build(self, in_width: int, out_width: int, device: torch.device) -> tuple[nn.Module, Tensor]:
         """A fresh layer at these widths and a random input of the recorded shape with ``in_width`` channels."""
         dtype = getattr(torch, self.dtype)
-        if self.kind == "Linear":
-            layer: nn.Module = nn.Linear(in_width, out_width, bias=self.options[0])
+        timed = TIMED_LAYERS.get(self.kind)
+        if timed is not None:
+            layer: nn.Module = timed.build(self, in_width, out_width)
+            shape = (*self.input_shape[:-1], in_width)
+        elif self.kind == "Linear":
+            layer = nn.Linear(in_width, out_width, bias=self.options[0])
             shape = (*self.input_shape[:-1], in_width)
         else:
             kernel, stride, padding, dilation, groups, bias = self.options
@@ -112,16 +160,22 @@ class LayerSpec:
 
 
 def layer_specs(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, LayerSpec]:
-    """Every ``Conv2d`` and ``Linear`` of ``model`` by module name, seen in one eval-mode forward."""
+    """Every ``Conv2d``, ``Linear`` and :data:`TIMED_LAYERS` layer of ``model`` by module name, seen in one
+    eval-mode forward (a timed layer's own submodules are part of its time)."""
     specs: dict[str, LayerSpec] = {}
 
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if name in specs or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+    def hook(name: str, timed: TimedLayer | None) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            result = output[0] if timed is not None and isinstance(output, tuple) and output else output
+            if name in specs or not args or not isinstance(args[0], Tensor) or not isinstance(result, Tensor):
                 return
             x = args[0]
             last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            if isinstance(module, nn.Linear):
+            if timed is not None:
+                spec = timed.describe(module, args, kwargs, output)
+                if spec is None:
+                    return
+            elif isinstance(module, nn.Linear):
                 spec = LayerSpec(
                     "Linear", module.in_features, module.out_features, tuple(x.shape), (module.bias is not None,)
                 )
@@ -135,12 +189,18 @@ def layer_specs(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, La
                     (*options, module.bias is not None),
                 )
             dtype = str(x.dtype).removeprefix("torch.")
-            specs[name] = replace(spec, dtype=dtype, channels_last=last, output_shape=tuple(output.shape))
+            specs[name] = replace(spec, dtype=dtype, channels_last=last, output_shape=tuple(result.shape))
 
         return record
 
-    wanted = [(name, module) for name, module in model.named_modules() if type(module) in (nn.Conv2d, nn.Linear)]
-    handles = [module.register_forward_hook(hook(name)) for name, module in wanted]
+    wanted: list[tuple[str, nn.Module, TimedLayer | None]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{inside}.") for inside, _, timed in wanted if timed is not None):
+            continue
+        timed = next((t for t in TIMED_LAYERS.values() if t.matches(module)), None)
+        if timed is not None or type(module) in (nn.Conv2d, nn.Linear):
+            wanted.append((name, module, timed))
+    handles = [module.register_forward_hook(hook(name, timed), with_kwargs=True) for name, module, timed in wanted]
     try:
         with preserved_state(model), torch.no_grad():
             model.eval()
@@ -228,6 +288,8 @@ class LatencyTable:
         if spec.key not in self.entries:
             ins = sorted({max(1, round(f * spec.in_width)) for f in FRACTIONS})
             outs = sorted({max(1, round(f * spec.out_width)) for f in FRACTIONS})
+            if spec.kind in TIMED_LAYERS:  # whole heads: the grid holds the widths the layer can take
+                outs = sorted({spec.widths(spec.in_width, o)[1] for o in outs})
             if spec.depthwise:  # the output follows the input: one width, kept on the diagonal
                 outs = [spec.widths(i, i)[1] for i in ins]
             seconds = [[self._time(spec, i, o) for o in outs] for i in ins]
@@ -342,7 +404,7 @@ class LatencyModel:
         for member in group.members:
             name, _, leaf = member.slot.tensor.rpartition(".")
             spec = self.specs.get(name)
-            if leaf != "weight" or spec is None or member.slot.dim > 1:
+            if spec is None or leaf != spec.weight_name or member.slot.dim > 1:
                 continue
             if member.slot.dim == 0:
                 found.append((name, 0 if spec.depthwise else 1, member.elements, 1))

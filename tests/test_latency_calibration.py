@@ -17,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import lightning_prune as lp
+from lightning_prune.graph.groups import group_trace
+from lightning_prune.graph.tracer import trace_model
 from lightning_prune.latency import search_latency
 from lightning_prune.latency_table import LatencyModel, LatencyTable, layer_specs
 from lightning_prune.measure import count_macs
@@ -167,3 +169,52 @@ def test_search_stays_between_the_closest_tries_either_side_of_the_goal() -> Non
         above = [k for k, r in history[:index] if r > 0.6]
         assert (max(below) if below else 0.0) < keep < (min(above) if above else 1.0)
     assert any(r <= 0.6 for _, r in history[:-1])  # it did bracket the goal before the last try
+
+
+def _tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+    ).eval()
+
+
+def macs_of(layer: nn.Module, x: torch.Tensor) -> float:
+    return count_macs(layer, x) * 1e-9
+
+
+def test_multihead_attention_is_timed_whole_by_heads_and_stream() -> None:
+    dense, x = _tiny_vit(), torch.randn(1, 3, 32, 32)
+    specs = layer_specs(dense, x)
+    attention = specs["encoder.layers.encoder_layer_0.self_attention"]
+    assert (attention.kind, attention.in_width, attention.out_width) == ("MultiheadAttention", 64, 192)
+    assert attention.input_shape == attention.output_shape == (1, 17, 64)
+    assert not any(name.endswith("out_proj") for name in specs)  # inside the attention's time
+    assert attention.widths(48, 100) == (48, 96)  # whole heads of 3 x 16 rows
+    table = LatencyTable(torch.device("cpu"), None, macs_of)
+    # fewer heads or a narrower stream cost less
+    by_heads = [table.seconds(attention, 64, rows) for rows in (192, 144, 96, 48)]
+    by_stream = [table.seconds(attention, width, 192) for width in (64, 48, 32, 16)]
+    assert by_heads == sorted(by_heads, reverse=True) and by_stream == sorted(by_stream, reverse=True)
+    assert table.seconds(attention, 64, 192) >= (17 * 64 * 192 + 17 * 64 * 64) * 1e-9  # both projections
+
+
+def test_pruned_vit_estimate_follows_its_macs_with_attention_in_the_table() -> None:
+    dense, x = _tiny_vit(), torch.randn(1, 3, 32, 32)
+    cost = LatencyModel.of(dense, x, time=macs_of, cache=False)
+    assert cost.seconds() == pytest.approx(count_macs(dense, x) * 1e-9, rel=0.02)
+    pruned = copy.deepcopy(dense)
+    lp.prune(pruned, x, 0.4, scope="local")
+    modules = dict(pruned.named_modules())
+    widths = {
+        name: list(modules[name].in_proj_weight.shape[::-1]) if spec.kind == "MultiheadAttention" else None
+        for name, spec in cost.specs.items()
+    }
+    widths.update({name: w for name, w in _widths(pruned, [n for n, w in widths.items() if w is None]).items()})
+    assert widths["encoder.layers.encoder_layer_0.self_attention"][1] < 192  # heads were cut
+    estimate = cost.seconds(widths) / cost.seconds()
+    assert estimate == pytest.approx(count_macs(pruned, x) / count_macs(dense, x), rel=0.05)
+    # the knapsack sees what a head saves: the heads' group reaches the attention's rows, the stream its columns
+    graph = group_trace(dense, trace_model(dense, x, ("eval",)))
+    attention = "encoder.layers.encoder_layer_0.self_attention"
+    sides = {side for group in graph.groups for name, side, *_ in cost.effects(group) if name == attention}
+    assert sides == {0, 1}
