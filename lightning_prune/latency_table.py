@@ -330,8 +330,8 @@ def _bracket(points: Sequence[int], value: float) -> tuple[int, float]:
 
 
 class LatencyModel:
-    """The estimated seconds of a model at any widths: its convolutions and linear layers from a
-    :class:`LatencyTable`, and once :meth:`calibrate` d, the rest of its measured time.
+    """The estimated seconds of a model at any widths: its convolutions, linear and :data:`TIMED_LAYERS` layers
+    from a :class:`LatencyTable`, and after :meth:`calibrate`, the rest of its measured time.
 
     ``scale`` turns the table's seconds into seconds now (the table may have been timed on a busier or quieter
     machine); ``fixed`` is the measured time before the first layer, which no width changes; ``residual`` holds,
@@ -367,10 +367,11 @@ class LatencyModel:
         (noise, or caches they share when run together), they are scaled down to its time and nothing is residual.
         """
         tabled = sum(self.table.seconds(spec, spec.in_width, spec.out_width) for spec in self.specs.values())
-        now = sum(
-            float(self.table.time(*spec.build(spec.in_width, spec.out_width, self.table.device)))
-            for spec in self.specs.values()
-        )
+        fresh: dict[str, float] = {}  # layers of one shape (a transformer's blocks) are timed once
+        for spec in self.specs.values():
+            if spec.key not in fresh:
+                fresh[spec.key] = float(self.table.time(*spec.build(spec.in_width, spec.out_width, self.table.device)))
+        now = sum(fresh[spec.key] for spec in self.specs.values())
         if not (tabled > 0 and now > 0 and seconds > 0):
             return
         self.scale = min(now, seconds) / tabled
