@@ -239,11 +239,8 @@ def time_between_layers(
             torch.cuda.synchronize()
         return clock()
 
-    def enter(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            state["gaps"][state["last"]] = state["gaps"].get(state["last"], 0.0) + now() - state["since"]
-
-        return hook
+    def close_gap(*_: Any) -> None:  # the time since the last layer ended goes to that layer (None: the start)
+        state["gaps"][state["last"]] = state["gaps"].get(state["last"], 0.0) + now() - state["since"]
 
     def leave(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -251,7 +248,7 @@ def time_between_layers(
 
         return hook
 
-    handles = [modules[name].register_forward_pre_hook(enter(name)) for name in names]
+    handles = [modules[name].register_forward_pre_hook(close_gap) for name in names]
     handles += [modules[name].register_forward_hook(leave(name)) for name in names]
     runs: list[dict[str | None, float]] = []
     try:
@@ -260,7 +257,7 @@ def time_between_layers(
             for _ in range(RUNS):
                 state.update(gaps={}, last=None, since=now())
                 run_model(model, example_inputs)
-                enter("")(model, ())
+                close_gap()
                 runs.append(state["gaps"])
     finally:
         for handle in handles:

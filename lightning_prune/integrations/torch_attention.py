@@ -175,7 +175,16 @@ class _SelfAttention(nn.Module):
 def _describe_attention(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> LayerSpec | None:
     """Self-attention without masks, as the table can time it alone: ``in`` is the stream's width (the fused
     projection's columns), ``out`` the projection's rows (3 per head channel); other calls stay residual time."""
-    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights")
+    names = (
+        "query",
+        "key",
+        "value",
+        "key_padding_mask",
+        "need_weights",
+        "attn_mask",
+        "average_attn_weights",
+        "is_causal",
+    )
     call = {**dict(zip(names, args, strict=False)), **kwargs}
     query = call.get("query")
     if call.get("key") is not query or call.get("value") is not query or query.dim() != 3:
