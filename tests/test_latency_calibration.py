@@ -218,3 +218,18 @@ def test_pruned_vit_estimate_follows_its_macs_with_attention_in_the_table() -> N
     attention = "encoder.layers.encoder_layer_0.self_attention"
     sides = {side for group in graph.groups for name, side, *_ in cost.effects(group) if name == attention}
     assert sides == {0, 1}
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory = nn.Linear(16, 16)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, self.memory(x), self.memory(x), need_weights=False)[0]
+
+
+def test_attention_the_table_cannot_time_alone_stays_residual_time() -> None:
+    specs = layer_specs(_CrossAttention(), torch.randn(1, 5, 16))
+    assert set(specs) == {"memory"}  # neither the cross-attention nor its out-projection is timed apart
