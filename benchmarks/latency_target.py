@@ -61,17 +61,22 @@ def run(name: str, asked: float, x: torch.Tensor, settings: LatencySettings) -> 
     def measure(tried: tuple[torch.nn.Module, lp.PruningResult]) -> float:
         return 1 / settings.compare(dense, tried[0], x).ratio
 
-    (_, macs), ratio, history = search_latency(attempt, measure, outcome.measured, rounds=settings.rounds)
-    tries = ", ".join(f"{keep:.3f}->{r:.3f}" for keep, r in history)
-    print(
-        f"  target=macs at the same measured latency ({ratio:.3f}; tries MACs kept->ratio {tries}) keeps "
-        f"params {macs.params_ratio:.1%}, MACs {macs.macs_ratio:.1%}"
-    )
+    try:
+        (_, macs), ratio, history = search_latency(attempt, measure, outcome.measured, rounds=settings.rounds)
+    except lp.PruningError as error:  # target=macs did not reach the latency target=latency measured
+        print(f"  target=macs at the same measured latency: {error}")
+        same = f"not reached in {settings.rounds} tries | | "
+    else:
+        tries = ", ".join(f"{keep:.3f}->{r:.3f}" for keep, r in history)
+        print(
+            f"  target=macs at the same measured latency ({ratio:.3f}; tries MACs kept->ratio {tries}) keeps "
+            f"params {macs.params_ratio:.1%}, MACs {macs.macs_ratio:.1%}"
+        )
+        same = f"{ratio:.3f} | {macs.params_ratio:.1%} | {macs.macs_ratio:.1%}"
     low, high = again.pruned.low / again.dense.high, again.pruned.high / again.dense.low
     return (
         f"| {name} | {asked:.2f} | {outcome.measured:.3f} ({len(outcome.tries)}) | {1 / again.ratio:.3f} "
-        f"[{low:.2f}-{high:.2f}] | {result.params_ratio:.1%} | {result.macs_ratio:.1%} | {ratio:.3f} | "
-        f"{macs.params_ratio:.1%} | {macs.macs_ratio:.1%} | {seconds:.0f} s |"
+        f"[{low:.2f}-{high:.2f}] | {result.params_ratio:.1%} | {result.macs_ratio:.1%} | {same} | {seconds:.0f} s |"
     )
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/resnet50.py            # both tables
     python benchmarks/resnet50.py --skip-peer
+    python benchmarks/resnet50.py --race 5 --threads 1   # default prune vs Torch-Pruning, interleaved, 5 rounds
 
 Table 1 times building the dependency graph and pruning 50% of channels (L1), median of 3 runs,
 for lightning-prune (by default it traces in training and eval mode and verifies the result by a
@@ -42,6 +43,14 @@ def median_seconds(run, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def peer_prune(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Torch-Pruning 1.6.1's 50% L1 prune of ``model``, its graph built on ``x`` and the classifier kept."""
+    import torch_pruning as tp
+
+    importance = tp.importance.MagnitudeImportance(p=1)
+    tp.pruner.MagnitudePruner(model, x, importance=importance, pruning_ratio=0.5, ignored_layers=[model.fc]).step()
+
+
 def timing_table(skip_peer: bool) -> None:
     x = torch.randn(2, 3, 224, 224)
     rows = [
@@ -63,20 +72,34 @@ def timing_table(skip_peer: bool) -> None:
     if not skip_peer:
         import torch_pruning as tp
 
-        def prune(model: torch.nn.Module) -> None:
-            importance = tp.importance.MagnitudeImportance(p=1)
-            tp.pruner.MagnitudePruner(
-                model, x, importance=importance, pruning_ratio=0.5, ignored_layers=[model.fc]
-            ).step()
-
         rows += [
             ("Torch-Pruning 1.6.1: build graph", median_seconds(lambda m: tp.DependencyGraph().build_dependency(m, x))),
-            ("Torch-Pruning 1.6.1: prune 50% (graph included)", median_seconds(prune)),
+            ("Torch-Pruning 1.6.1: prune 50% (graph included)", median_seconds(lambda m: peer_prune(m, x))),
         ]
     print("| resnet50, batch 2, 224x224 (model construction not timed) | seconds |")
     print("|---|---|")
     for label, seconds in rows:
         print(f"| {label} | {seconds:.2f} |", flush=True)
+
+
+def race(rounds: int) -> None:
+    """The default ``lp.prune`` (50%, L1) and Torch-Pruning's (50%, L1, fc kept) in alternating turns on fresh
+    models, so that the machine's drift falls on both: median and range of each over ``rounds`` turns."""
+    x = torch.randn(2, 3, 224, 224)
+    runs = {
+        "lightning-prune: prune 50% (default)": lambda m: lp.prune(m, x, 0.5),
+        "Torch-Pruning 1.6.1": lambda m: peer_prune(m, x),
+    }
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for turn in range(rounds):
+        for label in list(runs)[:: 1 if turn % 2 == 0 else -1]:
+            times[label].append(median_seconds(runs[label], repeats=1))
+    print(
+        f"| resnet50, batch 2, {torch.get_num_threads()} thread(s), {rounds} alternating turns | median s | range s |"
+    )
+    print("|---|---|---|")
+    for label, values in times.items():
+        print(f"| {label} | {statistics.median(values):.2f} | {min(values):.2f}-{max(values):.2f} |")
 
 
 def latency_table(threads: int) -> None:
@@ -107,8 +130,12 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engine-only", action="store_true", help="only the time to prune, not the latency table")
+    parser.add_argument("--race", type=int, default=0, help="only the interleaved prune race, this many turns")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.race:
+        race(args.race)
+        return
     timing_table(args.skip_peer)
     if not args.engine_only:
         latency_table(args.threads)

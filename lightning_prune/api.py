@@ -18,7 +18,7 @@ from lightning_prune.graph.groups import DependencyGraph, group_trace, match_mod
 from lightning_prune.graph.tracer import trace_model
 from lightning_prune.importance import Criterion, ScoringContext, get_criterion, needs_gradients, score
 from lightning_prune.latency import LatencyOutcome, LatencySettings, plan_for_latency, search_latency
-from lightning_prune.latency_table import LatencyModel
+from lightning_prune.latency_table import TIMED_LAYERS, LatencyModel
 from lightning_prune.measure import count_macs, count_params
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import new_record
@@ -323,22 +323,25 @@ def _prune_to_latency(
         ) from error
     if not cost.specs:
         raise PruningError(
-            f"`target='latency'` times convolutions (nn.Conv2d) and linear layers (nn.Linear), and "
+            f"`target='latency'` times convolutions (nn.Conv2d), linear layers (nn.Linear) and the layers in "
+            f"`lightning_prune.latency_table.TIMED_LAYERS` ({', '.join(TIMED_LAYERS)}), and "
             f"{type(model).__name__} runs none on these inputs: use `target='macs'`."
         )
     reference = copy.deepcopy(model)
+    seconds_now = settings.compare(reference, reference, example_inputs).dense.median
     goal, kept = 1.0 - planner.budget.amount, 1.0
     if dense is not None and dense.latency is not None:
         if dense.latency_kept is not None:  # the ratios measured in turns so far, not seconds from another time
             kept, now = dense.latency_kept, dense.latency * dense.latency_kept
         else:
-            now = settings.compare(reference, reference, example_inputs).dense.median
-            kept = now / dense.latency
+            now, kept = seconds_now, seconds_now / dense.latency
         goal = 1.0 - planner.budget.fraction_now(dense, now)
         if goal >= 1.0:  # already at the goal: nothing is due in this step
             result = _run(model, replace(planner, fixed=Plan({})), ignored, optimizers, verify, modes)[0]
             result.dense = replace(result.dense, latency=dense.latency, latency_kept=kept)
             return result
+
+    cost.calibrate(reference, example_inputs, seconds_now, clock=settings.clock)  # the time the table lacks
 
     def attempt(keep: float) -> list[Any]:
         trial = copy.deepcopy(model)

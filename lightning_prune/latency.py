@@ -10,6 +10,7 @@ dense one and moves the estimated goal until the measured ratio holds.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from lightning_prune.errors import PruningError
 from lightning_prune.graph.groups import DependencyGraph
-from lightning_prune.latency_table import LatencyModel, TimeLayer, time_layer
+from lightning_prune.latency_table import Clock, LatencyModel, TimeLayer, time_layer
 from lightning_prune.measure import LatencyComparison, compare_latency
 from lightning_prune.running import ExampleInputs
 from lightning_prune.selection import Plan, SelectionOptions, allowed_count, lowest, normalize_scores, select
@@ -129,6 +130,8 @@ class LatencySettings:
         timing: ``timing(dense, pruned, example_inputs) -> LatencyComparison`` times the whole models; None:
             :func:`~lightning_prune.measure.compare_latency` with ``repeats`` and ``min_run_time``.
         time_layer: ``time_layer(layer, input) -> seconds`` times one layer for the table.
+        clock: ``clock() -> seconds``, read between layers to share the time the table does not hold
+            (:meth:`~lightning_prune.latency_table.LatencyModel.calibrate`).
         cache: keep the table on disk (``$LIGHTNING_PRUNE_CACHE/latency/<device>.json``) and reuse it.
         tolerance: a measured ratio within this fraction below the goal ends the search.
         rounds: at most this many pruned copies are timed.
@@ -137,6 +140,7 @@ class LatencySettings:
 
     timing: Timing | None = None
     time_layer: TimeLayer = time_layer
+    clock: Clock = time.perf_counter
     cache: bool = True
     tolerance: float = TOLERANCE
     rounds: int = ROUNDS
@@ -202,8 +206,9 @@ def search_latency(
 
     ``attempt(keep)`` prunes a copy to ``keep`` of the estimated time; ``measure(trial)`` times it against the
     dense model (pruned / dense seconds). The first try asks for ``goal``; the next ones aim a little below it
-    (half the ``tolerance``), by the secant through the last two tries (after one, assuming time in proportion
-    to ``keep``), kept between the best try on either side of the goal, until a trial measures within
+    (half the ``tolerance``), by the secant through the last two tries, its slope held near the proportional
+    one (after one try: time in proportion to ``keep``), kept strictly between the closest tries on either side
+    of the goal (else the line through those two, else their midpoint), until a trial measures within
     ``tolerance`` (a fraction of ``goal``) at or below the goal, or after ``rounds`` tries.
 
     Returns:
@@ -215,7 +220,7 @@ def search_latency(
     aim = goal * (1 - tolerance / 2)
     keep, history = goal, []
     best: tuple[float, Trial, float] | None = None
-    slow: float | None = None  # the smallest keep measured above the goal
+    slow: tuple[float, float] | None = None  # the try of smallest keep measured above the goal, and its ratio
     for _ in range(rounds):
         trial = attempt(keep)
         ratio = measure(trial)
@@ -225,10 +230,12 @@ def search_latency(
                 best = (keep, trial, ratio)
             if ratio >= goal * (1 - tolerance):
                 break
-        else:
-            slow = keep if slow is None else min(slow, keep)
+        elif slow is None or keep < slow[0]:
+            slow = (keep, ratio)
         following = _next_keep(history, aim)
-        low, high = (best[0] if best else 0.0), (slow if slow is not None else 1.0)
+        low, high = (best[0] if best else 0.0), (slow[0] if slow is not None else 1.0)
+        if not low < following < high and best is not None and slow is not None:
+            following = _through(best[0], best[2], *slow, aim)
         if not low < following < high:
             following = (low + high) / 2
         if abs(following - keep) < 1e-3:
@@ -245,11 +252,23 @@ def search_latency(
     return best[1], best[2], history
 
 
+def _through(keep: float, ratio: float, other: float, other_ratio: float, aim: float) -> float:
+    """The keep at which the line through two tries measures ``aim`` (their midpoint if they measured alike)."""
+    if ratio == other_ratio:
+        return (keep + other) / 2
+    return keep + (aim - ratio) * (other - keep) / (other_ratio - ratio)
+
+
 def _next_keep(history: Sequence[tuple[float, float]], aim: float) -> float:
-    """The keep whose ratio the last two tries' secant puts at ``aim`` (after one try: in proportion)."""
+    """The keep whose ratio the last two tries' secant puts at ``aim`` (after one try: in proportion). The secant's
+    slope is held within half and twice the proportional one (``ratio / keep``): two noisy timings close together
+    would otherwise send the next try far past the goal."""
     keep, ratio = history[-1]
-    if len(history) > 1:
+    if ratio <= 0:
+        return keep
+    proportional = ratio / keep
+    slope = proportional
+    if len(history) > 1 and keep != history[-2][0]:
         before, ratio_before = history[-2]
-        if ratio != ratio_before and keep != before:
-            return keep + (aim - ratio) * (keep - before) / (ratio - ratio_before)
-    return keep * aim / ratio if ratio > 0 else keep
+        slope = min(max((ratio - ratio_before) / (keep - before), proportional / 2), proportional * 2)
+    return keep + (aim - ratio) / slope

@@ -2,8 +2,11 @@
 grid of widths, once per device, layer shape and batch, and the estimated time of a model at any widths.
 
 :class:`LatencyTable` keeps the timings as JSON under ``$LIGHTNING_PRUNE_CACHE/latency``; :class:`LatencyModel`
-sums a model's layers, interpolated between the timed widths. :mod:`lightning_prune.latency` plans and searches
-over it.
+sums a model's layers, interpolated between the timed widths, and after :meth:`LatencyModel.calibrate` also the
+time the table does not hold (norms, activations, squeeze-excitation, elementwise ops, per-call overhead): the
+whole model's measured time minus its layers timed now, shared out by where the forward spends it (the time
+after each layer until the next one starts, :func:`time_between_layers`), each layer's share shrinking with its
+output channels. :mod:`lightning_prune.latency` plans and searches over it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import math
 import os
 import platform
+import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,10 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.measure import _import_benchmark
+from lightning_prune.registry import Registry
 from lightning_prune.running import ExampleInputs, preserved_state, run_model
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)  # of a layer's dense width, timed on both sides
+RUNS = 3  # forwards whose time between layers is read (the median per layer is kept)
 TimeLayer = Callable[[nn.Module, Tensor], float]
+Clock = Callable[[], float]
 
 
 def cache_dir() -> Path:
@@ -52,8 +60,38 @@ def _cpu_model() -> str:
 
 
 @dataclass(frozen=True)
+class TimedLayer:
+    """How the table times a layer type besides ``nn.Conv2d`` and ``nn.Linear`` (attention, say).
+
+    Args:
+        matches: ``matches(module)``: the modules of this kind.
+        describe: ``describe(module, args, kwargs, output) -> LayerSpec | None`` from one forward call (None: a
+            call this kind cannot time alone, whose time then counts as the model's residual).
+        build: ``build(spec, in_width, out_width) -> module`` a fresh layer at these widths, called on one
+            random input of ``in_width`` features in the last dimension.
+        weight: the parameter (by its name in the module) whose dim 0 is the ``out`` width and dim 1 the ``in``
+            width, as the dependency graph sees them.
+        block: ``block(spec)``: the ``out`` width comes in multiples of this (a head's rows).
+        outputs: ``outputs(spec, in_width, out_width)``: channels of the module's output at these widths.
+    """
+
+    matches: Callable[[nn.Module], bool]
+    describe: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], LayerSpec | None]
+    build: Callable[[LayerSpec, int, int], nn.Module]
+    weight: str
+    block: Callable[[LayerSpec], int]
+    outputs: Callable[[LayerSpec, int, int], int]
+
+
+TIMED_LAYERS: Registry[str, TimedLayer] = Registry(
+    "timed layer", "register one with `lightning_prune.latency_table.TIMED_LAYERS.register(kind, TimedLayer(...))`."
+)
+
+
+@dataclass(frozen=True)
 class LayerSpec:
-    """A convolution or linear layer as one forward sees it: its dense widths, options and input shape."""
+    """A convolution or linear layer as one forward sees it: its dense widths, options and input shape (and the
+    shape of its output, which the table's key leaves out: it follows from the rest)."""
 
     kind: str
     in_width: int
@@ -62,15 +100,31 @@ class LayerSpec:
     options: tuple[Any, ...] = ()
     dtype: str = "float32"
     channels_last: bool = False
+    output_shape: tuple[int, ...] = ()
 
     @property
     def depthwise(self) -> bool:
         return self.kind == "Conv2d" and self.options[4] == self.in_width > 1
 
     @property
+    def weight_name(self) -> str:
+        timed = TIMED_LAYERS.get(self.kind)
+        return timed.weight if timed is not None else "weight"
+
+    @property
     def key(self) -> str:
         layout = "-cl" if self.channels_last else ""
         return f"{self.kind}{self.options}x{self.input_shape}:{self.in_width}->{self.out_width}{self.dtype}{layout}"
+
+    def activations(self, in_width: int, out_width: int) -> int:
+        """Elements of the layer's output at these widths (its output channels times what each one holds)."""
+        timed = TIMED_LAYERS.get(self.kind)
+        if timed is not None:
+            dense = timed.outputs(self, self.in_width, self.out_width)
+            channels = timed.outputs(self, *self.widths(in_width, out_width))
+        else:
+            dense, channels = self.out_width, self.widths(in_width, out_width)[1]
+        return math.prod(self.output_shape) // dense * channels if self.output_shape else 0
 
     def widths(self, in_width: int, out_width: int) -> tuple[int, int]:
         """Widths a layer of this kind can take near (``in_width``, ``out_width``)."""
@@ -79,13 +133,21 @@ class LayerSpec:
         if self.kind == "Conv2d" and self.options[4] > 1:
             groups = self.options[4]
             return max(groups, in_width // groups * groups), max(groups, out_width // groups * groups)
+        timed = TIMED_LAYERS.get(self.kind)
+        if timed is not None:
+            block = timed.block(self)
+            return in_width, max(block, round(out_width / block) * block)
         return in_width, out_width
 
     def build(self, in_width: int, out_width: int, device: torch.device) -> tuple[nn.Module, Tensor]:
         """A fresh layer at these widths and a random input of the recorded shape with ``in_width`` channels."""
         dtype = getattr(torch, self.dtype)
-        if self.kind == "Linear":
-            layer: nn.Module = nn.Linear(in_width, out_width, bias=self.options[0])
+        timed = TIMED_LAYERS.get(self.kind)
+        if timed is not None:
+            layer: nn.Module = timed.build(self, in_width, out_width)
+            shape = (*self.input_shape[:-1], in_width)
+        elif self.kind == "Linear":
+            layer = nn.Linear(in_width, out_width, bias=self.options[0])
             shape = (*self.input_shape[:-1], in_width)
         else:
             kernel, stride, padding, dilation, groups, bias = self.options
@@ -98,16 +160,22 @@ class LayerSpec:
 
 
 def layer_specs(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, LayerSpec]:
-    """Every ``Conv2d`` and ``Linear`` of ``model`` by module name, seen in one eval-mode forward."""
+    """Every ``Conv2d``, ``Linear`` and :data:`TIMED_LAYERS` layer of ``model`` by module name, seen in one
+    eval-mode forward (a timed layer's own submodules are part of its time)."""
     specs: dict[str, LayerSpec] = {}
 
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if name in specs or not args or not isinstance(args[0], Tensor):
+    def hook(name: str, timed: TimedLayer | None) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            result = output[0] if timed is not None and isinstance(output, tuple) and output else output
+            if name in specs or not args or not isinstance(args[0], Tensor) or not isinstance(result, Tensor):
                 return
             x = args[0]
             last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            if isinstance(module, nn.Linear):
+            if timed is not None:
+                spec = timed.describe(module, args, kwargs, output)
+                if spec is None:
+                    return
+            elif isinstance(module, nn.Linear):
                 spec = LayerSpec(
                     "Linear", module.in_features, module.out_features, tuple(x.shape), (module.bias is not None,)
                 )
@@ -120,12 +188,19 @@ def layer_specs(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, La
                     tuple(x.shape),
                     (*options, module.bias is not None),
                 )
-            specs[name] = replace(spec, dtype=str(x.dtype).removeprefix("torch."), channels_last=last)
+            dtype = str(x.dtype).removeprefix("torch.")
+            specs[name] = replace(spec, dtype=dtype, channels_last=last, output_shape=tuple(result.shape))
 
         return record
 
-    wanted = [(name, module) for name, module in model.named_modules() if type(module) in (nn.Conv2d, nn.Linear)]
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in wanted]
+    wanted: list[tuple[str, nn.Module, TimedLayer | None]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{inside}.") for inside, _, timed in wanted if timed is not None):
+            continue
+        timed = next((t for t in TIMED_LAYERS.values() if t.matches(module)), None)
+        if timed is not None or type(module) in (nn.Conv2d, nn.Linear):
+            wanted.append((name, module, timed))
+    handles = [module.register_forward_hook(hook(name, timed), with_kwargs=True) for name, module, timed in wanted]
     try:
         with preserved_state(model), torch.no_grad():
             model.eval()
@@ -143,6 +218,52 @@ def time_layer(layer: nn.Module, x: Tensor) -> float:
             "layer(x)", globals={"layer": layer, "x": x}, num_threads=torch.get_num_threads()
         )
         return timer.blocked_autorange(min_run_time=0.02).median
+
+
+def time_between_layers(
+    model: nn.Module, example_inputs: ExampleInputs, names: Sequence[str], *, clock: Clock = time.perf_counter
+) -> tuple[dict[str, float], float]:
+    """Seconds of an eval-mode forward spent outside the layers ``names``: after each one until the next starts
+    (or the forward ends), the median over :data:`RUNS` forwards, and the time before the first one.
+
+    Read with forward hooks and ``clock``; on CUDA each reading synchronises first. What follows a layer in call
+    order is mostly what reads its output (its norm, activation, gate, the add after it), so a layer's share of
+    the model's untimed work follows its output channels.
+    """
+    modules = dict(model.named_modules())
+    cuda = any(p.is_cuda for p in model.parameters())
+    state: dict[str, Any] = {}
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return clock()
+
+    def close_gap(*_: Any) -> None:  # the time since the last layer ended goes to that layer (None: the start)
+        state["gaps"][state["last"]] = state["gaps"].get(state["last"], 0.0) + now() - state["since"]
+
+    def leave(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            state["last"], state["since"] = name, now()
+
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(close_gap) for name in names]
+    handles += [modules[name].register_forward_hook(leave(name)) for name in names]
+    runs: list[dict[str | None, float]] = []
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            for _ in range(RUNS):
+                state.update(gaps={}, last=None, since=now())
+                run_model(model, example_inputs)
+                close_gap()
+                runs.append(state["gaps"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    after = {name: statistics.median(run.get(name, 0.0) for run in runs) for name in names}
+    return after, statistics.median(run.get(None, 0.0) for run in runs)
 
 
 class LatencyTable:
@@ -164,6 +285,8 @@ class LatencyTable:
         if spec.key not in self.entries:
             ins = sorted({max(1, round(f * spec.in_width)) for f in FRACTIONS})
             outs = sorted({max(1, round(f * spec.out_width)) for f in FRACTIONS})
+            if spec.kind in TIMED_LAYERS:  # whole heads: the grid holds the widths the layer can take
+                outs = sorted({spec.widths(spec.in_width, o)[1] for o in outs})
             if spec.depthwise:  # the output follows the input: one width, kept on the diagonal
                 outs = [spec.widths(i, i)[1] for i in ins]
             seconds = [[self._time(spec, i, o) for o in outs] for i in ins]
@@ -204,10 +327,20 @@ def _bracket(points: Sequence[int], value: float) -> tuple[int, float]:
 
 
 class LatencyModel:
-    """The estimated seconds of a model's convolutions and linear layers at any widths, from a :class:`LatencyTable`."""
+    """The estimated seconds of a model at any widths: its convolutions, linear and :data:`TIMED_LAYERS` layers
+    from a :class:`LatencyTable`, and after :meth:`calibrate`, the rest of its measured time.
+
+    ``scale`` turns the table's seconds into seconds now (the table may have been timed on a busier or quieter
+    machine); ``fixed`` is the measured time before the first layer, which no width changes; ``residual`` holds,
+    per layer, the dense model's measured seconds spent after it and outside any
+    timed layer (the norms, activations, gates and adds that read its output), which shrinks in proportion to
+    the layer's output elements: a layer with half its output channels carries half its share.
+    """
 
     def __init__(self, specs: Mapping[str, LayerSpec], table: LatencyTable) -> None:
         self.specs, self.table = dict(specs), table
+        self.scale, self.fixed = 1.0, 0.0
+        self.residual: dict[str, float] = {}
 
     @classmethod
     def of(
@@ -220,16 +353,48 @@ class LatencyModel:
         path = cache_dir() / f"{device_name(device)}.json" if cache else None
         return cls(specs, LatencyTable(device, path, time))
 
+    def calibrate(
+        self, model: nn.Module, example_inputs: ExampleInputs, seconds: float, *, clock: Clock = time.perf_counter
+    ) -> None:
+        """Fit the estimate to ``seconds``, the whole dense ``model``'s measured time per forward.
+
+        Every layer is timed once more at its dense widths (now, beside that measurement), which sets ``scale``.
+        What the model takes beyond its layers is shared over them as :func:`time_between_layers` finds it
+        spent (the part before the first layer stays fixed). If the layers alone take longer than the model
+        (noise, or caches they share when run together), they are scaled down to its time and nothing is residual.
+        """
+        tabled = sum(self.table.seconds(spec, spec.in_width, spec.out_width) for spec in self.specs.values())
+        fresh: dict[str, float] = {}  # layers of one shape (a transformer's blocks) are timed once
+        for spec in self.specs.values():
+            if spec.key not in fresh:
+                fresh[spec.key] = float(self.table.time(*spec.build(spec.in_width, spec.out_width, self.table.device)))
+        now = sum(fresh[spec.key] for spec in self.specs.values())
+        if not (tabled > 0 and now > 0 and seconds > 0):
+            return
+        self.scale = min(now, seconds) / tabled
+        after, before = time_between_layers(model, example_inputs, list(self.specs), clock=clock)
+        spent = sum(after.values()) + before
+        rest = max(seconds - now, 0.0) if spent > 0 else 0.0
+        self.residual = {name: rest * gap / spent for name, gap in after.items()}
+        self.fixed = rest * before / spent if spent > 0 else 0.0
+
     def layer(self, name: str, widths: Mapping[str, Sequence[int]]) -> float:
-        return self.table.seconds(self.specs[name], *widths[name])
+        """Estimated seconds of one layer at ``widths``, with its share of the residual."""
+        spec, (in_width, out_width) = self.specs[name], widths[name]
+        seconds = self.scale * self.table.seconds(spec, in_width, out_width)
+        share = self.residual.get(name, 0.0)
+        if share:
+            dense = spec.activations(spec.in_width, spec.out_width)
+            seconds += share * (spec.activations(in_width, out_width) / dense if dense else 1.0)
+        return seconds
 
     def dense_widths(self) -> dict[str, list[int]]:
         return {name: [spec.in_width, spec.out_width] for name, spec in self.specs.items()}
 
     def seconds(self, widths: Mapping[str, Sequence[int]] | None = None) -> float:
-        """Estimated seconds of all layers at ``widths`` (module name -> [in, out]; dense if None)."""
+        """Estimated seconds of the model at ``widths`` (module name -> [in, out]; dense if None)."""
         widths = widths or self.dense_widths()
-        return sum(self.layer(name, widths) for name in self.specs)
+        return self.fixed + sum(self.layer(name, widths) for name in self.specs)
 
     def effects(self, group: Any) -> list[tuple[str, int, Tensor, int]]:
         """(layer, side 0 in / 1 out, element of each position, channels per position) of ``group`` in these layers."""
@@ -237,7 +402,7 @@ class LatencyModel:
         for member in group.members:
             name, _, leaf = member.slot.tensor.rpartition(".")
             spec = self.specs.get(name)
-            if leaf != "weight" or spec is None or member.slot.dim > 1:
+            if spec is None or leaf != spec.weight_name or member.slot.dim > 1:
                 continue
             if member.slot.dim == 0:
                 found.append((name, 0 if spec.depthwise else 1, member.elements, 1))

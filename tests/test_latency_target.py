@@ -4,6 +4,8 @@ with injected timings, and bad input. No test asserts a measured time (the machi
 from __future__ import annotations
 
 import copy
+import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -31,8 +33,14 @@ FIXED = 0.1 * count_macs(PlainCNN(), small_input())
 
 def macs_timing(dense: nn.Module, pruned: nn.Module, inputs: torch.Tensor) -> LatencyComparison:
     """Whole-model 'seconds': MACs plus a fixed tenth of the dense PlainCNN's, which no pruning removes."""
-    seconds = [count_macs(dense, inputs) + FIXED, count_macs(pruned, inputs) + FIXED]
+    seconds = [(count_macs(dense, inputs) + FIXED) * 1e-9, (count_macs(pruned, inputs) + FIXED) * 1e-9]
     return LatencyComparison(*(Spread(s, s, s) for s in seconds), threads=1)
+
+
+def ticks() -> Callable[[], float]:
+    """A clock that moves one 'second' per reading: the time between layers is the same after every layer."""
+    count = itertools.count()
+    return lambda: float(next(count))
 
 
 def product_time(layer: nn.Module, x: torch.Tensor) -> float:
@@ -160,7 +168,7 @@ def test_prune_to_latency_with_injected_timing_cuts_the_model_like_the_accepted_
     torch.manual_seed(0)
     model, x = PlainCNN(), small_input()
     dense = copy.deepcopy(model)
-    settings = LatencySettings(timing=macs_timing, time_layer=macs_time, cache=False)
+    settings = LatencySettings(timing=macs_timing, time_layer=macs_time, clock=ticks(), cache=False)
     result = lp.prune(model, x, 0.4, target="latency", latency=settings)
     assert 0.6 * 0.95 <= result.latency.measured <= 0.6
     assert macs_timing(dense, model, x).pruned.median / macs_timing(dense, dense, x).dense.median == pytest.approx(
@@ -181,7 +189,7 @@ def test_prune_to_latency_with_injected_timing_cuts_the_model_like_the_accepted_
 def test_bad_latency_amount_raises_before_anything_is_cut(amount: float) -> None:
     model = PlainCNN()
     before = copy.deepcopy(model.state_dict())
-    settings = LatencySettings(timing=macs_timing, time_layer=macs_time, cache=False)
+    settings = LatencySettings(timing=macs_timing, time_layer=macs_time, clock=ticks(), cache=False)
     with pytest.raises(PruningError, match="amount"):
         lp.prune(model, small_input(), amount, target="latency", latency=settings)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -190,7 +198,7 @@ def test_bad_latency_amount_raises_before_anything_is_cut(amount: float) -> None
 def test_inputs_the_model_rejects_raise_before_anything_is_cut() -> None:
     model = PlainCNN()
     before = copy.deepcopy(model.state_dict())
-    settings = LatencySettings(timing=macs_timing, time_layer=macs_time, cache=False)
+    settings = LatencySettings(timing=macs_timing, time_layer=macs_time, clock=ticks(), cache=False)
     with pytest.raises(PruningError, match="`example_inputs` do not run through PlainCNN"):
         lp.prune(model, torch.randn(2, 5, 16, 16), 0.3, target="latency", latency=settings)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -283,7 +291,7 @@ def test_latency_target_in_a_trainer_records_the_ratio_it_measured(tmp_path) -> 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             speed[0] = 0.5 if trainer.current_epoch >= 1 else 1.0
 
-    settings = LatencySettings(timing=timing, time_layer=product_time, cache=False)
+    settings = LatencySettings(timing=timing, time_layer=product_time, clock=ticks(), cache=False)
     pruning = lp.StructuredPruning(
         schedule={0: 0.4, 1: 0.7}, target="latency", log_table=False, options={"latency": settings}
     )

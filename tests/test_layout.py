@@ -63,6 +63,7 @@ LAYERS = [
 # Integrations reach down only into what the core offers extensions: registries and the trace builder.
 INTEGRATION_MAY_IMPORT = [
     "errors", "registry", "cuts", "fixups", "graph.builder", "graph.labels", "graph.module_rules", "graph.rules",
+    "latency_table",
 ]  # fmt: skip
 CUTTING = ["cuts", "slicing", "fixups", "surgery"]  # never import the graph, which never imports them
 

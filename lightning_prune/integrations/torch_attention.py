@@ -20,6 +20,7 @@ from lightning_prune.errors import PruningError
 from lightning_prune.fixups import register_layer
 from lightning_prune.graph.builder import TraceBuilder
 from lightning_prune.graph.module_rules import register_module_rule
+from lightning_prune.latency_table import TIMED_LAYERS, LayerSpec, TimedLayer
 
 
 class PrunedMultiheadAttention(nn.Module):
@@ -160,6 +161,74 @@ def _resize(module: PrunedMultiheadAttention) -> None:
     module.resize()
 
 
+class _SelfAttention(nn.Module):
+    """One self-attention call on ``x``, as the latency table times a layer."""
+
+    def __init__(self, attention: nn.Module, need_weights: bool) -> None:
+        super().__init__()
+        self.attention, self.need_weights = attention, need_weights
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attention(x, x, x, need_weights=self.need_weights)[0]
+
+
+def _describe_attention(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> LayerSpec | None:
+    """Self-attention without masks, as the table can time it alone: ``in`` is the stream's width (the fused
+    projection's columns), ``out`` the projection's rows (3 per head channel); other calls stay residual time."""
+    names = (
+        "query",
+        "key",
+        "value",
+        "key_padding_mask",
+        "need_weights",
+        "attn_mask",
+        "average_attn_weights",
+        "is_causal",
+    )
+    call = {**dict(zip(names, args, strict=False)), **kwargs}
+    query = call.get("query")
+    if call.get("key") is not query or call.get("value") is not query or query.dim() != 3:
+        return None
+    if any(call.get(name) is not None for name in ("key_padding_mask", "attn_mask")) or call.get("is_causal"):
+        return None
+    weight, out_proj = module.in_proj_weight, module.out_proj
+    fused = type(module) is nn.MultiheadAttention
+    options = (
+        3 * module.head_dim, module.in_proj_bias is not None, module.batch_first, bool(call.get("need_weights", True)),
+        out_proj.out_features, out_proj.bias is not None, fused,
+    )  # fmt: skip
+    return LayerSpec("MultiheadAttention", weight.shape[1], weight.shape[0], tuple(query.shape), options)
+
+
+def _attention_outputs(spec: LayerSpec, in_width: int, out_width: int) -> int:
+    """The out-projection's width: it follows the stream (``in``) where the dense layer's did."""
+    return in_width if spec.options[4] == spec.in_width else spec.options[4]
+
+
+def _build_attention(spec: LayerSpec, in_width: int, out_width: int) -> nn.Module:
+    """``nn.MultiheadAttention`` at the dense widths of an unpruned layer (its fused fast path included), else the
+    :class:`PrunedMultiheadAttention` a cut leaves, with ``out_width // block`` heads."""
+    block, bias, batch_first, need_weights, _, out_bias, fused = spec.options
+    heads, head_dim = max(1, out_width // block), block // 3
+    attention = nn.MultiheadAttention(heads * head_dim, heads, bias=bias, batch_first=batch_first)
+    if not (fused and (in_width, out_width) == (spec.in_width, spec.out_width)):
+        attention.in_proj_weight = nn.Parameter(torch.randn(3 * heads * head_dim, in_width) / math.sqrt(in_width))
+        attention.out_proj = nn.Linear(heads * head_dim, _attention_outputs(spec, in_width, out_width), bias=out_bias)
+        attention = PrunedMultiheadAttention(attention, head_dim)
+    return _SelfAttention(attention, need_weights).eval()
+
+
 register_module_rule("torch.nn.MultiheadAttention", _is_attention, _trace_attention)
+TIMED_LAYERS.register(
+    "MultiheadAttention",
+    TimedLayer(
+        matches=_is_attention,
+        describe=_describe_attention,
+        build=_build_attention,
+        weight="in_proj_weight",
+        block=lambda spec: spec.options[0],
+        outputs=_attention_outputs,
+    ),
+)
 register_layer(nn.MultiheadAttention, _fix_attention)
 register_layer(PrunedMultiheadAttention, _resize)
