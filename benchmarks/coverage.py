@@ -157,9 +157,9 @@ def classifier_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-def run_one(name: str, engine: str, zoo: str, amount: float, exact: bool, scope: str) -> dict:
+def run_one(name: str, engine: str, zoo: str, amount: float, exact: bool, scope: str, threads: int) -> dict:
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model, x = build(name, zoo)
     with torch.no_grad():
         shape = tuple(model(x).shape)
@@ -219,12 +219,18 @@ def main() -> None:
     parser.add_argument(
         "--scope", choices=("local", "global"), help="selection (default global torchvision, local timm)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads per model (1 on a shared machine: the seconds stay honest)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     amount = args.amount if args.amount is not None else (0.3 if args.zoo == "timm" else 0.5)
     scope = args.scope or ("local" if args.zoo == "timm" else "global")
     if args.one:
-        print(json.dumps(run_one(args.one, args.engines, args.zoo, amount, args.exact, scope)))
+        print(json.dumps(run_one(args.one, args.engines, args.zoo, amount, args.exact, scope, args.threads)))
         return
     if args.zoo == "timm":
         names = args.models or TIMM
@@ -232,7 +238,17 @@ def main() -> None:
         import torchvision
 
         names = args.models or torchvision.models.list_models(module=torchvision.models)
-    options = ["--zoo", args.zoo, "--amount", str(amount), "--scope", scope, *(["--exact"] if args.exact else [])]
+    options = [
+        "--zoo",
+        args.zoo,
+        "--amount",
+        str(amount),
+        "--scope",
+        scope,
+        "--threads",
+        str(args.threads),
+        *(["--exact"] if args.exact else []),
+    ]
     engines = args.engines.split(",")
     totals, real, exact = dict.fromkeys(engines, 0), dict.fromkeys(engines, 0), dict.fromkeys(engines, 0)
     columns = ["result", "s", "params kept", "unprunable"] + (["BN zeroed: change"] if args.exact else [])
