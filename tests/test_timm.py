@@ -385,3 +385,24 @@ def test_local_scope_chooses_whole_convolution_groups_or_an_equal_count_by_impor
     assert model[3].groups == groups_after and model[3].out_channels == 12
     with torch.no_grad():
         assert relative_error(model(x), dense) < 1e-5
+
+
+def test_vit_attention_loses_whole_heads_and_computes_what_zeroed_heads_do() -> None:
+    """timm's ``Attention`` reshapes q/k/v by its stored ``num_heads``: after a cut of whole heads it reads the
+    count its projection has left (before, the re-trace failed and the attention and the stream stayed whole)."""
+    model, x = build("vit_tiny_patch16_224", 32, img_size=32, patch_size=8, depth=2, num_heads=4)
+    model.eval()
+    graph, plan = exact_plan(model, x, 0.5, "l1")
+    reference = removed_zeroed(model, graph, plan)
+    cuts = plan_cuts(graph, plan)
+    apply_cuts(model, cuts)
+    lp.verify_pruned(model, x, graph, cuts)
+    heads = [block.attn.num_heads for block in model.blocks]
+    assert all(h < 4 for h in heads)
+    assert all(b.attn.qkv.out_features == 3 * b.attn.attn_dim == 3 * b.attn.num_heads * 48 for b in model.blocks)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) < 1e-5
+    fresh, _ = build("vit_tiny_patch16_224", 32, img_size=32, patch_size=8, depth=2, num_heads=4)
+    result = lp.prune(fresh, x, 0.4, "l1", scope="local")
+    assert [b.attn.num_heads for b in fresh.blocks] == [3, 3] and not result.unprunable.keys() - {"head"}
+    train_one_step(fresh, x)

@@ -5,7 +5,8 @@ CSPNet's cross stages split their expansion in two halves by ``expand_chs // 2``
 into scales of ``width`` channels, the selective-kernel convolution splits its input among its paths by
 ``in_channels // num_paths``, and MixNet's ``MixedConv2d`` by the list ``splits``. The tracer assumes such
 splits follow a pruned width (equal parts lose equally many channels); these fixups make it so, from the
-shapes of the layers each part feeds.
+shapes of the layers each part feeds. timm's ``Attention`` (ViT, DeiT and the models built on it) reshapes its
+fused q/k/v by stored ``num_heads`` × ``head_dim``: a cut of whole heads updates ``num_heads`` and ``attn_dim``.
 
 ConvNeXt-V2's ``GlobalResponseNorm`` divides each channel's spatial norm by the mean of those norms over the
 channels: a normalisation across channels like LayerNorm's (removing a channel changes the statistic of the
@@ -48,11 +49,18 @@ def _mixed_conv(module: nn.Module) -> None:
     module.out_channels = sum(conv.weight.shape[0] for conv in convs)
 
 
+def _attention(module: nn.Module) -> None:
+    """timm's ``Attention`` (ViT, DeiT, ...) reshapes its fused q/k/v by stored ``num_heads`` × ``head_dim``."""
+    module.num_heads = module.qkv.weight.shape[0] // (3 * module.head_dim)
+    module.attn_dim = module.num_heads * module.head_dim
+
+
 register_layer(CSPNET + "CrossStage", _cross_stage)
 register_layer(CSPNET + "CrossStage3", _cross_stage)
 register_layer("timm.models.res2net.Bottle2neck", _res2net_bottleneck)
 register_layer("timm.layers.selective_kernel.SelectiveKernel", _selective_kernel)
 register_layer("timm.layers.mixed_conv2d.MixedConv2d", _mixed_conv)
+register_layer("timm.layers.attention.Attention", _attention)
 
 
 def _is_response_norm(module: nn.Module) -> bool:
