@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -259,6 +259,38 @@ def _candidates_within(group: Group, scores: Tensor, candidate: Tensor, options:
     return lowest(group, scores, allowed_count(group, share, options.round_to, options.max_fraction))
 
 
+def _pairs(scored: Sequence[tuple[Group, Tensor]]) -> Iterator[tuple[int, int, Group, Group, Tensor, int]]:
+    """Each grouped convolution's paired input and output groups (``Group.partner``), once: positions in
+    ``scored``, the two groups, the partner's block of each of the first group's blocks, and the block count."""
+    position = {g.index: i for i, (g, _) in enumerate(scored)}
+    for i, (group, _) in enumerate(scored):
+        if group.partner is not None and position.get(group.partner[0].index, -1) > i:
+            partner, mapping = group.partner
+            yield i, position[partner.index], group, partner, mapping, int(group.blocks.max()) + 1
+
+
+def _may_lose_blocks(group: Group, partner: Group, count: int, blocks: int, options: SelectionOptions) -> bool:
+    return (
+        count >= 1
+        and not group.frozen_channels
+        and not partner.frozen_channels
+        and not any((g.width - count * (g.width // blocks)) % options.round_to for g in (group, partner))
+    )
+
+
+def _block_sums(group: Group, values: Tensor, blocks: int, to_mine: Tensor | None) -> Tensor:
+    """``values`` summed per block of ``group``, in the order of the pair's first group's blocks."""
+    sums = torch.zeros(blocks, dtype=values.dtype).index_add_(0, group.blocks, values)
+    return sums if to_mine is None else sums[to_mine]
+
+
+def _elements_of_blocks(group: Group, partner: Group, mapping: Tensor, gone: Tensor) -> list[Tensor]:
+    return [
+        torch.nonzero(torch.isin(group.blocks, gone)).reshape(-1),
+        torch.nonzero(torch.isin(partner.blocks, mapping[gone])).reshape(-1),
+    ]
+
+
 def _whole_convolution_groups(
     scored: Sequence[tuple[Group, Tensor]],
     scores: Sequence[Tensor],
@@ -269,32 +301,27 @@ def _whole_convolution_groups(
     """Where a grouped convolution's input and output groups are paired (``Group.partner``), remove whole
     convolution groups, all of whose elements on both sides are candidates, if that removes more than an
     equal count from every block of each side; the lowest-scored such groups go first."""
-    position = {g.index: i for i, (g, _) in enumerate(scored)}
-    for i, (group, _) in enumerate(scored):
-        if group.partner is None or position.get(group.partner[0].index, -1) <= i:
-            continue
-        partner, mapping = group.partner
-        j = position[partner.index]
-        blocks = int(group.blocks.max()) + 1
-        full = []
-        cost = torch.zeros(blocks, dtype=scores[i].dtype)
-        for g, index, to_mine in ((group, i, None), (partner, j, mapping)):
-            taken = torch.zeros(blocks, dtype=torch.long).index_add_(0, g.blocks, candidates[index].long())
-            whole = taken == torch.bincount(g.blocks, minlength=blocks)
-            block_cost = torch.zeros(blocks, dtype=scores[index].dtype).index_add_(0, g.blocks, scores[index])
-            full.append(whole if to_mine is None else whole[to_mine])
-            cost += block_cost if to_mine is None else block_cost[to_mine]
+    for i, j, group, partner, mapping, blocks in _pairs(scored):
+        sides = ((group, i, None), (partner, j, mapping))
+        full = [
+            _block_sums(g, candidates[k].long(), blocks, m) == _block_sums(g, torch.ones_like(g.blocks), blocks, m)
+            for g, k, m in sides
+        ]
+        cost = sum(_block_sums(g, scores[k], blocks, m) for g, k, m in sides)
         eligible = torch.nonzero(full[0] & full[1]).reshape(-1)
         count = min(eligible.numel(), blocks - 2, math.floor(options.max_fraction * blocks + 1e-9))
-        if count < 1 or group.frozen_channels or partner.frozen_channels:
-            continue
-        if any((g.width - count * (g.width // blocks)) % options.round_to for g in (group, partner)):
+        if not _may_lose_blocks(group, partner, count, blocks, options):
             continue
         if count * (group.width + partner.width) // blocks <= len(chosen[i]) + len(chosen[j]):
             continue
         gone = eligible[torch.argsort(cost[eligible], stable=True)[:count]]
-        chosen[i] = torch.nonzero(torch.isin(group.blocks, gone)).reshape(-1).tolist()
-        chosen[j] = torch.nonzero(torch.isin(partner.blocks, mapping[gone])).reshape(-1).tolist()
+        chosen[i], chosen[j] = (e.tolist() for e in _elements_of_blocks(group, partner, mapping, gone))
+
+
+def _per_element(scores: Sequence[Tensor], chosen: Sequence[Sequence[int] | Tensor]) -> float:
+    """Mean score of the elements ``chosen`` on the two sides of a pair."""
+    total = sum(float(values[elements].sum()) for values, elements in zip(scores, chosen, strict=True))
+    return total / max(sum(len(elements) for elements in chosen), 1)
 
 
 def _local_whole_convolution_groups(
@@ -303,39 +330,22 @@ def _local_whole_convolution_groups(
     """Under local scope a grouped convolution's paired input and output groups may lose ``amount`` of its
     convolution groups whole instead of an equal count from every one: chosen where an equal count removes
     nothing, or where the whole groups cost less per removed element (scores relative to each side's mean)."""
-    position = {g.index: i for i, (g, _) in enumerate(scored)}
-    for i, (group, values) in enumerate(scored):
-        if group.partner is None or position.get(group.partner[0].index, -1) <= i:
-            continue
-        partner, mapping = group.partner
-        other = scored[position[partner.index]][1]
-        blocks = int(group.blocks.max()) + 1
+    for i, j, group, partner, mapping, blocks in _pairs(scored):
         count = min(math.floor(amount * blocks + 1e-9), blocks - 2, math.floor(options.max_fraction * blocks + 1e-9))
-        if count < 1 or group.frozen_channels or partner.frozen_channels:
+        if not _may_lose_blocks(group, partner, count, blocks, options):
             continue
-        if any((g.width - count * (g.width // blocks)) % options.round_to for g in (group, partner)):
-            continue
-        sides = [(group, values, None), (partner, other, mapping)]
-        scale = [v[torch.isfinite(v)].abs().mean().clamp_min(1e-30) for _, v, _ in sides]
-        cost = torch.zeros(blocks, dtype=torch.float64)
-        for (g, v, to_mine), unit in zip(sides, scale, strict=True):
-            per_block = torch.zeros(blocks, dtype=torch.float64).index_add_(0, g.blocks, (v / unit).double())
-            cost += per_block if to_mine is None else per_block[to_mine]
+        relative = [
+            v.double() / v[torch.isfinite(v)].abs().mean().clamp_min(1e-30) for v in (scored[i][1], scored[j][1])
+        ]
+        cost = _block_sums(group, relative[0], blocks, None) + _block_sums(partner, relative[1], blocks, mapping)
         eligible = torch.nonzero(torch.isfinite(cost)).reshape(-1)
         if eligible.numel() < count:
             continue
         gone = eligible[torch.argsort(cost[eligible], stable=True)[:count]]
-        whole = [torch.nonzero(torch.isin(group.blocks, gone)).reshape(-1), None]
-        whole[1] = torch.nonzero(torch.isin(partner.blocks, mapping[gone])).reshape(-1)
+        whole = _elements_of_blocks(group, partner, mapping, gone)
         equal = [removed.get(group.index, []), removed.get(partner.index, [])]
-        if any(equal):
-            per_element = [
-                sum(float(v[e].sum() / unit) for (_, v, _), e, unit in zip(sides, chosen, scale, strict=True))
-                / max(sum(len(e) for e in chosen), 1)
-                for chosen in (whole, equal)
-            ]
-            if per_element[0] > per_element[1]:
-                continue
+        if any(equal) and _per_element(relative, whole) > _per_element(relative, equal):
+            continue
         removed[group.index], removed[partner.index] = whole[0].tolist(), whole[1].tolist()
 
 
