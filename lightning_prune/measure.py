@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
 from lightning_prune.running import ExampleInputs, preserved_state, run_model
 
@@ -47,12 +47,17 @@ class MacCounter(FlopCounterMode):
     gradient function, and the hook raises "Expected gradient function to be set". Totals need no module
     attribution, so this counter has no tracker. An op whose flop formula raises is left uncounted and
     named in a warning after the run (:meth:`warn_uncounted`): the total is then a lower bound.
+
+    The stock registry has no formula for the kernel ``scaled_dot_product_attention`` runs on the CPU, so the stock
+    count leaves a CPU model's attention out (on meta tensors, where the math path runs, it is in): here it counts
+    as the CUDA kernels do.
     """
 
     def __init__(self) -> None:
         super().__init__(display=False)
         self.mod_tracker = _Everywhere()
         self.uncounted: dict[str, str] = {}
+        self.flop_registry = {**self.flop_registry, **_CPU_ATTENTION}
 
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
         try:
@@ -71,6 +76,12 @@ class MacCounter(FlopCounterMode):
             warnings.warn(
                 f"MACs are a lower bound: torch's flop counter could not count {causes}.", RuntimeWarning, stacklevel=3
             )
+
+
+_CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop,
+}
 
 
 class _Plain(TorchFunctionMode):

@@ -76,6 +76,10 @@ class Trace:
     convolution_groups: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # grouped convs: (inputs, outputs)
 
 
+class ValuesNeeded(RuntimeError):
+    """A rule needs values a meta-device copy of the model does not hold: the model itself must be traced."""
+
+
 class TraceBuilder:
     """State shared by the rules while the model runs."""
 
@@ -85,7 +89,9 @@ class TraceBuilder:
         space_init: Mapping[str | tuple[str, int], Tensor] | None = None,
         num_elements: int = 1,
         fixed_splits: Iterable[str] = (),
+        on_meta: bool = False,
     ) -> None:
+        self.on_meta = on_meta  # tracing a meta-device copy: a rule that would need values raises ValuesNeeded
         self.names: dict[int, str] = {}
         self.tensors: dict[str, Tensor] = {}
         self.parameters = {id(p) for p in model.parameters()}

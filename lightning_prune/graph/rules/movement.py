@@ -11,9 +11,14 @@ import torch
 from torch import Tensor
 
 from lightning_prune.graph import labels as L
-from lightning_prune.graph.builder import TraceBuilder
+from lightning_prune.graph.builder import TraceBuilder, ValuesNeeded
 from lightning_prune.graph.rules.base import Call, dims_argument, leaves, names_in, rule
 from lightning_prune.registry import Registry
+
+
+def _index_on_meta(value: Any) -> bool:
+    """An integer or boolean meta tensor: its values (which it does not hold) would decide where labels go."""
+    return isinstance(value, Tensor) and value.is_meta and not (value.is_floating_point() or value.is_complex())
 
 
 def _replay(b: TraceBuilder, call: Call, data: list[Tensor]) -> list[Tensor] | None:
@@ -27,9 +32,14 @@ def _replay(b: TraceBuilder, call: Call, data: list[Tensor]) -> list[Tensor] | N
             return type(value)(swap(v) for v in value)
         return value
 
+    args, kwargs = [swap(a) for a in call.args], {k: swap(v) for k, v in call.kwargs.items()}
+    if b.on_meta and any(_index_on_meta(v) for v in leaves((args, kwargs))):
+        raise ValuesNeeded(f"`{call.name}` reads the values of an index or a mask to move channels")
     try:
-        result = call.func(*[swap(a) for a in call.args], **{k: swap(v) for k, v in call.kwargs.items()})
+        result = call.func(*args, **kwargs)
     except (RuntimeError, TypeError, NotImplementedError):
+        if b.on_meta:
+            raise ValuesNeeded(f"`{call.name}` could not be replayed on channel labels") from None
         return None
     produced = [value for value in leaves(result) if isinstance(value, Tensor)]
     return produced if len(produced) == len(call.outputs) else None
