@@ -112,13 +112,17 @@ SAME_FLOW_IN_BOTH_MODES: tuple[type[nn.Module], ...] = (
 
 
 @functools.cache
-def _reads_training(forward: Any) -> bool:
-    """Whether a forward's source mentions ``training`` (True where the source cannot be read)."""
+def source_mentions(forward: Any, pattern: str) -> bool:
+    """Whether a forward's source matches the regular expression ``pattern`` (True where it cannot be read)."""
     try:
         source = inspect.getsource(forward)
     except (OSError, TypeError):
         return True
-    return re.search(r"\btraining\b", source) is not None
+    return re.search(pattern, source) is not None
+
+
+def _reads_training(forward: Any) -> bool:
+    return source_mentions(forward, r"\btraining\b")
 
 
 def tracing_modes(model: nn.Module) -> tuple[str, ...]:

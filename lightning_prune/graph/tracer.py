@@ -18,9 +18,6 @@ device, the copy's trace cannot stand in for the model's: it is dropped and the 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -37,7 +34,7 @@ from lightning_prune.graph.builder import Trace, TraceBuilder
 from lightning_prune.graph.module_rules import module_rule, prepare_modules
 from lightning_prune.graph.rules import apply_rule
 from lightning_prune.measure import MacCounter
-from lightning_prune.running import ExampleInputs, meta_clone, preserved_state, run_model, to_device
+from lightning_prune.running import ExampleInputs, meta_clone, preserved_state, run_model, source_mentions, to_device
 
 
 class _Mode(TorchFunctionMode):
@@ -204,17 +201,7 @@ def trace_model(
     return _trace(TraceBuilder(model, space_init, num_elements, fixed_splits), model, example_inputs, modes)
 
 
-_READS_DEVICE = re.compile(r"\.device\.type\b|\.is_cuda\b|\.is_cpu\b|\.is_meta\b|\bdata_ptr\b")
-
-
-@functools.cache
-def _reads_device(forward: Any) -> bool:
-    """Whether a forward's source asks which device its tensors are on (True where the source cannot be read)."""
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):
-        return True
-    return _READS_DEVICE.search(source) is not None
+_READS_DEVICE = r"\.device\.type\b|\.is_cuda\b|\.is_cpu\b|\.is_meta\b|\bdata_ptr\b"
 
 
 def meta_traceable(model: nn.Module) -> bool:
@@ -224,7 +211,7 @@ def meta_traceable(model: nn.Module) -> bool:
     tensors = [*model.parameters(), *model.buffers()]
     if not tensors or any(t.device.type != "cpu" for t in tensors):
         return False
-    return not any(_reads_device(forward) for forward in {type(m).forward for m in model.modules()})
+    return not any(source_mentions(forward, _READS_DEVICE) for forward in {type(m).forward for m in model.modules()})
 
 
 def _trace_meta_copy(
