@@ -94,13 +94,12 @@ def _validate_cut(cut: Cut, shape: Sequence[int], where: str) -> None:
             f"first of a tensor whose rows split into the groups; `{cut.tensor}` has shape {list(shape)}, the record "
             f"cuts dimension {cut.dim}."
         )
-    keep = torch.tensor(cut.keep)
     if cut.groups > 1:
         if cut.size % cut.groups:
             raise RecordError(
                 f"{where}: {cut.size} input channels of `{cut.tensor}` do not split into {cut.groups} groups."
             )
-        per_group = torch.bincount(keep // (cut.size // cut.groups), minlength=cut.groups)
+        per_group = torch.bincount(torch.tensor(cut.keep) // (cut.size // cut.groups), minlength=cut.groups)
         if per_group[per_group > 0].unique().numel() != 1:
             raise RecordError(f"{where}: grouped cut on `{cut.tensor}` keeps unequal channel counts per group.")
 

@@ -94,8 +94,10 @@ def aggregate_members(group: Group, values: list[tuple[Member, Tensor]], how: st
 
 
 def _per_index_norm(tensor: Tensor, dim: int, p: int, groups: int = 1) -> Tensor:
-    rows = index_rows(tensor.detach(), dim, groups).to(torch.float64)
-    return rows.abs().sum(1) if p == 1 else rows.pow(2).sum(1).sqrt()
+    rows = index_rows(tensor.detach(), dim, groups)
+    if p == 1:  # summed in float64 without a float64 copy of the weight (|x| of a float is exact)
+        return rows.abs().sum(1, dtype=torch.float64)
+    return rows.to(torch.float64).pow(2).sum(1).sqrt()
 
 
 @dataclass

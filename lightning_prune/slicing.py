@@ -67,7 +67,7 @@ def _kept_indices(cut: Cut) -> Tensor:
 
 def _removed_indices(cut: Cut) -> Tensor:
     gone = torch.ones(cut.size, dtype=torch.bool)
-    gone[cut.keep] = False
+    gone[_kept_indices(cut)] = False
     return torch.nonzero(gone).reshape(-1)
 
 
