@@ -106,6 +106,7 @@ def test_taylor_and_fisher_equal_a_hand_computation() -> None:
     statistics = collect_statistics(model, graph, data, lambda m, x: m(x).square().sum())
 
     taylor_hidden = torch.zeros(5, dtype=torch.float64)
+    fisher_hidden = torch.zeros(5, dtype=torch.float64)
     fisher_stream = torch.zeros(3, dtype=torch.float64)
     taylor_a = torch.zeros(3, dtype=torch.float64)
     for x in data:
@@ -114,10 +115,12 @@ def test_taylor_and_fisher_equal_a_hand_computation() -> None:
         a.retain_grad(), b.retain_grad(), hidden.retain_grad()
         model.head(torch.tanh(hidden)).square().sum().backward()
         taylor_hidden += (hidden * hidden.grad).sum(0).abs().double()
+        fisher_hidden += (hidden * hidden.grad).square().sum(0).double()  # a group of one producer, in order
         taylor_a += (a * a.grad).sum(0).abs().double()
         fisher_stream += ((a * a.grad + b * b.grad) ** 2).sum(0).double()  # one mask shared by a and b
         model.zero_grad()
     assert torch.allclose(statistics["taylor"]["hidden.weight"], taylor_hidden, rtol=1e-5)
+    assert torch.allclose(statistics["fisher"]["hidden.weight"], fisher_hidden, rtol=1e-5)
     assert torch.allclose(statistics["taylor"]["a.weight"], taylor_a, rtol=1e-5)
     assert torch.allclose(statistics["fisher"]["a.weight"], fisher_stream, rtol=1e-5)
     assert torch.allclose(statistics["fisher"]["b.weight"], fisher_stream, rtol=1e-5)
