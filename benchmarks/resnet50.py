@@ -7,9 +7,12 @@
 Table 1 times building the dependency graph and pruning 50% of channels (L1), median of 3 runs,
 for lightning-prune (by default it traces in training and eval mode and verifies the result by a
 re-trace; both can be turned off) and Torch-Pruning 1.6.1.
-Table 2 measures eval-mode latency with ``torch.utils.benchmark`` (2 threads), dense and pruned in
-the same process, for 30% and 50% of every layer's filters removed (``scope="local"``), at batch 1
-and 16, next to the MACs ratio and the reference figures (1.4x at 30%, 2.0x at 50% of filters).
+Table 2 measures eval-mode latency with ``lightning_prune.compare_latency`` (2 threads), dense and pruned timed in
+alternating turns in the same process, for 30% and 50% of every layer's filters removed (``scope="local"``), at
+batch 1 and 16, in three layouts (NCHW; channels-last; BatchNorm folded into the convolutions and channels-last, the
+deployment form), next to the MACs ratio and the reference figures (1.4x at 30%, 2.0x at 50% of filters).
+
+    python benchmarks/resnet50.py --latency-only --threads 2
 """
 
 from __future__ import annotations
@@ -102,27 +105,49 @@ def race(rounds: int) -> None:
         print(f"| {label} | {statistics.median(values):.2f} | {min(values):.2f}-{max(values):.2f} |")
 
 
-def latency_table(threads: int) -> None:
+def folded(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with each BatchNorm folded into the convolution before it (torch's FX fuser, eval mode): what
+    ONNX Runtime and other inference engines do on loading."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(copy.deepcopy(model).eval())
+
+
+FORMS = {
+    "NCHW": (lambda m: m, False),
+    "channels_last": (lambda m: m, True),
+    "BN folded, channels_last": (folded, True),
+}
+
+
+def latency_table(threads: int, repeats: int, amounts: list[float], batches: list[int]) -> None:
     torch.set_num_threads(threads)
-    dense = fresh()
+    dense = fresh().eval()
+    print(f"\n{threads} thread(s); dense and pruned timed in {repeats} alternating turns; median [interquartile range]")
     print(
-        "\n| filters removed | batch | MACs ratio | dense ms | pruned ms | speedup | speedup / MACs ratio | reference |"
+        "\n| filters removed | batch | layout | MACs ratio | dense ms | pruned ms | speedup | speedup / MACs ratio "
+        "| reference |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for amount in (0.3, 0.5):
+    print("|---|---|---|---|---|---|---|---|---|")
+    for amount in amounts:
         pruned = copy.deepcopy(dense)
         lp.prune(pruned, torch.randn(2, 3, 224, 224), amount, scope="local")
-        for batch in (1, 16):
+        for batch in batches:
             x = torch.randn(batch, 3, 224, 224)
             ratio = lp.count_macs(dense, x) / lp.count_macs(pruned, x)
-            dense_time = lp.latency(dense, x, threads=threads, min_run_time=3.0)
-            pruned_time = lp.latency(pruned, x, threads=threads, min_run_time=3.0)
-            speedup = dense_time / pruned_time
-            print(
-                f"| {amount:.0%} | {batch} | {ratio:.2f}x | {dense_time * 1e3:.1f} | {pruned_time * 1e3:.1f} | "
-                f"{speedup:.2f}x | {speedup / ratio:.2f} | {REFERENCE[amount]:.1f}x |",
-                flush=True,
-            )
+            for layout, (convert, channels_last) in FORMS.items():
+                timing = lp.compare_latency(
+                    convert(dense), convert(pruned), x, repeats=repeats, threads=threads,
+                    min_run_time=repeats * (0.8 if batch > 1 else 0.2), channels_last=channels_last,
+                )  # fmt: skip
+                d, p = timing.dense, timing.pruned
+                speedup = f"{timing.ratio:.2f}x" if timing.resolved else f"{timing.ratio:.2f}x (within noise)"
+                print(
+                    f"| {amount:.0%} | {batch} | {layout} | {ratio:.2f}x | {d.median * 1e3:.1f} [{d.low * 1e3:.1f}-"
+                    f"{d.high * 1e3:.1f}] | {p.median * 1e3:.1f} [{p.low * 1e3:.1f}-{p.high * 1e3:.1f}] | {speedup} "
+                    f"| {timing.ratio / ratio:.2f} | {REFERENCE[amount]:.1f}x |",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -131,14 +156,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engine-only", action="store_true", help="only the time to prune, not the latency table")
     parser.add_argument("--race", type=int, default=0, help="only the interleaved prune race, this many turns")
+    parser.add_argument("--repeats", type=int, default=10, help="alternating turns per latency comparison")
+    parser.add_argument("--amounts", type=float, nargs="+", default=[0.3, 0.5])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--latency-only", action="store_true", help="only the latency table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.latency_only:
+        latency_table(args.threads, args.repeats, args.amounts, args.batches)
+        return
     if args.race:
         race(args.race)
         return
     timing_table(args.skip_peer)
     if not args.engine_only:
-        latency_table(args.threads)
+        latency_table(args.threads, args.repeats, args.amounts, args.batches)
 
 
 if __name__ == "__main__":

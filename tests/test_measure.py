@@ -47,6 +47,40 @@ def test_bad_timing_options_are_refused(options: dict, message: str) -> None:
         lp.compare_latency(stack(8, 0), stack(8, 0), INPUTS, **options)
 
 
+class Seen(nn.Module):
+    """A small CNN that notes the memory layout of what it computes with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(3, 16, 3), nn.Linear(16, 4)
+        self.layouts: set[tuple[bool, bool]] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = torch.channels_last
+        self.layouts.add((x.is_contiguous(memory_format=last), self.conv.weight.is_contiguous(memory_format=last)))
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def test_channels_last_times_copies_in_that_layout_and_leaves_the_models_as_they_were() -> None:
+    dense, pruned, images = Seen(), Seen(), torch.randn(2, 3, 16, 16)
+    timing = lp.compare_latency(dense, pruned, images, repeats=3, threads=1, min_run_time=0.05, channels_last=True)
+    assert timing.dense.median > 0 and timing.pruned.median > 0
+    assert dense.layouts == pruned.layouts == set()  # the copies ran, not the models
+    assert dense.conv.weight.is_contiguous() and images.is_contiguous()
+    copy, inputs = lp.measure.as_channels_last(dense, images)
+    with torch.no_grad():
+        assert torch.allclose(copy(inputs), dense(images), atol=1e-6)
+    assert copy.layouts == {(True, True)} and dense.layouts == {(False, False)}
+
+
+def test_channels_last_is_refused_where_it_would_change_nothing() -> None:
+    with pytest.raises(ValueError, match=r"`channels_last=True`, but the model has no 4-d weight"):
+        lp.compare_latency(stack(8, 0), stack(8, 0), INPUTS, repeats=3, channels_last=True)
+    with pytest.raises(TypeError, match=r"`channels_last` needs an nn.Module to convert, got function"):
+        lp.measure.as_channels_last(lambda x: x, torch.randn(1, 3, 4, 4))
+
+
 def timing(resolved: bool) -> lp.measure.LatencyComparison:
     dense = Spread(0.020, 0.019, 0.022)
     pruned = Spread(0.010, 0.009, 0.011) if resolved else Spread(0.018, 0.012, 0.021)
