@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import time
 
@@ -120,22 +121,25 @@ FORMS = {
 }
 
 
-def latency_table(threads: int, repeats: int, amounts: list[float], batches: list[int]) -> None:
+def latency_table(
+    threads: int, repeats: int, amounts: list[float], batches: list[int], round_tos: list[int], layouts: list[str]
+) -> None:
     torch.set_num_threads(threads)
     dense = fresh().eval()
     print(f"\n{threads} thread(s); dense and pruned timed in {repeats} alternating turns; median [interquartile range]")
     print(
-        "\n| filters removed | batch | layout | MACs ratio | dense ms | pruned ms | speedup | speedup / MACs ratio "
-        "| reference |"
+        "\n| filters removed | round_to | batch | layout | MACs ratio | dense ms | pruned ms | speedup "
+        "| speedup / MACs ratio | reference |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for amount in amounts:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for amount, round_to in itertools.product(amounts, round_tos):
         pruned = copy.deepcopy(dense)
-        lp.prune(pruned, torch.randn(2, 3, 224, 224), amount, scope="local")
+        lp.prune(pruned, torch.randn(2, 3, 224, 224), amount, scope="local", round_to=round_to)
         for batch in batches:
             x = torch.randn(batch, 3, 224, 224)
             ratio = lp.count_macs(dense, x) / lp.count_macs(pruned, x)
-            for layout, (convert, channels_last) in FORMS.items():
+            for layout in layouts:
+                convert, channels_last = FORMS[layout]
                 timing = lp.compare_latency(
                     convert(dense), convert(pruned), x, repeats=repeats, threads=threads,
                     min_run_time=repeats * (0.8 if batch > 1 else 0.2), channels_last=channels_last,
@@ -143,8 +147,9 @@ def latency_table(threads: int, repeats: int, amounts: list[float], batches: lis
                 d, p = timing.dense, timing.pruned
                 speedup = f"{timing.ratio:.2f}x" if timing.resolved else f"{timing.ratio:.2f}x (within noise)"
                 print(
-                    f"| {amount:.0%} | {batch} | {layout} | {ratio:.2f}x | {d.median * 1e3:.1f} [{d.low * 1e3:.1f}-"
-                    f"{d.high * 1e3:.1f}] | {p.median * 1e3:.1f} [{p.low * 1e3:.1f}-{p.high * 1e3:.1f}] | {speedup} "
+                    f"| {amount:.0%} | {round_to} | {batch} | {layout} | {ratio:.2f}x | "
+                    f"{d.median * 1e3:.1f} [{d.low * 1e3:.1f}-{d.high * 1e3:.1f}] | "
+                    f"{p.median * 1e3:.1f} [{p.low * 1e3:.1f}-{p.high * 1e3:.1f}] | {speedup} "
                     f"| {timing.ratio / ratio:.2f} | {REFERENCE[amount]:.1f}x |",
                     flush=True,
                 )
@@ -159,18 +164,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="alternating turns per latency comparison")
     parser.add_argument("--amounts", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--round-to", type=int, nargs="+", default=[1], help="round_to values of the latency table")
+    parser.add_argument("--layouts", nargs="+", default=list(FORMS), choices=list(FORMS))
     parser.add_argument("--latency-only", action="store_true", help="only the latency table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.latency_only:
-        latency_table(args.threads, args.repeats, args.amounts, args.batches)
+        latency_table(args.threads, args.repeats, args.amounts, args.batches, args.round_to, args.layouts)
         return
     if args.race:
         race(args.race)
         return
     timing_table(args.skip_peer)
     if not args.engine_only:
-        latency_table(args.threads, args.repeats, args.amounts, args.batches)
+        latency_table(args.threads, args.repeats, args.amounts, args.batches, args.round_to, args.layouts)
 
 
 if __name__ == "__main__":
