@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
-from lightning_prune.running import ExampleInputs, preserved_state, run_model
+from lightning_prune.running import ExampleInputs, map_tensors, preserved_state, run_model
 
 
 def count_params(model: nn.Module) -> int:
@@ -195,8 +195,8 @@ def compare_latency(
         raise ValueError(f"`min_run_time` must be a positive number of seconds, got {min_run_time!r}.")
     threads = threads or torch.get_num_threads()
     if channels_last:
-        dense, example_inputs = as_channels_last(dense, example_inputs)
         pruned, _ = as_channels_last(pruned, example_inputs)
+        dense, example_inputs = as_channels_last(dense, example_inputs)
     with preserved_state(dense), preserved_state(pruned), torch.inference_mode():
         timers = []
         for model in (dense, pruned):
@@ -227,34 +227,20 @@ def as_channels_last(model: nn.Module, example_inputs: ExampleInputs) -> tuple[n
     if not isinstance(model, nn.Module):
         raise TypeError(f"`channels_last` needs an nn.Module to convert, got {type(model).__name__}.")
     four_d = [t for t in [*model.parameters(), *model.buffers()] if t.ndim == 4]
-    inputs = to_memory_format(example_inputs, torch.channels_last)
-    if not four_d and not any(t.ndim == 4 for t in _tensors(example_inputs)):
+
+    def convert(tensor: Tensor) -> Tensor:
+        if tensor.ndim != 4:
+            return tensor
+        four_d.append(tensor)
+        return tensor.contiguous(memory_format=torch.channels_last)
+
+    inputs = map_tensors(example_inputs, convert)
+    if not four_d:
         raise ValueError(
             "`channels_last=True`, but the model has no 4-d weight and the inputs no 4-d tensor: the layout applies "
             "to convolutions over images (N, C, H, W). Time this model with `channels_last=False`."
         )
     return copy.deepcopy(model).to(memory_format=torch.channels_last), inputs
-
-
-def to_memory_format(inputs: Any, memory_format: torch.memory_format) -> Any:
-    """``inputs`` (tensors, possibly nested in dicts, tuples and lists) with every 4-d tensor in ``memory_format``."""
-    if isinstance(inputs, Tensor):
-        return inputs.contiguous(memory_format=memory_format) if inputs.ndim == 4 else inputs
-    if isinstance(inputs, dict):
-        return {k: to_memory_format(v, memory_format) for k, v in inputs.items()}
-    if isinstance(inputs, tuple | list):
-        return type(inputs)(to_memory_format(v, memory_format) for v in inputs)
-    return inputs
-
-
-def _tensors(inputs: Any) -> list[Tensor]:
-    if isinstance(inputs, Tensor):
-        return [inputs]
-    if isinstance(inputs, dict):
-        inputs = list(inputs.values())
-    if isinstance(inputs, tuple | list):
-        return [t for v in inputs for t in _tensors(v)]
-    return []
 
 
 def _import_benchmark() -> ModuleType:

@@ -12,7 +12,7 @@ import copy
 import functools
 import inspect
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -70,15 +70,20 @@ def meta_clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def map_tensors(inputs: Any, function: Callable[[Tensor], Any]) -> Any:
+    """``inputs`` with ``function`` applied to every tensor, possibly nested in dicts, tuples and lists."""
+    if isinstance(inputs, Tensor):
+        return function(inputs)
+    if isinstance(inputs, dict):
+        return {k: map_tensors(v, function) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(map_tensors(v, function) for v in inputs)
+    return inputs
+
+
 def to_device(inputs: Any, device: str | torch.device) -> Any:
     """``inputs`` (tensors, possibly nested in dicts, tuples and lists) moved to ``device``."""
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, tuple | list):
-        return type(inputs)(to_device(v, device) for v in inputs)
-    return inputs
+    return map_tensors(inputs, lambda tensor: tensor.to(device))
 
 
 def named_tensors(model: nn.Module) -> dict[str, Tensor]:

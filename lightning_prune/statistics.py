@@ -68,9 +68,9 @@ class GradientStatistics:
         self.producers: dict[str, tuple[nn.Module, int]] = {}  # measured on a·g of the module's output
         self.weights: dict[str, tuple[list[nn.Module], Tensor, int, int]] = {}  # measured on W·G (see module doc)
         self.members: list[list[tuple[str, Tensor, Tensor]]] = []  # per group: (tensor, positions, elements)
-        self._in_order: set[str] = set()  # the one producer of its group, channel i being element i
+        self._in_order: set[str] = set()  # the one producer of its group, position i being element i
         for group in graph.groups:
-            entries, in_order, channels = [], None, torch.arange(0)
+            entries = []
             for member in group.members_with_role("out"):
                 name, parameter = member.slot.tensor, parameters.get(member.slot.tensor)
                 path = (owners.get(name) or [None])[0]
@@ -83,12 +83,10 @@ class GradientStatistics:
                 parent = model.get_submodule(path.rpartition(".")[0]) if path else module
                 self.weights[name] = ([module, parent], parameter, member.slot.dim, member.slot.groups)
                 entries.append((name, member.positions, member.elements))
-                channels = torch.arange(parameter.shape[member.slot.dim] * member.slot.groups)
-                if torch.equal(member.positions, channels) and torch.equal(member.elements, channels):
-                    in_order = name
             self.members.append(entries)
-            if len(entries) == 1 and entries[0][0] == in_order and len(channels) == group.width:
-                self._in_order.add(in_order)
+            order = torch.arange(group.width)
+            if len(entries) == 1 and torch.equal(entries[0][1], order) and torch.equal(entries[0][2], order):
+                self._in_order.add(entries[0][0])
         self.widths = [group.width for group in graph.groups]
         self.taylor: dict[str, Tensor] = {}
         self.fisher: dict[str, Tensor] = {}
@@ -199,7 +197,7 @@ class GradientStatistics:
             stacked = {name: torch.cat(parts).to("cpu", torch.float64) for name, parts in columns.items()}
             # index_select/index_add_ rather than tensor indexing (a third of the time on the digits CNN); a group
             # of one producer whose channels are its elements in order (most groups) needs no index at all
-            direct = len(entries) == 1 and names[0] in self._in_order
+            direct = len(entries) == 1 and names[0] in self._in_order and stacked[names[0]].shape[1] == width
             if direct:
                 masks = stacked[names[0]]
             else:
