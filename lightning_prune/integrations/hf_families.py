@@ -23,6 +23,9 @@ class Family:
         head_dim: the modelling code builds its attention from the config field ``head_size`` when the config
             has one. False: it computes ``hidden // heads`` itself, so a cut round-trips only while that ratio
             is the head size (heads and stream cut alike); otherwise ``from_pretrained`` builds other widths.
+        key_value_mirror: a config field the config derives from ``key_value_heads`` when it is built, kept in
+            step where the config has one (Falcon's ``num_key_value_heads`` since transformers 5.25: the key/value
+            heads its layers produce, 1 for multi-query), so the config in memory says what a reload computes.
         sections: ``(class name part, heads field, ffn field)`` for models whose encoder and decoder have widths
             of their own (BART's ``encoder_attention_heads``, ``decoder_ffn_dim``): a layer inside a module whose
             class name contains the part (``BartDecoderLayer``, or the ``BartDecoder`` being synced) uses them.
@@ -38,6 +41,7 @@ class Family:
     stream: str | None = None
     head_dim: bool = True
     head_size: str = "head_dim"
+    key_value_mirror: str | None = None
     sections: tuple[tuple[str, str, str], ...] = ()
     follow_hidden: tuple[str, ...] = ()
 
@@ -60,7 +64,9 @@ FAMILIES: dict[str, Family] = {
     "opt": Family(
         key_value_heads=None, ffn="ffn_dim", embedding="word_embed_proj_dim", stream="project_in", head_dim=False
     ),
-    "falcon": Family(key_value_heads="num_kv_heads", ffn="ffn_hidden_size", head_dim=False),
+    "falcon": Family(
+        key_value_heads="num_kv_heads", ffn="ffn_hidden_size", head_dim=False, key_value_mirror="num_key_value_heads"
+    ),
     "gpt_neox": Family(key_value_heads=None, head_dim=False),
     "stablelm": Family(head_dim=False),
     "bert": BERT,

@@ -94,8 +94,9 @@ def _pretrained_model(model: nn.Module) -> None:
             heads, key_value_heads, head_size = counts
             values[names.head_size].add(head_size)
             values.setdefault(_fields(names, model, name)[0], set()).add(heads)
-            if names.key_value_heads is not None:
-                values.setdefault(names.key_value_heads, set()).add(key_value_heads)
+            for field in (names.key_value_heads, names.key_value_mirror):
+                if field is not None:
+                    values.setdefault(field, set()).add(key_value_heads)
             _follow_heads(model.get_submodule(name), heads, key_value_heads, head_size)
     head_sizes = values[names.head_size]
     if not names.head_dim:
