@@ -2,7 +2,9 @@
 
 One function slices a parameter, its gradient and every optimizer state tensor shaped like it (momentum,
 Adam moments), so the same cut applies to all of them. For undoing, the entries a cut removes are kept
-(a fraction of a full copy) and :func:`unslice_tensor` rebuilds the tensor from its smaller self.
+(a fraction of a full copy) and :func:`unslice_tensor` rebuilds the tensor from its smaller self. Both keep
+the tensor's memory layout: a channels-last weight stays channels-last, so a model converted for deployment
+runs its pruned convolutions in the layout it was timed and chosen in.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ def _removed_indices(cut: Cut) -> Tensor:
     return torch.nonzero(gone).reshape(-1)
 
 
+def layout(tensor: Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-d tensor laid out so (and not also plainly contiguous), else the default."""
+    last = tensor.ndim == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+    return torch.channels_last if last else torch.contiguous_format
+
+
 def _in_order(cuts: Sequence[Cut]) -> list[Cut]:
     return sorted(cuts, key=lambda c: c.groups == 1)  # grouped-input cuts first, on the original row layout
 
@@ -81,19 +89,21 @@ def slice_tensor(tensor: Tensor, cuts: Sequence[Cut], removed: list[Tensor] | No
     With ``removed``, the entries each cut takes away are appended to it: with the result, they are all
     :func:`unslice_tensor` needs to rebuild ``tensor`` (a fraction of a full copy).
     """
+    memory_format = layout(tensor)
     for cut in _in_order(cuts):
         if removed is not None:
             removed.append(_take(tensor, cut, _removed_indices(cut)))
         tensor = _take(tensor, cut, _kept_indices(cut))
-    return tensor.contiguous()
+    return tensor.contiguous(memory_format=memory_format)
 
 
 def unslice_tensor(tensor: Tensor, cuts: Sequence[Cut], removed: Sequence[Tensor]) -> Tensor:
     """The tensor that :func:`slice_tensor` turned into ``tensor``, removing ``removed``."""
+    memory_format = layout(tensor)
     for cut, gone in zip(reversed(_in_order(cuts)), reversed(removed), strict=True):
         shape = list(tensor.shape)
         shape[cut.dim] += gone.shape[cut.dim]
-        whole = tensor.new_empty(shape)
+        whole = torch.empty(shape, dtype=tensor.dtype, device=tensor.device, memory_format=memory_format)
         _put(whole, cut, _kept_indices(cut), tensor)
         _put(whole, cut, _removed_indices(cut), gone)
         tensor = whole

@@ -94,6 +94,29 @@ def test_undo_rebuilds_weights_gradients_and_optimizer_state_from_the_removed_en
     train_steps(model, optimizer)
 
 
+@pytest.mark.parametrize("name", ["residual", "mobile", "grouped"])
+def test_a_channels_last_model_stays_channels_last_through_cut_and_undo(name: str) -> None:
+    torch.manual_seed(0)
+    plain, x = SMALL_NETS[name]().eval(), small_input()
+    model = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    before = copy.deepcopy(model.state_dict())
+    cuts = parse_record(lp.prune(copy.deepcopy(plain), x, 0.5, scope="local").record)[0].cuts
+
+    def layouts() -> set[bool]:
+        weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1]
+        return {w.is_contiguous(memory_format=torch.channels_last) for w in weights}  # (depthwise: both layouts)
+
+    undo = lp.apply_cuts(model, cuts, undoable=True)
+    lp.apply_cuts(plain, cuts)
+    assert layouts() == {True}  # every 3x3 weight as the user laid it out, not back in NCHW
+    with torch.no_grad():
+        out = model(x_last)
+        torch.testing.assert_close(out, plain(x), atol=1e-5, rtol=1e-5)
+    undo()
+    assert layouts() == {True} and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_grouped_slicing_keeps_each_groups_own_columns() -> None:
     weight = torch.arange(4 * 3 * 1 * 1, dtype=torch.float32).view(4, 3, 1, 1)  # 2 groups of 3 inputs
     cut = Cut("w", 1, 6, [0, 2, 4, 5], groups=2)
