@@ -3,7 +3,7 @@
 Times a 3x3 convolution (NCHW and channels_last) and a linear layer at every width in a range and prints one
 row per width; then, for multiples of 8, 16 and 32, how much of its channel share an in-between width saves,
 and the ``round_to`` that ``lightning_prune.widths.choose_round_to`` reads from each column
-(``round_to="auto"`` uses the slowest kind).
+(``round_to="auto"`` uses the column of the kind holding most of a model's weights, in its layout).
 
     OMP_NUM_THREADS=1 python benchmarks/widths.py --threads 1
 """
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from lightning_prune.widths import choose_round_to, savings, sweep
+from lightning_prune.widths import choose_round_to, kind_key, savings, sweep
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     timings = sweep(range(args.first, args.last + 1), batch=args.batch, size=args.size, device=args.device)
     columns: dict[str, dict[int, float]] = {}
     for t in timings:
-        columns.setdefault(t.kind + (" channels_last" if t.channels_last else ""), {})[t.width] = t.seconds
+        columns.setdefault(kind_key(t), {})[t.width] = t.seconds
     names = list(columns)
     print(f"device {args.device}, {args.threads} thread(s), batch {args.batch}, {args.size}x{args.size}; microseconds")
     print("width  " + "  ".join(f"{name:>22}" for name in names))

@@ -23,11 +23,11 @@ from lightning_prune.measure import count_macs, count_params
 from lightning_prune.planning import plan_cuts
 from lightning_prune.record import new_record
 from lightning_prune.running import ExampleInputs, meta_clone, tensor_owners, to_device, tracing_modes
-from lightning_prune.selection import Plan, SelectionOptions, select
+from lightning_prune.selection import AUTO, Plan, SelectionOptions, select
 from lightning_prune.statistics import collect_statistics
 from lightning_prune.surgery import apply_cuts
 from lightning_prune.verify import verify_pruned
-from lightning_prune.widths import default_round_to
+from lightning_prune.widths import round_to_for
 
 MAX_ATTEMPTS = 6
 
@@ -198,8 +198,9 @@ def prune(
         dense: the ``result.dense`` of an earlier call on this model: ``amount`` is then cumulative and
             relative to the model as it was before its first pruning step.
         scope, round_to, max_fraction, normalize: how elements are selected (see :class:`SelectionOptions`);
-            ``round_to="auto"``: the multiple this device's kernels reward, timed once and cached
-            (:func:`lightning_prune.widths.default_round_to`).
+            ``round_to="auto"``: the multiple this device's kernels reward for the layer kind holding most of the
+            model's weights, in the layout it runs in (convolutions channels-last where their weights or the 4-d
+            example inputs are), timed once per device and cached (:func:`lightning_prune.widths.round_to_for`).
         ignore: module names or glob patterns whose parameters keep their shapes.
         aggregate: how a group's producers' scores combine (``"sum"``, ``"mean"``, ``"max"``).
         seed: seed of the ``"random"`` criterion.
@@ -226,10 +227,9 @@ def prune(
         UserWarning: ``amount=0``, which prunes nothing.
     """
     budget = Budget(amount, target)
-    if round_to == "auto":
-        parameter = next(model.parameters(), None)
-        round_to = default_round_to(parameter.device if parameter is not None else "cpu")
     selection = SelectionOptions(scope, round_to, max_fraction, normalize)
+    if selection.round_to == AUTO:
+        selection = replace(selection, round_to=round_to_for(model, example_inputs))
     if target == "channels" and amount > max_fraction:
         raise PruningError(
             f"`amount`={amount} of the channels cannot be removed: every group (a layer's heads, its FFN neurons ...) "

@@ -21,6 +21,7 @@ from lightning_prune.graph.groups import Group
 
 SCOPES = ("global", "local")
 NORMALIZERS = ("mean", "max", "sum", "lamp", "none")
+AUTO = "auto"  # round_to measured for the model and device (lightning_prune.widths.round_to_for)
 
 
 @dataclass(frozen=True)
@@ -29,22 +30,25 @@ class SelectionOptions:
 
     Args:
         scope: ``"global"`` ranks all elements together, ``"local"`` removes the same fraction of every group.
-        round_to: widths that remain are multiples of this.
+        round_to: widths that remain are multiples of this; ``"auto"``: the multiple the device's kernels reward,
+            measured when :func:`lightning_prune.prune` sees the model (it hands ``select`` the number).
         max_fraction: at most this fraction of any group is removed.
         normalize: how global ranking makes groups comparable: ``"mean"``, ``"max"``, ``"sum"``, ``"lamp"``,
             ``"none"``.
     """
 
     scope: str = "global"
-    round_to: int = 1
+    round_to: int | str = 1
     max_fraction: float = 0.9
     normalize: str = "mean"
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise PruningError(f"`scope` must be one of {', '.join(SCOPES)}; got {self.scope!r}.")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise PruningError(f"`round_to` must be a positive integer, got {self.round_to!r}.")
+        if self.round_to != AUTO and (
+            isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1
+        ):
+            raise PruningError(f"`round_to` must be a positive integer or {AUTO!r}, got {self.round_to!r}.")
         fraction = self.max_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 < fraction <= 1.0:
             raise PruningError(f"`max_fraction` must be in (0, 1], got {fraction!r}.")
@@ -188,6 +192,11 @@ def select(
     """
     amount = check_amount(amount)
     options = replace(options or SelectionOptions(), **option_fields)
+    if options.round_to == AUTO:
+        raise PruningError(
+            "`round_to='auto'` is measured for a model: resolve it with `lightning_prune.widths.round_to_for(model, "
+            "example_inputs)` before `select`, or call `lightning_prune.prune`, which does."
+        )
     scope, round_to, max_fraction, normalize = options.scope, options.round_to, options.max_fraction, options.normalize
     scored = [(g, s) for g, s in zip(groups, scores, strict=True) if s is not None]
     removed: dict[int, list[int]] = {}

@@ -221,34 +221,6 @@ def test_dense_size_carries_the_dense_latency() -> None:
     assert Budget(0.3, "latency").fraction_now(size, 0.016) == pytest.approx(1 - 0.014 / 0.016)
 
 
-def test_round_to_is_the_block_under_which_narrower_layers_save_nothing() -> None:
-    from lightning_prune.widths import choose_round_to
-
-    blocked = {w: float(-(-w // 16) * 16) for w in range(33, 129)}  # time of the next multiple of 16 up
-    assert choose_round_to(blocked) == 16
-    assert choose_round_to({w: float(w) for w in range(33, 129)}) == 1  # every channel saves its share
-    slower_between = {w: float(w if w % 32 == 0 else 2 * w) for w in range(33, 129)}
-    assert choose_round_to(slower_between) == 32
-
-
-def test_round_to_auto_is_measured_once_per_device(tmp_path, monkeypatch) -> None:
-    from lightning_prune.widths import default_round_to
-
-    monkeypatch.setenv("LIGHTNING_PRUNE_CACHE", str(tmp_path))
-    calls = []
-
-    def blocked_time(layer: nn.Module, x: torch.Tensor) -> float:
-        calls.append(1)
-        return float(-(-layer.weight.shape[0] // 8) * 8)
-
-    assert default_round_to("cpu", time=blocked_time) == 8 and calls
-    calls.clear()
-    assert default_round_to("cpu", time=blocked_time) == 8 and not calls
-    model = PlainCNN()
-    result = lp.prune(model, small_input(), 0.3, round_to="auto")
-    assert all(change.after % 8 == 0 for change in result.layers)
-
-
 # --- inside Trainer.fit -------------------------------------------------------------------------------
 def _trainer(tmp_path, callbacks: list, epochs: int = 2):
     import lightning.pytorch as pl

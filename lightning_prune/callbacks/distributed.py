@@ -1,4 +1,5 @@
-"""What pruning under several processes needs: every rank makes the same cut, and DDP wraps the new shapes."""
+"""What pruning under several processes needs: every rank makes the same cut (from the same statistics and the
+same ``round_to``), and DDP wraps the new shapes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import gc
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +16,9 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_prune.errors import PruningError
+from lightning_prune.selection import AUTO
 from lightning_prune.statistics import Statistics, reduce_statistics
+from lightning_prune.widths import round_to_for
 
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
@@ -77,6 +81,16 @@ def gathered_batches(trainer: pl.Trainer, batches: list[Any], device: torch.devi
         return gathered.reshape(-1, *tensor.shape[1:]).to(tensor.device)
 
     return [apply_to_collection(batch, Tensor, gather) for batch in batches]
+
+
+def agree_on_round_to(trainer: pl.Trainer, method: Any, pl_module: pl.LightningModule, example: Any) -> None:
+    """Resolve a method's ``round_to="auto"`` once, measured on rank zero for the model as it runs there and
+    broadcast, so that every rank rounds its cut alike (ranks timing the width sweep at once could disagree)."""
+    selection = getattr(method, "selection", None)
+    if selection is None or selection.round_to != AUTO:
+        return
+    chosen = round_to_for(pl_module, example) if trainer.is_global_zero else 0
+    method.selection = replace(selection, round_to=int(trainer.strategy.broadcast(chosen, src=0)))
 
 
 def check_same_cut(trainer: pl.Trainer, record: Mapping[str, Any]) -> None:

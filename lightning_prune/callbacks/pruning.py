@@ -18,7 +18,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
 from lightning_prune.budget import DenseSize
@@ -31,7 +31,8 @@ from lightning_prune.callbacks.checkpoint import (
     read_checkpoint,
     restore_pruned,
 )
-from lightning_prune.callbacks.distributed import check_same_cut, check_strategy, rewrap_distributed
+from lightning_prune.callbacks.distributed import agree_on_round_to, check_same_cut, check_strategy, rewrap_distributed
+from lightning_prune.callbacks.inputs import batch_rows, first_rows, select_input
 from lightning_prune.callbacks.io import AtomicCheckpointIO
 from lightning_prune.callbacks.optimizers import parameter_ids, rebuild_optimizers
 from lightning_prune.callbacks.reporting import latency_summary, report_step
@@ -45,25 +46,6 @@ from lightning_prune.schedules import schedule_amounts
 from lightning_prune.selection import SelectionOptions
 
 WHEN = ("train_epoch_end", "validation_end", "train_epoch_start")
-EXAMPLE_BATCH = 8
-
-
-def _first_rows(value: Any, rows: int) -> Any:
-    if isinstance(value, Tensor):
-        return value[:rows].detach().clone() if value.ndim else value.detach().clone()
-    if isinstance(value, Mapping):
-        return {k: _first_rows(v, rows) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_first_rows(v, rows) for v in value)
-    return value
-
-
-def _rows(example: Any) -> int:
-    """The batch size of example inputs: the first dimension of their first tensor (1 if there is none)."""
-    if isinstance(example, Tensor):
-        return example.shape[0] if example.ndim else 1
-    values = example.values() if isinstance(example, Mapping) else example if isinstance(example, tuple | list) else []
-    return next((_rows(v) for v in values if isinstance(v, Tensor | Mapping | tuple | list)), 1)
 
 
 class StructuredPruning(Callback):
@@ -93,7 +75,8 @@ class StructuredPruning(Callback):
             2017) from ``start_epoch`` to ``end_epoch`` every ``every`` epochs, or a mapping
             ``{epoch: cumulative_amount}``. Epochs are Lightning's 0-based ``current_epoch``.
         start_epoch, end_epoch, every: see ``schedule``.
-        scope, ignore, round_to, max_fraction, normalize, aggregate, seed: as in :func:`lightning_prune.prune`.
+        scope, ignore, round_to, max_fraction, normalize, aggregate, seed: as in :func:`lightning_prune.prune`
+            (``round_to="auto"`` is measured at the first step, on rank zero, for the module as it trains).
         target: ``"channels"``, ``"macs"``, ``"params"`` or ``"latency"`` (seconds per eval-mode forward on the
             device the model trains on, timed on the example inputs; how: ``options={"latency": {"rounds": 3,
             "min_run_time": 0.5}}`` or a :class:`~lightning_prune.latency.LatencySettings`): what ``amount`` is a
@@ -159,7 +142,7 @@ class StructuredPruning(Callback):
         every: int = 1,
         scope: str = "global",
         ignore: Sequence[str] = (),
-        round_to: int = 1,
+        round_to: int | str = 1,
         target: str = "channels",
         max_fraction: float = 0.9,
         normalize: str = "mean",
@@ -306,23 +289,14 @@ class StructuredPruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._example is None and pl_module.example_input_array is None:
-            self._example = _first_rows(self._select_input(batch), EXAMPLE_BATCH)
+            self._example = first_rows(self._select_input(batch))
         epoch = trainer.current_epoch
         due = epoch in self.steps and epoch not in self.done
         if due and self.method.needs_gradients and self.statistics.observes_training:
             self.statistics.observe(pl_module)
 
     def _select_input(self, batch: Any) -> Any:
-        if self.batch_input is None:
-            return batch
-        try:
-            return batch[self.batch_input]
-        except (KeyError, IndexError, TypeError) as error:
-            kind = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise PruningError(
-                f"`batch_input`={self.batch_input!r} does not select the model input from a training batch ({kind}). "
-                "Set `batch_input` to the index or key of the input, or set `example_input_array` on the module."
-            ) from error
+        return select_input(batch, self.batch_input)
 
     def _example_inputs(self, pl_module: pl.LightningModule) -> Any:
         example = pl_module.example_input_array if pl_module.example_input_array is not None else self._example
@@ -370,8 +344,9 @@ class StructuredPruning(Callback):
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         if self._example is None and pl_module.example_input_array is None and trainer.train_dataloader is not None:
-            self._example = _first_rows(self._select_input(next(iter(trainer.train_dataloader))), EXAMPLE_BATCH)
+            self._example = first_rows(self._select_input(next(iter(trainer.train_dataloader))))
         example = self._example_inputs(pl_module)
+        agree_on_round_to(trainer, self.method, pl_module, example)
         statistics = self.statistics.take(trainer, pl_module, self.importance) if self.method.needs_gradients else None
         parameters = parameter_ids(pl_module)
         result = self.method.step(
@@ -391,7 +366,7 @@ class StructuredPruning(Callback):
             "removed": result.dense.removed - before,
         }
         if getattr(result, "latency", None) is not None:  # target="latency": timed against the model before the step
-            self.done[epoch]["latency"] = latency_summary(result.latency, _rows(example))
+            self.done[epoch]["latency"] = latency_summary(result.latency, batch_rows(example))
         if self.when == "train_epoch_start" and self.reset_best:
             _reset_best_checkpoints(trainer)  # what they scored so far was the model before this cut
         number = sorted(self.steps).index(epoch) + 1
@@ -399,7 +374,7 @@ class StructuredPruning(Callback):
         title = f"StructuredPruning: epoch {epoch} step {number}/{len(self.steps)}"
         report_step(
             trainer, title, what, self.amount_done, self.dense, result.params_after, result.macs_after,
-            result.layers, self.log_table, _rows(example), self.done[epoch].get("latency"),
+            result.layers, self.log_table, batch_rows(example), self.done[epoch].get("latency"),
         )  # fmt: skip
 
     @override

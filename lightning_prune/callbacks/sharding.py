@@ -24,8 +24,9 @@ from lightning_prune.callbacks.checkpoint import (
     read_checkpoint,
     restore_pruned,
 )
-from lightning_prune.callbacks.distributed import check_same_cut
-from lightning_prune.callbacks.pruning import EXAMPLE_BATCH, StructuredPruning, _first_rows, _rows
+from lightning_prune.callbacks.distributed import agree_on_round_to, check_same_cut
+from lightning_prune.callbacks.inputs import batch_rows, first_rows
+from lightning_prune.callbacks.pruning import StructuredPruning
 from lightning_prune.callbacks.reporting import report_step
 from lightning_prune.depth import LayerPruningResult
 from lightning_prune.errors import PruningError
@@ -105,8 +106,9 @@ class PruneBeforeSharding(StructuredPruning):
         check_same_weights(trainer, pl_module)
         batches = self._calibration_batches(trainer, pl_module)
         if pl_module.example_input_array is None:
-            self._example = _first_rows(self._select_input(batches[0]), EXAMPLE_BATCH)
+            self._example = first_rows(self._select_input(batches[0]))
         example = self._example_inputs(pl_module)
+        agree_on_round_to(trainer, self.method, pl_module, example)
         statistics = None
         if self.method.needs_gradients:
             statistics = self.statistics.collect(pl_module, self._graph(pl_module), iter(batches), _training_loss)
@@ -119,7 +121,7 @@ class PruneBeforeSharding(StructuredPruning):
         what = "blocks" if isinstance(result, LayerPruningResult) else self.target
         report_step(
             trainer, "PruneBeforeSharding", what, self.amount_done, self.dense, result.params_after,
-            result.macs_after, result.layers, self.log_table, _rows(example),
+            result.macs_after, result.layers, self.log_table, batch_rows(example),
         )  # fmt: skip
 
     def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
