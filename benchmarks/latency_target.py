@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/latency_target.py --threads 1                 # ResNet-50, 0.5 and 0.7
     OMP_NUM_THREADS=1 python benchmarks/latency_target.py --threads 1 --models resnet50 mobilenet_v3_large vit_b_16
     OMP_NUM_THREADS=1 python benchmarks/latency_target.py --threads 1 --repeats 4 --min-run-time 0.5   # quick
+    OMP_NUM_THREADS=1 python benchmarks/latency_target.py --threads 1 --channels-last --round-to auto
 
 For each model and asked latency ratio (pruned / dense seconds per forward, batch ``--batch``): prune with
 ``target="latency"`` (L1) and report the ratio its accepted copy measured, the tries of the search, and a fresh
@@ -11,6 +12,8 @@ search the ``target="macs"`` amount whose pruned model measures the same ratio (
 each copy the same way) and compare the parameters and MACs each keeps. ``--repeats`` and ``--min-run-time``
 set every whole-model timing (the search's and the re-measurement's). All timings share the machine with
 whatever else runs: the spread printed is the honest error bar. A markdown table of every run closes the output.
+``--channels-last`` converts models and inputs to channels-last first (the layout pruning keeps, and the one the
+per-layer table and every timing then see); ``--round-to`` (a number or ``auto``) applies to both targets.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import torchvision
 import lightning_prune as lp
 from lightning_prune.latency import LatencySettings, search_latency
 
+LAYOUT = {"memory_format": torch.contiguous_format}  # set by --channels-last
+
 
 def fresh(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return getattr(torchvision.models, name)(weights=None).eval()
+    return getattr(torchvision.models, name)(weights=None).eval().to(**LAYOUT)
 
 
 def spread(timing: lp.measure.LatencyComparison) -> str:
@@ -40,11 +45,11 @@ def spread(timing: lp.measure.LatencyComparison) -> str:
     )
 
 
-def run(name: str, asked: float, x: torch.Tensor, settings: LatencySettings) -> str:
+def run(name: str, asked: float, x: torch.Tensor, settings: LatencySettings, round_to: int | str) -> str:
     dense = fresh(name)
     model = copy.deepcopy(dense)
     start = time.perf_counter()
-    result = lp.prune(model, x, round(1 - asked, 6), target="latency", latency=settings)
+    result = lp.prune(model, x, round(1 - asked, 6), target="latency", latency=settings, round_to=round_to)
     seconds = time.perf_counter() - start
     outcome = result.latency
     tries = ", ".join(f"{keep:.3f}->{ratio:.3f}" for keep, ratio in outcome.tries)
@@ -56,7 +61,7 @@ def run(name: str, asked: float, x: torch.Tensor, settings: LatencySettings) -> 
 
     def attempt(keep: float) -> tuple[torch.nn.Module, lp.PruningResult]:
         copy_ = copy.deepcopy(dense)
-        return copy_, lp.prune(copy_, x, round(1 - keep, 6), target="macs")
+        return copy_, lp.prune(copy_, x, round(1 - keep, 6), target="macs", round_to=round_to)
 
     def measure(tried: tuple[torch.nn.Module, lp.PruningResult]) -> float:
         return 1 / settings.compare(dense, tried[0], x).ratio
@@ -90,16 +95,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="alternating turns per whole-model timing")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per model of each timing")
     parser.add_argument("--rounds", type=int, default=5, help="pruned copies each search may time")
+    parser.add_argument("--channels-last", action="store_true", help="models and inputs channels-last")
+    parser.add_argument("--round-to", default="1", help="a positive number, or auto")
     args = parser.parse_args()
+    round_to = args.round_to if args.round_to == "auto" else int(args.round_to)
+    if args.channels_last:
+        LAYOUT["memory_format"] = torch.channels_last
     torch.set_num_threads(args.threads)
     settings = LatencySettings(repeats=args.repeats, min_run_time=args.min_run_time, rounds=args.rounds)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    print(f"{args.threads} thread(s), batch {args.batch}, {args.size}x{args.size}, torch {torch.__version__}")
+    x = torch.randn(args.batch, 3, args.size, args.size).contiguous(**LAYOUT)
+    print(
+        f"{args.threads} thread(s), batch {args.batch}, {args.size}x{args.size}, torch {torch.__version__}, "
+        f"{'channels-last' if args.channels_last else 'NCHW'}, round_to {round_to}"
+    )
     rows = []
     for name in args.models:
         for asked in args.targets:
             try:
-                rows.append(run(name, asked, x, settings))
+                rows.append(run(name, asked, x, settings, round_to))
             except lp.PruningError as error:  # the search tells what it tried
                 print(f"\n{name} asked {asked:.2f}: {error}")
                 rows.append(f"| {name} | {asked:.2f} | not reached: {str(error)[:160]} |")

@@ -130,6 +130,49 @@ def test_taylor_and_fisher_equal_a_hand_computation() -> None:
     assert torch.allclose(fisher, fisher_stream, rtol=1e-5)
 
 
+class TwoMaps(nn.Module):
+    """A convolution on a 16x16 map and one on an 8x8 map: the two ways per-example sums over positions are taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.large, self.small, self.head = (
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.Conv2d(6, 5, 3, padding=1),
+            nn.Linear(5, 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        small = self.small(F.max_pool2d(torch.tanh(self.large(x)), 2))
+        return self.head(torch.tanh(small).mean((2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_convolution_statistics_equal_a_hand_computation_on_small_and_large_maps(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    model = TwoMaps()
+    data = [torch.randn(n, 3, 16, 16) for n in (4, 3, 4)]
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        data = [x.contiguous(memory_format=torch.channels_last) for x in data]
+    graph = lp.build_graph(model, data[0])
+    statistics = collect_statistics(model, graph, data, lambda m, x: m(x).square().sum())
+    expected = {kind: {name: torch.zeros(c, dtype=torch.float64) for name, c in (("large", 6), ("small", 5))}
+                for kind in ("taylor", "fisher")}  # fmt: skip
+    for x in data:
+        large = model.large(x)
+        small = model.small(F.max_pool2d(torch.tanh(large), 2))
+        large.retain_grad(), small.retain_grad()
+        model.head(torch.tanh(small).mean((2, 3))).square().sum().backward()
+        for name, output in (("large", large), ("small", small)):
+            per_example = (output.double() * output.grad.double()).sum((2, 3))  # d loss / d channel mask
+            expected["taylor"][name] += per_example.sum(0).abs()
+            expected["fisher"][name] += per_example.square().sum(0)
+        model.zero_grad()
+    for kind, names in expected.items():
+        for name, values in names.items():
+            torch.testing.assert_close(statistics[kind][f"{name}.weight"], values, rtol=1e-5, atol=1e-12)
+
+
 class Sometimes(nn.Module):
     """``b`` joins ``a``'s stream only on batches of odd size: a group member some batches do not see."""
 
