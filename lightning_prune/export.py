@@ -165,6 +165,7 @@ def export_program(
         try:
             program = torch.export.export(bound, tuple(tensors), dynamic_shapes=shapes)
         except Exception as error:
+            _raise_own(error)
             raise PruningError(f"torch.export cannot trace {type(model).__name__}: {_first_line(error)}") from error
         module = program.module()
         for inputs in (example_inputs, *check_inputs):
@@ -226,6 +227,7 @@ def export_onnx(
                     warnings.simplefilter("ignore")
                     torch.onnx.export(bound, tuple(tensors), str(partial), dynamo=exporter == "dynamo", **options)
             except Exception as error:
+                _raise_own(error)
                 raise PruningError(
                     f"cannot export {type(model).__name__} to ONNX with the {exporter!r} exporter: "
                     f"{_first_line(error)} (try exporter={_other(exporter)!r}, or replace that op)."
@@ -320,6 +322,17 @@ def _onnxruntime() -> Any:
             "ONNX export is checked in ONNX Runtime: install it with `pip install onnx onnxruntime onnxscript`."
         ) from error
     return onnxruntime
+
+
+def _raise_own(error: BaseException) -> None:
+    """Raise the PruningError behind an exporter's error, if one of ours is (an output :func:`tensor_outputs`
+    cannot export): its message says what to change, where the exporter's would point at the exporter."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, PruningError):
+            raise error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
 
 
 def _first_line(error: BaseException) -> str:
