@@ -185,6 +185,30 @@ def test_prune_to_latency_with_injected_timing_cuts_the_model_like_the_accepted_
     assert macs_timing(dense, model, x).pruned.median / result.dense.latency <= 0.4
 
 
+def test_a_channels_last_model_is_timed_and_pruned_in_channels_last() -> None:
+    torch.manual_seed(0)
+    model = PlainCNN().eval().to(memory_format=torch.channels_last)
+    x = small_input().contiguous(memory_format=torch.channels_last)
+    layouts: dict[str, set[bool]] = {"layers": set(), "copies": set()}
+
+    def layer_time(layer: nn.Module, inputs: torch.Tensor) -> float:
+        if isinstance(layer, nn.Conv2d):
+            layouts["layers"].add(inputs.is_contiguous(memory_format=torch.channels_last))
+        return macs_time(layer, inputs)
+
+    def timing(dense: nn.Module, pruned: nn.Module, inputs: torch.Tensor) -> LatencyComparison:
+        weights = [m.weight for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+        layouts["copies"].update(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+        return macs_timing(dense, pruned, inputs)
+
+    settings = LatencySettings(timing=timing, time_layer=layer_time, clock=ticks(), cache=False)
+    result = lp.prune(model, x, 0.4, target="latency", latency=settings)
+    assert result.channels_removed > 0 and layouts == {"layers": {True}, "copies": {True}}
+    assert all(
+        m.weight.is_contiguous(memory_format=torch.channels_last) for m in model.modules() if isinstance(m, nn.Conv2d)
+    )
+
+
 @pytest.mark.parametrize("amount", [0, 0.0, 1.0, -0.1, 1.5])
 def test_bad_latency_amount_raises_before_anything_is_cut(amount: float) -> None:
     model = PlainCNN()
