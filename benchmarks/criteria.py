@@ -9,10 +9,11 @@ their statistics), loses 50% or 70% of its prunable channels (global ranking, sc
 group by their mean) and is fine-tuned 10 epochs. Test accuracy right after the cut and after
 fine-tuning, mean ± spread over seeds; params and MACs. Random is the floor.
 
-Table 2: time per training step (forward, backward, SGD step) of a model and of a copy with the
-taylor/fisher hooks attached, timed in alternating turns (``torch.utils.benchmark``, ``--threads``; median
-and interquartile range), for the digits CNN and a CIFAR ResNet-18 shape (batch 64, 32×32), and the memory
-the accumulated statistics take.
+Table 2: time per training step (forward, backward, SGD step) of a model without and with the taylor/fisher
+hooks attached, the same model timed in alternating turns (``--threads``; median and interquartile range), for
+the digits CNN and a CIFAR ResNet-18 shape (batch 64, 32×32), and the memory the accumulated statistics take.
+``benchmarks/hook_instructions.py`` counts the same overhead in instructions, which the machine's noise does not
+move.
 
     python benchmarks/criteria.py --skip-accuracy --threads 1 --repeats 10 --min-run-time 3   # the cost only
 """
@@ -22,13 +23,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import time
 import warnings
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from torch.utils import benchmark
 
 import lightning_prune as lp
 from lightning_prune.callbacks import NetworkSlimming, StructuredPruning
@@ -133,15 +134,30 @@ def stepper(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def interleaved(steps: list, repeats: int, min_run_time: float) -> list[list[float]]:
-    """Seconds per call of each of ``steps``, timed in alternating turns (``torch.utils.benchmark``)."""
-    timers = [benchmark.Timer(stmt="step()", globals={"step": s}, num_threads=torch.get_num_threads()) for s in steps]
-    once = [min(t.timeit(1).median for _ in range(3)) for t in timers]  # also warms up
-    number = [max(1, round(min_run_time / repeats / seconds)) for seconds in once]
-    samples: list[list[float]] = [[] for _ in steps]
+def alternating(step, collector: GradientStatistics, repeats: int, min_run_time: float) -> list[list[float]]:
+    """Seconds per step of one model without and with the hooks, in alternating turns of the same number of steps:
+    the hooks are attached for a hooked turn and detached (their last batches folded) after it. One model for
+    both, so that where its tensors happen to lie in memory favours neither (two copies differed by ±4% here)."""
+    for hooked in (False, True):  # warm-up
+        if hooked:
+            collector.attach()
+        step()
+        if hooked:
+            collector.detach()
+    start = time.perf_counter()
+    step()
+    number = max(2, round(min_run_time / repeats / (time.perf_counter() - start)))
+    samples: list[list[float]] = [[], []]
     for turn in range(repeats):
-        for index in range(len(steps)) if turn % 2 == 0 else reversed(range(len(steps))):
-            samples[index].append(timers[index].timeit(number[index]).median)
+        for hooked in (False, True) if turn % 2 == 0 else (True, False):
+            if hooked:
+                collector.attach()
+            start = time.perf_counter()
+            for _ in range(number):
+                step()
+            if hooked:
+                collector.detach()
+            samples[hooked].append((time.perf_counter() - start) / number)
     return samples
 
 
@@ -152,7 +168,7 @@ def cost_table(repeats: int, min_run_time: float) -> None:
         ("digits CNN, batch 64, 8x8", ImageClassifier().net, torch.randn(64, 1, 8, 8)),
         ("resnet18, batch 64, 32x32", torchvision.models.resnet18(num_classes=10), torch.randn(64, 3, 32, 32)),
     ]
-    print(f"\n{torch.get_num_threads()} thread(s); plain and hooked copies timed in {repeats} alternating turns")
+    print(f"\n{torch.get_num_threads()} thread(s); the same model timed without and with hooks in {repeats} turns")
     print(
         "| model | step without hooks [IQR] | with taylor+fisher hooks [IQR] | overhead of the medians "
         "| overhead, median of the turns' ratios [IQR] | statistics memory |"
@@ -160,17 +176,16 @@ def cost_table(repeats: int, min_run_time: float) -> None:
     print("|---|---|---|---|---|---|")
     for name, model, x in cases:
         y = torch.randint(0, 10, (x.shape[0],))
-        hooked = copy.deepcopy(model)
-        collector = GradientStatistics(hooked, lp.build_graph(hooked, x[:2])).attach()
-        plain_times, hooked_times = interleaved([stepper(model, x, y), stepper(hooked, x, y)], repeats, min_run_time)
-        accumulated = collector.detach()
+        collector = GradientStatistics(model, lp.build_graph(model, x[:2]))
+        plain_times, hooked_times = alternating(stepper(model, x, y), collector, repeats, min_run_time)
+        accumulated = collector.state()
         size = sum(t.numel() * t.element_size() for kind in ("taylor", "fisher") for t in accumulated[kind].values())
         cells = []
         for times in (plain_times, hooked_times):
             low, median, high = statistics.quantiles(times, n=4, method="inclusive")
             cells.append((median, f"{median * 1e3:.2f} ms [{low * 1e3:.2f}-{high * 1e3:.2f}]"))
         overhead = cells[1][0] / cells[0][0] - 1
-        # each turn times both copies back to back: its ratio cancels the machine's drift between turns
+        # each turn times both back to back: its ratio cancels the machine's drift between turns
         low, median, high = statistics.quantiles(
             [h / p - 1 for p, h in zip(plain_times, hooked_times, strict=True)], n=4, method="inclusive"
         )
