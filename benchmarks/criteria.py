@@ -16,6 +16,7 @@ the digits CNN and a CIFAR ResNet-18 shape (batch 64, 32×32), and the memory th
 move.
 
     python benchmarks/criteria.py --skip-accuracy --threads 1 --repeats 10 --min-run-time 3   # the cost only
+    OMP_NUM_THREADS=1 python benchmarks/criteria.py --skip-accuracy --threads 1 --repeats 40   # as in the README
 """
 
 from __future__ import annotations
@@ -134,10 +135,15 @@ def stepper(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
+MIN_STEPS = 20  # per turn: the first hooked step of a turn also measures every weight on its gradient
+
+
 def alternating(step, collector: GradientStatistics, repeats: int, min_run_time: float) -> list[list[float]]:
     """Seconds per step of one model without and with the hooks, in alternating turns of the same number of steps:
     the hooks are attached for a hooked turn and detached (their last batches folded) after it. One model for
-    both, so that where its tensors happen to lie in memory favours neither (two copies differed by ±4% here)."""
+    both, so that where its tensors happen to lie in memory favours neither (two copies differed by ±4% here).
+    A turn has at least ``MIN_STEPS`` steps: attaching costs its first step more than training does (every weight
+    is also measured on its gradient until that step shows which form it needs)."""
     for hooked in (False, True):  # warm-up
         if hooked:
             collector.attach()
@@ -146,7 +152,7 @@ def alternating(step, collector: GradientStatistics, repeats: int, min_run_time:
             collector.detach()
     start = time.perf_counter()
     step()
-    number = max(2, round(min_run_time / repeats / (time.perf_counter() - start)))
+    number = max(MIN_STEPS, round(min_run_time / repeats / (time.perf_counter() - start)))
     samples: list[list[float]] = [[], []]
     for turn in range(repeats):
         for hooked in (False, True) if turn % 2 == 0 else (True, False):
@@ -168,7 +174,10 @@ def cost_table(repeats: int, min_run_time: float) -> None:
         ("digits CNN, batch 64, 8x8", ImageClassifier().net, torch.randn(64, 1, 8, 8)),
         ("resnet18, batch 64, 32x32", torchvision.models.resnet18(num_classes=10), torch.randn(64, 3, 32, 32)),
     ]
-    print(f"\n{torch.get_num_threads()} thread(s); the same model timed without and with hooks in {repeats} turns")
+    print(
+        f"\n{torch.get_num_threads()} thread(s); the same model timed without and with hooks in {repeats} turns "
+        f"(at least {MIN_STEPS} steps each)"
+    )
     print(
         "| model | step without hooks [IQR] | with taylor+fisher hooks [IQR] | overhead of the medians "
         "| overhead, median of the turns' ratios [IQR] | statistics memory |"

@@ -23,6 +23,7 @@ from lightning_prune.running import ExampleInputs, map_tensors
 from lightning_prune.slicing import layout
 
 MULTIPLES = (8, 16, 32)
+ROUNDS = 5  # passes of a sweep over its widths
 SHARE = 0.25  # widths between multiples must save less than this share of the time their channels would
 
 
@@ -44,20 +45,32 @@ def sweep(
     channels_last: Sequence[bool] = (False, True),
     device: torch.device | str = "cpu",
     time: TimeLayer = time_layer,
+    rounds: int = ROUNDS,
 ) -> list[WidthTiming]:
     """Time a 3x3 convolution (``batch`` x width x ``size`` x ``size``, each layout) and a linear layer
-    (``batch * size * size`` rows) with ``width`` input and output channels, for each width."""
+    (``batch * size * size`` rows) with ``width`` input and output channels, for each width: the median of
+    ``rounds`` passes over all widths, every other pass in reverse order, so that a busy spell of the machine
+    reaches every width alike rather than a few neighbours (one pass chose 1, 8 or 16 for the same layer here)."""
     device = torch.device(device)
-    found = []
+    layers = []
     for width in widths:
         for last in channels_last:
             spec = LayerSpec(
                 "Conv2d", width, width, (batch, width, size, size), (3, 1, 1, 1, 1, False), channels_last=last
             )
-            found.append(WidthTiming("conv3x3", width, last, float(time(*spec.build(width, width, device)))))
-        spec = LayerSpec("Linear", width, width, (batch * size * size, width), (False,))
-        found.append(WidthTiming("linear", width, False, float(time(*spec.build(width, width, device)))))
-    return found
+            layers.append(("conv3x3", width, last, spec))
+        layers.append(
+            ("linear", width, False, LayerSpec("Linear", width, width, (batch * size * size, width), (False,)))
+        )
+    seconds: list[list[float]] = [[] for _ in layers]
+    for round_ in range(rounds):
+        for index in range(len(layers)) if round_ % 2 == 0 else reversed(range(len(layers))):
+            _, width, _, spec = layers[index]
+            seconds[index].append(float(time(*spec.build(width, width, device))))
+    return [
+        WidthTiming(kind, width, last, statistics.median(found))
+        for (kind, width, last, _), found in zip(layers, seconds, strict=True)
+    ]
 
 
 def savings(seconds: Mapping[int, float], multiple: int) -> list[float]:
@@ -83,7 +96,7 @@ def choose_round_to(seconds: Mapping[int, float], multiples: Sequence[int] = MUL
     return chosen
 
 
-FORMAT = 2  # of the cached sweep: every layer kind's seconds by width
+FORMAT = 3  # of the cached sweep: every layer kind's seconds by width, medians of ROUNDS passes
 LINEAR, CONV, CONV_LAST = "linear", "conv3x3", "conv3x3 channels_last"
 
 

@@ -15,7 +15,16 @@ import lightning_prune as lp
 from lightning_prune.errors import PruningError
 from lightning_prune.selection import SelectionOptions, select
 from lightning_prune.slicing import layout
-from lightning_prune.widths import CONV, CONV_LAST, LINEAR, choose_round_to, dominant_kind, round_to_for
+from lightning_prune.widths import (
+    CONV,
+    CONV_LAST,
+    FORMAT,
+    LINEAR,
+    choose_round_to,
+    dominant_kind,
+    round_to_for,
+    sweep,
+)
 
 BLOCKS = {LINEAR: 8, CONV: 1, CONV_LAST: 16}  # what the injected kernels reward
 
@@ -85,7 +94,7 @@ def test_a_cache_file_of_the_older_format_is_measured_again(tmp_path, monkeypatc
     path.write_text(json.dumps({"round_to": 4, "seconds": {"33": 1.0}}))  # what one kind's answer looked like
     calls.clear()
     assert round_to_for(MLP(), time=blocked(calls)) == 8 and calls
-    assert json.loads(path.read_text())["format"] == 2
+    assert json.loads(path.read_text())["format"] == FORMAT
 
 
 def test_bad_round_to_is_named_and_auto_is_never_used_unmeasured() -> None:
@@ -119,3 +128,17 @@ def test_round_to_auto_in_a_trainer_is_resolved_at_the_step(swept: list, tmp_pat
     assert pruning.options["round_to"] == 16 and not swept  # the channels-last CNN's kind, from the cache
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert widths != [16, 32, 64] and all(w % 16 == 0 for w in widths)
+
+
+def test_a_sweep_takes_each_widths_median_over_passes_in_alternating_order() -> None:
+    order: list[int] = []
+    busy = iter([5.0] + [1.0] * 1000)  # the first timing of all is slow: a busy spell of the machine
+
+    def time(layer: nn.Module, x: torch.Tensor) -> float:
+        order.append(layer.weight.shape[0])
+        return next(busy) * layer.weight.shape[0]
+
+    found = sweep([40, 41], channels_last=(False,), time=time, rounds=3)
+    assert order == [40, 40, 41, 41, 41, 41, 40, 40, 40, 40, 41, 41]  # conv, linear per width; every other pass back
+    assert {(t.kind, t.width): t.seconds for t in found} == {("conv3x3", 40): 40.0, ("linear", 40): 40.0,
+                                                             ("conv3x3", 41): 41.0, ("linear", 41): 41.0}  # fmt: skip
