@@ -22,9 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 TOGGLE_C = """#include <valgrind/callgrind.h>
 void start(void) { CALLGRIND_START_INSTRUMENTATION; CALLGRIND_ZERO_STATS; }
@@ -33,24 +31,11 @@ void dump(const char *name) { CALLGRIND_DUMP_STATS_AT(name); }
 UNDER = "LIGHTNING_PRUNE_CALLGRIND_LIB"
 
 
-def training_step(model: Any, x: Any, y: Any) -> Callable[[], None]:
-    import torch
-    import torch.nn.functional as F
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    return step
-
-
 def run_steps(args: argparse.Namespace) -> None:
     """Inside valgrind: plain and hooked blocks of steps, each followed by a dump named after it."""
     import torch
     import torchvision
+    from criteria import stepper  # this folder's: the step benchmarks/criteria.py times
 
     import lightning_prune as lp
     from lightning_prune.models import ImageClassifier
@@ -67,7 +52,7 @@ def run_steps(args: argparse.Namespace) -> None:
         make, shape = cases[name]
         model, x = make(), torch.randn(shape)
         y = torch.randint(0, 10, (shape[0],))
-        step = training_step(model, x, y)
+        step = stepper(model, x, y)
         collector = GradientStatistics(model, lp.build_graph(model, x[:2]))
         for hooked in (False, True):  # warm-up, not counted
             if hooked:
