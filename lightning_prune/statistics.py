@@ -150,7 +150,8 @@ class GradientStatistics:
             if (
                 scratch is None
                 or scratch.numel() < count
-                or (scratch.dtype, scratch.device) != (grad.dtype, grad.device)
+                or scratch.dtype != grad.dtype
+                or scratch.device != grad.device
             ):
                 self._scratch = scratch = torch.empty(count, dtype=grad.dtype, device=grad.device)
             product = torch.mul(activation, grad, out=scratch[:count].view(activation.shape))

@@ -50,7 +50,8 @@ def sweep(
     """Time a 3x3 convolution (``batch`` x width x ``size`` x ``size``, each layout) and a linear layer
     (``batch * size * size`` rows) with ``width`` input and output channels, for each width: the median of
     ``rounds`` passes over all widths, every other pass in reverse order, so that a busy spell of the machine
-    reaches every width alike rather than a few neighbours (one pass chose 1, 8 or 16 for the same layer here)."""
+    reaches every width alike rather than a few neighbours (single passes chose 1 or 8, and 16 or 32, for the same
+    layer here)."""
     device = torch.device(device)
     layers = []
     for width in widths:
